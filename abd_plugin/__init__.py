@@ -1,0 +1,36 @@
+"""abd-plugin: Anti-Backdoor data-free knowledge distillation (ABD) as plug-in hooks.
+
+The core (this package's top-level modules) imports only ``torch`` and ``numpy``:
+
+* :class:`ABDGuard` wraps an existing data-free KD loop (``with ABDGuard(teacher, student):``).
+* :class:`ShufflingVaccine` (SV) and :class:`SelfRetrospection` (SR) are the two defenses; both
+  implement :class:`DefenseHook`, so a user can plug a defense of their own into the guard.
+* :class:`ABDConfig` is the frozen configuration; :func:`load_teacher` loads untrusted weights safely.
+
+The evaluation kit (``abd_plugin.kit``) and the host adapters (``abd_plugin.integrations``) build
+on this API; the core never imports them.
+"""
+from .config import ABDConfig
+from .checkpoint import load_teacher, UnsafeCheckpointError
+from .hooks import DefenseHook
+from .outputs import extract_logits
+from .vaccine import ShufflingVaccine
+from .retrospection import SelfRetrospection
+from .hypergrad import fixed_point_hypergradient
+from .guard import ABDGuard, GuardReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ABDConfig",
+    "ABDGuard",
+    "GuardReport",
+    "DefenseHook",
+    "ShufflingVaccine",
+    "SelfRetrospection",
+    "fixed_point_hypergradient",
+    "extract_logits",
+    "load_teacher",
+    "UnsafeCheckpointError",
+    "__version__",
+]

@@ -1,0 +1,64 @@
+"""A hook-free, frozen, eval-mode copy of the teacher that the defenses run instead of the user's
+teacher, so that host hooks (DeepInversion BN hooks, CMI feature hooks) never see the defenses'
+extra forwards and the user's teacher is never touched."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DataParallel/DistributedDataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return model
+
+
+def hook_free_copy(model: nn.Module) -> nn.Module:
+    """``deepcopy`` the model with every hook dictionary replaced by an empty one, so the copy
+    neither runs nor duplicates hooks registered on the original (hosts.md S2 caveat (d))."""
+    memo: Dict[int, Any] = {}
+    for m in model.modules():
+        for attr, val in vars(m).items():
+            if "hooks" in attr and isinstance(val, dict):
+                memo[id(val)] = type(val)()
+    clone = copy.deepcopy(model, memo)
+    clone.eval()
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+class TeacherReplica:
+    """Lazily made frozen copy of a teacher; follows the device of the inputs it is given."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        self._source = unwrap_model(teacher)
+        self._module: nn.Module | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        if self._module is None:
+            self._module = hook_free_copy(self._source)
+        return self._module
+
+    def to_device_of(self, x: torch.Tensor) -> nn.Module:
+        mod = self.module
+        if model_device(mod) != x.device:
+            mod.to(x.device)
+        return mod

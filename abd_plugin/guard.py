@@ -1,0 +1,378 @@
+"""ABDGuard: wrap an unchanged data-free KD loop with the ABD defenses.
+
+Automatic mode::
+
+    with ABDGuard(teacher, student, total_steps=n_steps, sr_start_fraction=0.99) as guard:
+        for it in range(n_steps):
+            x = generator(z)                       # synthesis batch (in the graph)
+            loss_g = -kl(teacher(x), student(x))   # SV term joins this loss's gradient
+            loss_g.backward(); opt_g.step()
+            ...
+            loss_s.backward(); opt_s.step()        # SR gradient added just before this step
+    print(guard.report())
+
+What the guard installs while active, and removes on exit (also on an exception):
+
+* a forward hook on the teacher. When the teacher runs with gradients on an input that requires
+  grad (a synthesis batch), every :class:`DefenseHook`'s ``on_teacher_forward`` may return a loss
+  term. The returned logits are the teacher's own values; they carry an autograd node that, when
+  the user back-propagates through them, also back-propagates the loss terms once (gradient 1).
+* a forward pre-hook on the teacher module where the vaccine shares the trunk (reads its input).
+* a forward hook on the student that remembers the last training batch (detached).
+* process-wide optimizer step pre/post hooks (``torch.optim.optimizer``) filtered to optimizers
+  that hold student parameters: ``on_before_student_step`` runs between ``backward`` and
+  ``step``. Only this guard's handles are registered and removed.
+
+The teacher is never modified: the defenses run a frozen hook-free replica; the teacher's
+``.grad`` is restored on exit (the SV term back-propagates through the teacher's own forward).
+
+Explicit mode (no hooks needed): :meth:`vaccine_penalty`, :meth:`suspicious`, :meth:`reweight`,
+:meth:`observe`, :meth:`retrospect`.
+
+Mixed precision: the SV term enters the backward with gradient 1, so a loss scaled by a
+``GradScaler`` sees it un-scaled; pass ``loss_scale=scaler.get_scale`` to the guard.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._replica import TeacherReplica, unwrap_model
+from .config import ABDConfig
+from .hooks import DefenseHook
+from .outputs import check_input, check_logits, extract_logits, replace_logits
+from .retrospection import SelfRetrospection
+from .vaccine import ShufflingVaccine
+
+
+class _AddLossTerm(torch.autograd.Function):
+    """Identity on ``logits``; back-propagating through it also back-propagates ``term``."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, term: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.term_shape = term.shape
+        ctx.scale = scale
+        return logits.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Any:  # type: ignore[override]
+        return grad, torch.full(ctx.term_shape, ctx.scale, dtype=grad.dtype, device=grad.device), None
+
+
+@dataclass
+class GuardReport:
+    """What the guard did (a plain, printable record)."""
+
+    sv_status: str = "off"
+    sv_message: str = "SV: off"
+    sv_coef: float = 0.0
+    shuffle_depth: int = 0
+    shuffled_layers: List[str] = field(default_factory=list)
+    shared_trunk_at: Optional[str] = None
+    verification_trials: List[Dict[str, Any]] = field(default_factory=list)
+    suspicious_fraction: float = float("nan")
+    last_suspicious_fraction: float = float("nan")
+    last_penalty: float = 0.0
+    sv_calls: int = 0
+    sv_seconds: float = 0.0
+    sr_steps: int = 0
+    sr_seconds: float = 0.0
+    sr_last_delta_norm: float = 0.0
+    sr_last_outer_loss: float = 0.0
+    sr_last_grad_norm: float = 0.0
+    student_steps: int = 0
+    sr_start: Optional[int] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [self.sv_message,
+                 f"suspicious fraction {self.suspicious_fraction:.3f} over {self.sv_calls} "
+                 f"synthesis batches, SV time {self.sv_seconds:.2f}s",
+                 f"SR: {self.sr_steps} steps (window starts at step {self.sr_start}), "
+                 f"SR time {self.sr_seconds:.2f}s; student steps {self.student_steps}"]
+        return "\n".join(lines)
+
+
+class ABDGuard:
+    """ABD around a teacher/student pair. A context manager and a plain object.
+
+    Args:
+        teacher: the untrusted teacher (never modified).
+        student: the student being distilled (may be DDP-wrapped).
+        config: an :class:`ABDConfig`; keyword ``overrides`` replace its fields.
+        hooks: extra :class:`DefenseHook` objects run after SV and SR.
+        loss_scale: a callable giving the current loss scale (``scaler.get_scale``) under AMP.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        *,
+        config: Optional[ABDConfig] = None,
+        hooks: Sequence[DefenseHook] = (),
+        loss_scale: Optional[Callable[[], float]] = None,
+        **overrides: Any,
+    ) -> None:
+        if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
+            raise TypeError("ABDGuard(teacher, student) takes two torch.nn.Module objects")
+        if unwrap_model(teacher) is unwrap_model(student):
+            raise ValueError("teacher and student are the same module; pass two models")
+        cfg = config or ABDConfig()
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        self.config = cfg
+        self.teacher = teacher
+        self.student = student
+        self._teacher_core = unwrap_model(teacher)
+        self._student_core = unwrap_model(student)
+        self._replica = TeacherReplica(teacher)
+        self.sv: Optional[ShufflingVaccine] = (
+            ShufflingVaccine(teacher, cfg, replica=self._replica) if cfg.sv else None)
+        self.sr: Optional[SelfRetrospection] = (
+            SelfRetrospection(student, teacher, cfg, replica=self._replica) if cfg.sr else None)
+        self.hooks: List[DefenseHook] = [h for h in (self.sv, self.sr) if h is not None]
+        for h in hooks:
+            if not isinstance(h, DefenseHook):
+                raise TypeError(f"hooks must be DefenseHook instances, got {type(h).__name__}")
+            self.hooks.append(h)
+        self.loss_scale = loss_scale
+        self.step = 0
+        self.last_student_batch: Optional[Tensor] = None
+        self._handles: List[Any] = []
+        self._capture_handle: Any = None
+        self._capture_name: Optional[str] = None
+        self._attached = False
+        self._suspended = 0
+        self._sr_forced = 0
+        self._teacher_grads: List[Any] = []
+        self._student_param_ids = {id(p) for p in self._student_core.parameters()}
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "ABDGuard":
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        self.detach()
+        return False
+
+    def attach(self) -> "ABDGuard":
+        """Install the hooks (what ``with`` does on entry)."""
+        if self._attached:
+            raise RuntimeError("this ABDGuard is already active; a guard cannot be nested in itself")
+        self._teacher_grads = [(p, None if p.grad is None else p.grad.detach().clone())
+                               for p in self._teacher_core.parameters()]
+        try:
+            self._handles.append(self._teacher_core.register_forward_hook(self._teacher_hook))
+            self._handles.append(self._student_core.register_forward_hook(self._student_hook))
+            from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                               register_optimizer_step_pre_hook)
+            self._handles.append(register_optimizer_step_pre_hook(self._pre_step))
+            self._handles.append(register_optimizer_step_post_hook(self._post_step))
+            self._attached = True
+            for h in self.hooks:
+                h.on_guard_enter(self)
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook and restore the teacher's ``.grad`` (what ``with`` does on exit)."""
+        try:
+            if self._attached:
+                for h in self.hooks:
+                    h.on_guard_exit(self)
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            if self._capture_handle is not None:
+                self._capture_handle.remove()
+                self._capture_handle = None
+                self._capture_name = None
+            for p, g in self._teacher_grads:
+                p.grad = g
+            self._teacher_grads = []
+            self._attached = False
+            self.last_student_batch = None
+
+    @property
+    def active(self) -> bool:
+        return self._attached
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Forwards inside this block are not seen by the guard's hooks."""
+        self._suspended += 1
+        try:
+            yield
+        finally:
+            self._suspended -= 1
+
+    @contextmanager
+    def retrospection(self) -> Iterator[None]:
+        """Open the SR window for the student optimizer steps inside the block."""
+        if self.sr is None:
+            raise RuntimeError("SR is disabled in this guard's config (sr=False)")
+        self._sr_forced += 1
+        try:
+            yield
+        finally:
+            self._sr_forced -= 1
+
+    def in_sr_window(self) -> bool:
+        """Whether SR runs at the current student step."""
+        if self.sr is None:
+            return False
+        if self._sr_forced:
+            return True
+        start = self.config.sr_start
+        if start is None or self.step < start:
+            return False
+        return (self.step - start) % self.config.sr_every == 0
+
+    # ------------------------------------------------------------------ hooks
+    def _ensure_capture(self) -> None:
+        name = self.sv.capture_module() if self.sv is not None else None
+        if name == self._capture_name:
+            return
+        if self._capture_handle is not None:
+            self._capture_handle.remove()
+            self._capture_handle = None
+        self._capture_name = name
+        if name is None:
+            return
+        mod = dict(self._teacher_core.named_modules())[name]
+
+        def capture(_m: nn.Module, args: Any) -> None:
+            if self._suspended or self.sv is None:
+                return
+            if torch.is_grad_enabled() and not self._teacher_core.training and args and isinstance(args[0], Tensor):
+                self.sv.set_captured(args[0])
+
+        self._capture_handle = mod.register_forward_pre_hook(capture)
+
+    def _teacher_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if self._suspended or not torch.is_grad_enabled():
+            return None
+        x = args[0] if args and isinstance(args[0], Tensor) else None
+        if x is None or not x.requires_grad:
+            if self.sv is not None:
+                self.sv.set_captured(None)
+            return None
+        check_input(x, "teacher input")
+        logits = extract_logits(output, self.config.logits_fn)
+        check_logits(logits, x.shape[0], "teacher logits")
+        total: Optional[Tensor] = None
+        for h in self.hooks:
+            term = h.on_teacher_forward(self, x, logits)
+            if term is not None:
+                total = term if total is None else total + term
+        self._ensure_capture()
+        if total is None:
+            return None
+        scale = float(self.loss_scale()) if self.loss_scale is not None else 1.0
+        return replace_logits(output, _AddLossTerm.apply(logits, total, scale), self.config.logits_fn)
+
+    def _student_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._suspended:
+            return
+        x = args[0] if args and isinstance(args[0], Tensor) else None
+        if x is None:
+            return
+        if module.training and torch.is_floating_point(x):
+            self.last_student_batch = x.detach()
+        if any(type(h).on_student_forward is not DefenseHook.on_student_forward for h in self.hooks):
+            logits = extract_logits(output, self.config.logits_fn)
+            for h in self.hooks:
+                h.on_student_forward(self, x, logits)
+
+    def _updates_student(self, optimizer: torch.optim.Optimizer) -> bool:
+        return any(id(p) in self._student_param_ids
+                   for g in optimizer.param_groups for p in g["params"])
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._suspended or not self._updates_student(optimizer):
+            return
+        for h in self.hooks:
+            h.on_before_student_step(self, optimizer)
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._suspended or not self._updates_student(optimizer):
+            return
+        self.step += 1
+        for h in self.hooks:
+            h.on_after_student_step(self, optimizer)
+
+    # ------------------------------------------------------------------ explicit API
+    def _need_vaccine(self) -> ShufflingVaccine:
+        if self.sv is None:
+            raise RuntimeError("SV is disabled in this guard's config (sv=False)")
+        return self.sv
+
+    def vaccine_penalty(self, x: Tensor, teacher_logits: Tensor) -> Tensor:
+        """SV loss term for a synthesis batch; add it to the synthesizer's loss."""
+        with self.suspended():
+            return self._need_vaccine().penalty(x, teacher_logits)
+
+    def suspicious(self, x: Tensor, teacher_logits: Tensor) -> Tensor:
+        """Boolean mask (B,) of samples the shuffled ensemble still classifies like the teacher."""
+        with self.suspended():
+            return self._need_vaccine().suspicious(x, teacher_logits)
+
+    def reweight(self, per_sample_loss: Tensor, mask: Tensor) -> Tensor:
+        """Fixed transfer set: ``mean(loss[~mask]) - coef * mean(loss[mask])`` (finite always)."""
+        return self._need_vaccine().reweight(per_sample_loss, mask)
+
+    def observe(self, x: Tensor, teacher_logits: Tensor) -> None:
+        """Feed a synthetic batch to the vaccine's verification pool."""
+        with self.suspended():
+            self._need_vaccine().observe(x, teacher_logits)
+
+    def retrospect(self, x: Optional[Tensor] = None, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, float]:
+        """Add the SR gradient for batch ``x`` (default: the student's last batch) to ``.grad``.
+        ``optimizer`` is accepted for symmetry with hosts; the gradient goes to the student's
+        parameters, which it must hold."""
+        if self.sr is None:
+            raise RuntimeError("SR is disabled in this guard's config (sr=False)")
+        if optimizer is not None and not self._updates_student(optimizer):
+            raise ValueError("this optimizer does not hold the student's parameters")
+        x = self.last_student_batch if x is None else x
+        if x is None:
+            raise ValueError("no batch: pass x, or run the student on a batch first")
+        with self.suspended():
+            return self.sr.retrospect(x)
+
+    # ------------------------------------------------------------------ state and report
+    def state_dict(self) -> Dict[str, Any]:
+        return {"version": 1, "step": self.step,
+                "hooks": {h.name: h.state_dict() for h in self.hooks}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("version") != 1:
+            raise ValueError("unknown ABDGuard state version; was it saved by abd-plugin?")
+        self.step = int(state["step"])
+        for h in self.hooks:
+            if h.name in state["hooks"]:
+                h.load_state_dict(state["hooks"][h.name])
+
+    def report(self) -> GuardReport:
+        rep = GuardReport(student_steps=self.step, sr_start=self.config.sr_start)
+        known = set(GuardReport.__dataclass_fields__)
+        for h in self.hooks:
+            for k, v in h.report().items():
+                if k in known:
+                    setattr(rep, k, v)
+                else:
+                    rep.extra[f"{h.name}.{k}"] = v
+        return rep

@@ -1,0 +1,236 @@
+"""Self-Retrospection (SR): synthesise the universal perturbation that moves the model most, then
+unlearn it in the student with an implicit hypergradient (I-BAU style).
+
+One SR step on a student batch ``x`` (B, ...):
+
+(A) ``delta`` (1, ...) maximises ``KL(p_M(x) || p_M(x + delta)) - l2 * ||delta||^2`` for
+    ``sr_inner_rounds`` Adam steps (lr ``sr_pert_lr``); M is the teacher (a frozen hook-free
+    replica, so the teacher gets no gradient) or the student. Optionally warm-started from the
+    previous SR step and projected on an L2 ball.
+(B) With ``L_in(delta, theta) = -KL(p_S(x).detach() || p_S(x + delta)) + l2_in ||delta||^2`` and
+    the fixed-point map ``Phi = delta - eta * grad_delta L_in``, the outer loss
+    ``L_out = KL(p_S(x).detach() || p_S(x + m * delta))`` (m: a random ``sr_outer_portion`` of the
+    rows carry delta) is differentiated through ``delta*(theta)`` with
+    :func:`~abd_plugin.hypergrad.fixed_point_hypergradient` (K = ``sr_fixed_point_iters``).
+(C) ``sr_scale`` times that gradient is **added** to the student's ``.grad``; the user's KD
+    gradient already there is kept, so the optimizer steps on KD + SR, as in the paper.
+
+The student's BatchNorm running statistics are restored after SR's extra forwards (the official
+code lets them drift), and nothing is ever accumulated into the teacher.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._replica import TeacherReplica, unwrap_model
+from .config import ABDConfig
+from .hooks import DefenseHook
+from .hypergrad import fixed_point_hypergradient
+from .outputs import check_input, extract_logits
+
+
+def _kl(clean_logits: Tensor, pert_logits: Tensor, temperature: float) -> Tensor:
+    """``KL(p_clean || p_pert)`` averaged over the batch (sum over classes)."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(pert_logits / t, dim=1), F.log_softmax(clean_logits / t, dim=1),
+        reduction="batchmean", log_target=True,
+    )
+
+
+@contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer (BatchNorm running stats, counters) of ``model`` on exit."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+class SelfRetrospection(DefenseHook):
+    """Self-Retrospection as a :class:`DefenseHook`; usable on its own::
+
+        sr = SelfRetrospection(student, teacher, ABDConfig())
+        loss_kd.backward()
+        sr.retrospect(x)          # adds SR gradients to student .grad
+        optimizer.step()
+    """
+
+    name = "sr"
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: Optional[nn.Module] = None,
+        config: Optional[ABDConfig] = None,
+        *,
+        replica: Optional[TeacherReplica] = None,
+    ) -> None:
+        self.config = config or ABDConfig()
+        if self.config.sr_pert_model == "teacher" and teacher is None and replica is None:
+            raise ValueError("sr_pert_model='teacher' needs the teacher: SelfRetrospection(student, teacher)")
+        self.student = student
+        self._replica = replica or (TeacherReplica(teacher) if teacher is not None else None)
+        self._gen = torch.Generator().manual_seed(self.config.seed + 1)
+        self._delta: Optional[Tensor] = None
+        self._delta_opt_state: Optional[Dict[str, Any]] = None
+        self.steps = 0
+        self.seconds = 0.0
+        self.last_delta_norm = 0.0
+        self.last_outer_loss = 0.0
+        self.last_grad_norm = 0.0
+
+    # ------------------------------------------------------------------ pieces
+    def _pert_model(self, x: Tensor) -> nn.Module:
+        if self.config.sr_pert_model == "teacher":
+            assert self._replica is not None
+            return self._replica.to_device_of(x)
+        return unwrap_model(self.student)
+
+    def synthesize(self, x: Tensor) -> Tensor:
+        """(A): the universal perturbation (1, *x.shape[1:]) maximising the model's deviation."""
+        cfg = self.config
+        model = self._pert_model(x)
+        shape = (1,) + tuple(x.shape[1:])
+        if cfg.sr_warm_start and self._delta is not None and tuple(self._delta.shape) == shape:
+            delta = self._delta.detach().to(x.device, x.dtype).clone().requires_grad_(True)
+        else:
+            delta = torch.zeros(shape, device=x.device, dtype=x.dtype, requires_grad=True)
+            self._delta_opt_state = None
+        opt = torch.optim.Adam([delta], lr=cfg.sr_pert_lr)
+        if cfg.sr_warm_start and self._delta_opt_state is not None:
+            try:
+                opt.load_state_dict(self._delta_opt_state)
+            except (ValueError, KeyError):
+                pass
+        if cfg.sr_inner_rounds > 0:
+            with torch.no_grad():
+                clean = extract_logits(model(x), cfg.logits_fn).detach()
+            for _ in range(cfg.sr_inner_rounds):
+                pert = extract_logits(model(x + delta), cfg.logits_fn)
+                loss = -_kl(clean, pert, cfg.sr_temperature) + cfg.sr_pert_l2 * delta.pow(2).sum()
+                (g,) = torch.autograd.grad(loss, delta)
+                delta.grad = g
+                opt.step()
+                delta.grad = None
+                if cfg.sr_epsilon is not None:
+                    with torch.no_grad():
+                        n = delta.norm()
+                        if n > cfg.sr_epsilon:
+                            delta.mul_(cfg.sr_epsilon / n)
+        if cfg.sr_warm_start:
+            self._delta = delta.detach().clone()
+            self._delta_opt_state = opt.state_dict()
+        return delta.detach()
+
+    def gradients(self, x: Tensor, delta: Optional[Tensor] = None) -> List[Tensor]:
+        """(B): SR hypergradient for each trainable student parameter (not written anywhere)."""
+        cfg = self.config
+        student = unwrap_model(self.student)
+        params = [p for p in student.parameters() if p.requires_grad]
+        if delta is None:
+            delta = self.synthesize(x)
+        b = x.shape[0]
+        n_out = max(1, int(cfg.sr_outer_portion * b))
+        rows = torch.randperm(b, generator=self._gen)[:n_out].to(x.device)
+        mask = torch.zeros((b,) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype)
+        mask[rows] = 1
+        t = cfg.sr_temperature
+
+        def logits(inp: Tensor) -> Tensor:
+            return extract_logits(student(inp), cfg.logits_fn)
+
+        clean = logits(x).detach()
+
+        def l_in(d: Tensor) -> Tensor:
+            return -_kl(clean, logits(x + d), t) + cfg.sr_inner_l2 * d.pow(2).sum()
+
+        def fp_map(inner: List[Tensor], _p: Any) -> List[Tensor]:
+            d = inner[0]
+            (g,) = torch.autograd.grad(l_in(d), d, create_graph=True)
+            return [d - cfg.sr_inner_step * g]
+
+        def outer(inner: List[Tensor], _p: Any) -> Tensor:
+            loss = _kl(clean, logits(x + mask * inner[0]), t)
+            self.last_outer_loss = float(loss.detach())
+            return loss
+
+        return fixed_point_hypergradient(params, [delta], fp_map, outer, cfg.sr_fixed_point_iters)
+
+    def retrospect(self, x: Tensor, *, scale: Optional[float] = None) -> Dict[str, float]:
+        """One SR step on batch ``x``: add the SR gradient to the student's ``.grad``."""
+        check_input(x, "student batch")
+        t0 = time.perf_counter()
+        x = x.detach()
+        student = unwrap_model(self.student)
+        with torch.enable_grad(), preserved_buffers(student):
+            delta = self.synthesize(x)
+            grads = self.gradients(x, delta)
+        grads = self._all_reduce(grads)
+        s = self.config.sr_scale if scale is None else scale
+        params = [p for p in student.parameters() if p.requires_grad]
+        total = 0.0
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                g = g.to(p.dtype) * s
+                total += float(g.pow(2).sum())
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.add_(g)
+        self.steps += 1
+        self.last_delta_norm = float(delta.norm())
+        self.last_grad_norm = total ** 0.5
+        self.seconds += time.perf_counter() - t0
+        return {"delta_norm": self.last_delta_norm, "outer_loss": self.last_outer_loss,
+                "grad_norm": self.last_grad_norm}
+
+    def _all_reduce(self, grads: List[Tensor]) -> List[Tensor]:
+        """Average SR gradients over ranks: DDP all-reduces only what ``backward`` produced."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return grads
+        if not isinstance(self.student, nn.parallel.DistributedDataParallel):
+            return grads
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        out, i = [], 0
+        for g in grads:
+            out.append(flat[i:i + g.numel()].view_as(g))
+            i += g.numel()
+        return out
+
+    # ------------------------------------------------------------------ DefenseHook
+    def on_before_student_step(self, guard: Any, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        if guard.in_sr_window() and guard.last_student_batch is not None:
+            with guard.suspended():
+                self.retrospect(guard.last_student_batch)
+
+    def report(self) -> Dict[str, Any]:
+        return {"sr_steps": self.steps, "sr_seconds": self.seconds,
+                "sr_last_delta_norm": self.last_delta_norm,
+                "sr_last_outer_loss": self.last_outer_loss,
+                "sr_last_grad_norm": self.last_grad_norm}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"steps": self.steps, "seconds": self.seconds, "rng": self._gen.get_state(),
+                "delta": None if self._delta is None else self._delta.detach().cpu().clone(),
+                "delta_opt": self._delta_opt_state}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.seconds = float(state["seconds"])
+        self._gen.set_state(state["rng"])
+        self._delta = state["delta"]
+        self._delta_opt_state = state["delta_opt"]
