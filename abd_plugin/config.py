@@ -84,9 +84,16 @@ class ABDConfig:
     sr_epsilon: Optional[float] = None
     """Project the perturbation onto an L2 ball of this radius (the poster's C_eps; the official
     code never projects). ``None``: no projection."""
+    sr_epsilon_rms: Optional[float] = None
+    """Or: the L2 radius as a root-mean-square per element, ``eps = sr_epsilon_rms *
+    sqrt(numel(delta))`` (resolution independent; a 3x3 white patch on a 32x32 grey image has
+    an RMS of about 0.09)."""
     sr_warm_start: bool = False
     """Carry the perturbation (and its Adam state) from one SR step to the next instead of
     restarting from zero (off in the paper)."""
+    sr_init_std: float = 1e-3
+    """Std of the seeded Gaussian start of the perturbation (zero, the official start, is a
+    stationary point of the deviation objective)."""
     sr_fixed_point_iters: int = 5
     """Truncated Neumann iterations K of the implicit hypergradient (paper: 5)."""
     sr_inner_step: float = 0.1
@@ -138,10 +145,11 @@ class ABDConfig:
         need(self.sr_every >= 1, "sr_every must be >= 1")
         if self.sr_start_fraction is not None:
             need(0 <= self.sr_start_fraction <= 1, "sr_start_fraction must be in [0, 1]")
-            need(self.total_steps is not None,
-                 "sr_start_fraction needs total_steps=<number of student optimizer steps>")
         if self.sr_epsilon is not None:
             need(self.sr_epsilon > 0, "sr_epsilon must be > 0")
+        if self.sr_epsilon_rms is not None:
+            need(self.sr_epsilon_rms > 0, "sr_epsilon_rms must be > 0")
+            need(self.sr_epsilon is None, "give sr_epsilon or sr_epsilon_rms, not both")
 
     def replace(self, **changes: Any) -> "ABDConfig":
         """A copy with some fields changed (unknown names raise a clear error)."""

@@ -129,6 +129,9 @@ class ABDGuard:
         cfg = config or ABDConfig()
         if overrides:
             cfg = cfg.replace(**overrides)
+        if cfg.sr and cfg.sr_start_fraction is not None and cfg.total_steps is None:
+            raise ValueError("sr_start_fraction needs total_steps=<number of student optimizer "
+                             "steps in the run>; pass ABDGuard(..., total_steps=N)")
         self.config = cfg
         self.teacher = teacher
         self.student = student
@@ -209,6 +212,30 @@ class ABDGuard:
     @property
     def active(self) -> bool:
         return self._attached
+
+    def suspend(self) -> None:
+        """Hide forwards from the guard until the matching :meth:`resume` (re-entrant)."""
+        self._suspended += 1
+
+    def resume(self) -> None:
+        if self._suspended <= 0:
+            raise RuntimeError("resume() without a matching suspend()")
+        self._suspended -= 1
+
+    def set_schedule(self, total_steps: Optional[int] = None, *, sr_start_step: Optional[int] = None,
+                     sr_start_fraction: Optional[float] = None) -> None:
+        """Set the SR window once the host knows its length (adapters call this)."""
+        changes: Dict[str, Any] = {}
+        if total_steps is not None:
+            changes["total_steps"] = int(total_steps)
+        if sr_start_step is not None:
+            changes["sr_start_step"] = int(sr_start_step)
+        if sr_start_fraction is not None:
+            changes["sr_start_fraction"] = float(sr_start_fraction)
+        self.config = self.config.replace(**changes)
+        for h in self.hooks:
+            if hasattr(h, "config"):
+                h.config = self.config
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
@@ -297,18 +324,40 @@ class ABDGuard:
             for h in self.hooks:
                 h.on_student_forward(self, x, logits)
 
-    def _updates_student(self, optimizer: torch.optim.Optimizer) -> bool:
+    def updates_student(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` holds any of the student's parameters."""
         return any(id(p) in self._student_param_ids
                    for g in optimizer.param_groups for p in g["params"])
 
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._suspended or not self._updates_student(optimizer):
-            return
+    def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
         for h in self.hooks:
             h.on_before_student_step(self, optimizer)
 
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        if self._suspended or not self.updates_student(optimizer):
+            return None
+        # torch passes args with the optimizer itself first: (optimizer, [closure])
+        rest = tuple(args[1:]) if args and args[0] is optimizer else tuple(args)
+        closure = kwargs.get("closure") if kwargs else None
+        if closure is None and rest:
+            closure = rest[0]
+        if closure is None:
+            self._before_step(optimizer)
+            return None
+
+        # step(closure): gradients exist only after the closure ran; add SR terms then
+        def wrapped() -> Any:
+            loss = closure()
+            self._before_step(optimizer)
+            return loss
+
+        head = (optimizer,) if args and args[0] is optimizer else ()
+        if kwargs and "closure" in kwargs:
+            return head + rest, {**kwargs, "closure": wrapped}
+        return head + (wrapped,) + rest[1:], dict(kwargs or {})
+
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._suspended or not self._updates_student(optimizer):
+        if self._suspended or not self.updates_student(optimizer):
             return
         self.step += 1
         for h in self.hooks:
@@ -345,7 +394,7 @@ class ABDGuard:
         parameters, which it must hold."""
         if self.sr is None:
             raise RuntimeError("SR is disabled in this guard's config (sr=False)")
-        if optimizer is not None and not self._updates_student(optimizer):
+        if optimizer is not None and not self.updates_student(optimizer):
             raise ValueError("this optimizer does not hold the student's parameters")
         x = self.last_student_batch if x is None else x
         if x is None:

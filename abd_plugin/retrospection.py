@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,7 @@ class SelfRetrospection(DefenseHook):
         self._gen = torch.Generator().manual_seed(self.config.seed + 1)
         self._delta: Optional[Tensor] = None
         self._delta_opt_state: Optional[Dict[str, Any]] = None
+        self._cache: Optional[Tuple[Tensor, Tensor]] = None
         self.steps = 0
         self.seconds = 0.0
         self.last_delta_norm = 0.0
@@ -99,12 +100,20 @@ class SelfRetrospection(DefenseHook):
     def synthesize(self, x: Tensor) -> Tensor:
         """(A): the universal perturbation (1, *x.shape[1:]) maximising the model's deviation."""
         cfg = self.config
+        cache_ok = cfg.sr_pert_model == "teacher" and not cfg.sr_warm_start
+        if cache_ok and self._cache is not None and self._cache[0].shape == x.shape and torch.equal(self._cache[0], x):
+            # the frozen teacher on the same batch gives the same perturbation (ZSKT runs several
+            # student steps per synthetic batch)
+            return self._cache[1]
         model = self._pert_model(x)
         shape = (1,) + tuple(x.shape[1:])
         if cfg.sr_warm_start and self._delta is not None and tuple(self._delta.shape) == shape:
             delta = self._delta.detach().to(x.device, x.dtype).clone().requires_grad_(True)
         else:
-            delta = torch.zeros(shape, device=x.device, dtype=x.dtype, requires_grad=True)
+            # delta = 0 is a stationary point of KL(p(x) || p(x + delta)) (zero gradient), where the
+            # official code starts; start from small seeded noise instead
+            init = torch.randn(shape, generator=self._gen, dtype=torch.float64) * cfg.sr_init_std
+            delta = init.to(x.device, x.dtype).requires_grad_(True)
             self._delta_opt_state = None
         opt = torch.optim.Adam([delta], lr=cfg.sr_pert_lr)
         if cfg.sr_warm_start and self._delta_opt_state is not None:
@@ -112,6 +121,9 @@ class SelfRetrospection(DefenseHook):
                 opt.load_state_dict(self._delta_opt_state)
             except (ValueError, KeyError):
                 pass
+        eps = cfg.sr_epsilon
+        if cfg.sr_epsilon_rms is not None:
+            eps = cfg.sr_epsilon_rms * delta.numel() ** 0.5
         if cfg.sr_inner_rounds > 0:
             with torch.no_grad():
                 clean = extract_logits(model(x), cfg.logits_fn).detach()
@@ -122,15 +134,18 @@ class SelfRetrospection(DefenseHook):
                 delta.grad = g
                 opt.step()
                 delta.grad = None
-                if cfg.sr_epsilon is not None:
+                if eps is not None:
                     with torch.no_grad():
                         n = delta.norm()
-                        if n > cfg.sr_epsilon:
-                            delta.mul_(cfg.sr_epsilon / n)
+                        if n > eps:
+                            delta.mul_(eps / n)
         if cfg.sr_warm_start:
             self._delta = delta.detach().clone()
             self._delta_opt_state = opt.state_dict()
-        return delta.detach()
+        out = delta.detach()
+        if cache_ok:
+            self._cache = (x.detach().clone(), out)
+        return out
 
     def gradients(self, x: Tensor, delta: Optional[Tensor] = None) -> List[Tensor]:
         """(B): SR hypergradient for each trainable student parameter (not written anywhere)."""

@@ -67,8 +67,11 @@ def _dist_sum(values: Tensor) -> Tensor:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
+        dev = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+               else values.device)  # NCCL reduces CUDA tensors only
+        buf = values.to(dev, copy=True)
+        dist.all_reduce(buf)
+        values = buf.to(values.device)
     return values
 
 
@@ -458,10 +461,14 @@ class ShufflingVaccine(DefenseHook):
     def _score(self) -> Tuple[float, float, int]:
         d, m = self._pool_divergence()
         s = torch.log10(d.double().clamp_min(1e-30))
-        thr_local = s.mean() - self.config.tail_sigma * s.std()
-        # pooled over ranks: every rank takes the same decision
-        stats = _dist_sum(torch.tensor([float((s < thr_local).sum()), float(s.numel()), float(m.sum())], dtype=torch.float64))
-        return float(stats[0] / stats[1]), float(stats[2] / stats[1]), int(stats[1])
+        # pooled over ranks (mean/std first, then the counts): every rank takes the same decision
+        mom = _dist_sum(torch.stack([s.sum(), s.pow(2).sum(), torch.tensor(float(s.numel()), dtype=torch.float64)]))
+        n = float(mom[2])
+        mean = float(mom[0]) / n
+        var = max(float(mom[1]) / n - mean * mean, 0.0) * n / max(n - 1, 1.0)
+        thr = mean - self.config.tail_sigma * var ** 0.5
+        cnt = _dist_sum(torch.tensor([float((s < thr).sum()), float(m.sum())], dtype=torch.float64))
+        return float(cnt[0]) / n, float(cnt[1]) / n, int(n)
 
     def verify(self) -> str:
         """Run the tail-ratio test on the pool (choosing the depth when ``shuffle_layers='auto'``);
@@ -522,7 +529,8 @@ class ShufflingVaccine(DefenseHook):
         cfg = self.config
         if not cfg.sv_adaptive:
             return
-        frac = float(mask.float().mean())
+        counts = _dist_sum(torch.tensor([float(mask.sum()), float(mask.numel())], dtype=torch.float64))
+        frac = float(counts[0] / counts[1])  # the same on every rank: coefficients stay in sync
         lo, hi = cfg.sv_coef_bounds
         self.coef = float(min(hi, max(lo, self.coef * math.exp(cfg.sv_adapt_rate * (frac - cfg.sv_target_fraction) / cfg.sv_target_fraction))))
 

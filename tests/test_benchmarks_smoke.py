@@ -1,0 +1,110 @@
+"""The benchmark suite runs and writes its files (timings are never asserted)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench_overhead.py"
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(BENCH), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _check_outputs(out: Path, stem: str) -> dict:
+    js, md = out / f"{stem}.json", out / f"{stem}.md"
+    assert js.is_file() and md.is_file()
+    report = json.loads(js.read_text())
+    meta = report["meta"]
+    assert meta["device"] == "cpu" and meta["torch"] == torch.__version__ and meta["date"]
+    cfg = report["configs"][0]
+    for part in ("generator_step", "student_step", "whole_run"):
+        assert cfg[part]["cases"], part
+    assert "gen/vanilla" in cfg["generator_step"]["cases"]
+    assert "student/sr" in cfg["student_step"]["cases"]
+    assert cfg["student_step"]["sr_steps"]["student/sr"] > 0  # SR really ran in the guard
+    assert report["targets"]
+    assert "# ABD overhead benchmark" in md.read_text()
+    return report
+
+
+def test_tiny_cpu_run_writes_json_and_markdown(tmp_path: Path) -> None:
+    proc = _run("--device", "cpu", "--tiny", "--out", str(tmp_path), "--tag", "smoke")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_outputs(tmp_path, "smoke")
+
+
+def _fake_checkout(root: Path) -> None:
+    """Files shaped like illidanlab/ABD's (same paths, same hard-coded 'cuda'), tiny bodies."""
+    files = {
+        "cmi/utils/utils.py": """
+            import matplotlib.pyplot as plt
+            def sigmoid(x):
+                return x
+            class PseudoDatapool(list):
+                def add_batch(self, x, y):
+                    self.append((x, y))
+        """,
+        "cmi/utils/hypergrad.py": """
+            def fixed_point(*a, **k):
+                return 'fixed_point'
+        """,
+        "cmi/datafree/synthesis/syn_vaccine.py": """
+            import torch
+            from sklearn.metrics import accuracy_score, roc_auc_score
+            from utils.utils import sigmoid, PseudoDatapool
+            class BackdoorSuspectLoss:
+                def __init__(self, model, device='cuda'):
+                    self.device = device
+        """,
+        "cmi/datafree/unlearn.py": """
+            import torch
+            import utils.hypergrad as hg
+            class UnlearnOptimizer:
+                def where(self, x):
+                    return torch.zeros_like(x, device='cuda'), x.cuda(), hg.fixed_point()
+        """,
+    }
+    for rel, body in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(textwrap.dedent(body))
+
+
+def test_official_loader_rewrites_cuda_and_restores_modules(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from official import load_official
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    _fake_checkout(tmp_path)
+    before = {n: sys.modules.get(n) for n in ("utils", "utils.utils", "utils.hypergrad")}
+    off = load_official(str(tmp_path / "cmi"), torch.device("cpu"))  # the cmi/ folder works too
+    assert {n: sys.modules.get(n) for n in before} == before
+    assert off.BackdoorSuspectLoss(None).device == torch.device("cpu")
+    z, moved, fp = off.UnlearnOptimizer().where(torch.ones(2))
+    assert z.device.type == moved.device.type == "cpu" and fp == "fixed_point"
+    assert any("unlearn.py" in p and ".cuda()" in p for p in off.patches)
+    with pytest.raises(FileNotFoundError, match="illidanlab/ABD"):
+        load_official(str(tmp_path / "cmi" / "datafree"), torch.device("cpu"))
+
+
+@pytest.mark.skipif(not os.environ.get("ABD_REFERENCE"), reason="set ABD_REFERENCE=<checkout of illidanlab/ABD>")
+def test_tiny_run_with_the_official_code(tmp_path: Path) -> None:
+    proc = _run("--device", "cpu", "--tiny", "--reference", os.environ["ABD_REFERENCE"],
+                "--out", str(tmp_path), "--tag", "ref")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = _check_outputs(tmp_path, "ref")
+    cases = report["configs"][0]
+    assert "student/official_sr" in cases["student_step"]["cases"]
+    assert "gen/official_sv_k5" in cases["generator_step"]["cases"]

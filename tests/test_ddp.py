@@ -1,0 +1,159 @@
+"""ABDGuard under DistributedDataParallel: 2 processes, gloo, CPU, launched with torchrun.
+
+The test runs this file as the worker script (``python -m torch.distributed.run --standalone
+--nproc_per_node 2 tests/test_ddp.py --worker OUT``). Every rank trains a DDP-wrapped student and
+a DDP-wrapped generator in a small ZSKT loop on its own random data, with the guard in automatic
+mode (verification with automatic depth, then SV; SR in a late window), and saves what the checks
+need. The test then asserts, across ranks:
+
+* the same shuffle layers, permutations and verification trials/decision (SV's statistics are
+  summed over ranks, so every rank takes the same decision);
+* SR's local gradients differ (different data) but the gradients added to ``.grad`` are the same
+  on every rank and equal the mean of the local ones (``SelfRetrospection._all_reduce``: DDP
+  all-reduces only what ``backward`` produced);
+* the student and generator parameters stay identical, and the guard counted every student step.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import torch
+
+N_ITER = 6  # pseudo batches
+N_STUDENT = 2  # student steps per pseudo batch
+SR_START = 8  # SR runs on student steps 8..11
+BATCH = 8
+
+
+def _worker(out_dir: str) -> None:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from abd_plugin import ABDGuard
+    from abd_plugin.kit.models import get_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        torch.manual_seed(0)  # identical initial models on every rank
+        teacher = get_model("cnn5", width=8).eval().requires_grad_(False)
+        student = DDP(get_model("cnn5", width=4))
+        generator = DDP(get_model("generator_zskt", z_dim=16, img_size=16))
+        opt_s = torch.optim.Adam(student.parameters(), lr=2e-3)
+        opt_g = torch.optim.Adam(generator.parameters(), lr=1e-3)
+        data = torch.Generator().manual_seed(1000 + rank)  # each rank sees its own data
+
+        guard = ABDGuard(
+            teacher, student, verify=True, verify_skip=1, verify_batches=3, shuffle_layers="auto",
+            auto_max_depth=2, max_shuffle_trials=2, tail_ratio_threshold=-1.0,  # always accept: SV runs
+            sr_start_step=SR_START, sr_inner_rounds=2, sr_fixed_point_iters=2, seed=0)
+        assert guard.sr is not None
+        local: List[torch.Tensor] = []
+        reduced: List[torch.Tensor] = []
+        all_reduce = guard.sr._all_reduce
+
+        def spy(grads: List[torch.Tensor]) -> List[torch.Tensor]:
+            local.append(torch.cat([g.detach().reshape(-1) for g in grads]).clone())
+            out = all_reduce(grads)
+            reduced.append(torch.cat([g.detach().reshape(-1) for g in out]).clone())
+            return out
+
+        guard.sr._all_reduce = spy  # type: ignore[method-assign]
+
+        def kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="batchmean")
+
+        with guard:
+            for _ in range(N_ITER):
+                x = generator(torch.randn(BATCH, 16, generator=data))
+                loss_g = -kl(student(x), teacher(x))
+                opt_g.zero_grad()
+                loss_g.backward()
+                opt_g.step()
+                x = x.detach()
+                with torch.no_grad():
+                    t = teacher(x)
+                for _ in range(N_STUDENT):
+                    loss_s = kl(student(x), t)
+                    opt_s.zero_grad()
+                    loss_s.backward()
+                    opt_s.step()
+        sv = guard.sv
+        assert sv is not None
+        rep = guard.report()
+        torch.save({
+            "rank": rank, "world": world,
+            "layers": list(sv.layers), "perms": {k: v.clone() for k, v in sv.perms.items()},
+            "status": sv.status, "trials": list(sv.trials), "sv_calls": rep.sv_calls,
+            "expansion": sv.expansion,
+            "sr_local": local, "sr_reduced": reduced, "sr_steps": rep.sr_steps, "steps": guard.step,
+            "student": torch.cat([p.detach().reshape(-1) for p in student.parameters()]),
+            "generator": torch.cat([p.detach().reshape(-1) for p in generator.parameters()]),
+        }, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _launch(out_dir: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).resolve()), "--worker", str(out_dir)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> List[Dict[str, Any]]:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path_factory.mktemp("ddp")
+    proc = _launch(out)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_same_vaccine_and_decision_on_every_rank(ranks: List[Dict[str, Any]]) -> None:
+    a, b = ranks
+    assert a["status"] == b["status"] == "enabled"
+    assert a["layers"] == b["layers"] and a["perms"].keys() == b["perms"].keys()
+    for name in a["perms"]:
+        assert torch.equal(a["perms"][name], b["perms"][name]), name
+    assert a["trials"] == b["trials"] and len(a["trials"]) >= 2  # every auto depth scored alike
+    assert a["expansion"] == b["expansion"]
+    assert a["sv_calls"] > 0 and a["sv_calls"] == b["sv_calls"]  # SV ran after verification
+
+
+def test_sr_gradients_all_reduced(ranks: List[Dict[str, Any]]) -> None:
+    a, b = ranks
+    n_sr = N_ITER * N_STUDENT - SR_START
+    assert a["sr_steps"] == b["sr_steps"] == n_sr
+    assert len(a["sr_reduced"]) == len(b["sr_reduced"]) == n_sr
+    # the first SR step starts from identical students, so the local gradients differ only
+    # because the data differ; the added gradients are their mean on both ranks
+    la, lb = a["sr_local"][0], b["sr_local"][0]
+    assert not torch.allclose(la, lb)
+    mean = (la + lb) / 2
+    for r in (a, b):
+        torch.testing.assert_close(r["sr_reduced"][0], mean, rtol=1e-5, atol=1e-7)
+    for ga, gb in zip(a["sr_reduced"], b["sr_reduced"]):
+        torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+
+
+def test_ddp_student_in_automatic_mode_stays_in_sync(ranks: List[Dict[str, Any]]) -> None:
+    a, b = ranks
+    assert a["steps"] == b["steps"] == N_ITER * N_STUDENT
+    torch.testing.assert_close(a["student"], b["student"], rtol=0, atol=0)
+    torch.testing.assert_close(a["generator"], b["generator"], rtol=0, atol=0)
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker(sys.argv[sys.argv.index("--worker") + 1])

@@ -1,0 +1,81 @@
+"""A resumed guard continues exactly like an uninterrupted one."""
+from __future__ import annotations
+
+import io
+
+import torch
+
+from abd_plugin import ABDGuard
+from abd_testutils import TinyGenerator, make_pair
+from test_guard import kl
+
+CFG = dict(verify_batches=3, verify_skip=1, sv_coef=1.0, sr_start_step=4, sr_inner_rounds=2,
+           sr_warm_start=True, tail_ratio_threshold=-1.0)  # always accept
+
+
+def _iteration(teacher, student, gen, og, os_, z):
+    x = gen(z)
+    loss_g = -kl(teacher(x), student(x))
+    og.zero_grad()
+    loss_g.backward()
+    og.step()
+    xs = gen(z).detach()
+    with torch.no_grad():
+        t = teacher(xs)
+    loss_s = kl(t, student(xs))
+    os_.zero_grad()
+    loss_s.backward()
+    os_.step()
+    return [p.grad.clone() for p in student.parameters()], [p.grad.clone() for p in gen.parameters()]
+
+
+def _fresh():
+    teacher, student = make_pair(seed=5)
+    torch.manual_seed(6)
+    gen = TinyGenerator()
+    og = torch.optim.SGD(gen.parameters(), lr=0.05)
+    os_ = torch.optim.SGD(student.parameters(), lr=0.05)
+    return teacher, student, gen, og, os_
+
+
+def test_state_round_trip_equals_uninterrupted_run():
+    zs = [torch.randn(8, 8, generator=torch.Generator().manual_seed(i)) for i in range(10)]
+    # uninterrupted
+    teacher, student, gen, og, os_ = _fresh()
+    with ABDGuard(teacher, student, **CFG) as guard:
+        ref = [_iteration(teacher, student, gen, og, os_, z) for z in zs]
+    assert guard.sv.status == "enabled" and guard.sr.steps == 6
+    # interrupted after 5 iterations (mid-verification is done by then; SR has started)
+    teacher, student, gen, og, os_ = _fresh()
+    with ABDGuard(teacher, student, **CFG) as guard:
+        first = [_iteration(teacher, student, gen, og, os_, z) for z in zs[:5]]
+        buf = io.BytesIO()
+        torch.save({"guard": guard.state_dict(), "student": student.state_dict(), "gen": gen.state_dict(),
+                    "og": og.state_dict(), "os": os_.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    teacher, student, gen, og, os_ = _fresh()
+    student.load_state_dict(ck["student"])
+    gen.load_state_dict(ck["gen"])
+    og.load_state_dict(ck["og"])
+    os_.load_state_dict(ck["os"])
+    guard = ABDGuard(teacher, student, **CFG)
+    guard.load_state_dict(ck["guard"])
+    with guard:
+        second = [_iteration(teacher, student, gen, og, os_, z) for z in zs[5:]]
+    for (rs, rg), (gs, gg) in zip(ref, first + second):
+        for a, b in zip(rs + rg, gs + gg):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert guard.step == 10 and guard.sr.steps == 6
+
+
+def test_state_round_trip_while_still_collecting():
+    teacher, student, gen, og, os_ = _fresh()
+    cfg = dict(CFG, verify_batches=50)
+    with ABDGuard(teacher, student, **cfg) as guard:
+        _iteration(teacher, student, gen, og, os_, torch.randn(8, 8))
+        _iteration(teacher, student, gen, og, os_, torch.randn(8, 8))
+        state = guard.state_dict()
+    g2 = ABDGuard(teacher, student, **cfg)
+    g2.load_state_dict(state)
+    assert g2.sv.status == "collecting" and g2.sv.observed == 2 and len(g2.sv._pool_x) == 1
