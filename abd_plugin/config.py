@@ -41,7 +41,8 @@ class ABDConfig:
     from the verification pool), an int k (the last k conv layers in forward order; paper: 5),
     or a list of module names."""
     shuffle_linear: bool = False
-    """Also count ``nn.Linear`` layers when picking the last k layers."""
+    """Also count ``nn.Linear`` layers when picking the last k layers (``"auto"`` always
+    considers them)."""
     auto_max_depth: int = 6
     """Largest depth tried by ``shuffle_layers="auto"``."""
     sv_grad_through_ensemble: bool = True
@@ -70,6 +71,11 @@ class ABDConfig:
     of ZSKT training; the last 1-2 of 200 epochs for CMI)."""
     total_steps: Optional[int] = None
     """Total student optimizer steps of the run, needed by ``sr_start_fraction``."""
+    sr_lr: Optional[float] = None
+    """Learning rate of the student optimizer's steps inside the SR window. The paper resumes SR
+    from a late checkpoint with a fresh optimizer at 5e-4 or 1e-4, while a cosine schedule has
+    almost reached zero there; the optimizer's own value is put back after every step, so its
+    scheduler is unaffected. ``None``: leave the optimizer alone."""
     sr_every: int = 1
     """Run SR on every ``sr_every``-th student step inside the window."""
     sr_inner_rounds: int = 10
@@ -147,6 +153,8 @@ class ABDConfig:
             need(0 <= self.sr_start_fraction <= 1, "sr_start_fraction must be in [0, 1]")
         if self.sr_epsilon is not None:
             need(self.sr_epsilon > 0, "sr_epsilon must be > 0")
+        if self.sr_lr is not None:
+            need(self.sr_lr > 0, "sr_lr must be > 0")
         if self.sr_epsilon_rms is not None:
             need(self.sr_epsilon_rms > 0, "sr_epsilon_rms must be > 0")
             need(self.sr_epsilon is None, "give sr_epsilon or sr_epsilon_rms, not both")

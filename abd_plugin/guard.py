@@ -157,6 +157,7 @@ class ABDGuard:
         self._suspended = 0
         self._sr_forced = 0
         self._teacher_grads: List[Any] = []
+        self._saved_lrs: Optional[Any] = None
         self._student_param_ids = {id(p) for p in self._student_core.parameters()}
 
     # ------------------------------------------------------------------ lifecycle
@@ -330,6 +331,11 @@ class ABDGuard:
                    for g in optimizer.param_groups for p in g["params"])
 
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.config.sr_lr is not None and self.in_sr_window():
+            # the paper's "resume with a small LR"; restored in _post_step
+            self._saved_lrs = (optimizer, [(g, g["lr"]) for g in optimizer.param_groups])
+            for g in optimizer.param_groups:
+                g["lr"] = self.config.sr_lr
         for h in self.hooks:
             h.on_before_student_step(self, optimizer)
 
@@ -357,6 +363,10 @@ class ABDGuard:
         return head + (wrapped,) + rest[1:], dict(kwargs or {})
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._saved_lrs is not None and self._saved_lrs[0] is optimizer:
+            for g, lr in self._saved_lrs[1]:
+                g["lr"] = lr
+            self._saved_lrs = None
         if self._suspended or not self.updates_student(optimizer):
             return
         self.step += 1

@@ -154,11 +154,11 @@ class GuardSession:
         cfg = self.guard.config
         if cfg.total_steps is not None and self.sr_start_fraction is None:
             return
-        changes: Dict[str, Any] = {"total_steps": int(total_steps)}
+        start = None
         if self.sr_start_fraction is not None:
-            changes["sr_start_step"] = int(self.sr_start_fraction * total_steps)
+            start = int(self.sr_start_fraction * total_steps)
             self.sr_start_fraction = None
-        self.guard.config = cfg.replace(**changes)
+        self.guard.set_schedule(int(total_steps), sr_start_step=start)
 
     @contextmanager
     def active(self) -> Iterator[ABDGuard]:

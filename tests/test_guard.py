@@ -300,3 +300,26 @@ def test_integer_input_to_teacher_in_guard_is_left_alone():
     student = nn.Sequential(nn.Embedding(10, 2), nn.Flatten(), nn.Linear(4, 3))
     with ABDGuard(teacher, student, verify=False):
         assert teacher(torch.tensor([[1, 2]])).shape == (1, 3)
+
+
+def test_sr_lr_applies_inside_the_window_and_is_restored():
+    teacher, student = make_pair()
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    x = torch.rand(8, 1, 8, 8)
+    seen = []
+
+    class Probe(DefenseHook):
+        def on_before_student_step(self, guard, optimizer):
+            seen.append(optimizer.param_groups[0]["lr"])
+
+    with ABDGuard(teacher, student, sv=False, sr_start_step=1, sr_inner_rounds=1, sr_lr=0.01,
+                  hooks=[Probe()]):
+        for _ in range(3):
+            before = [p.detach().clone() for p in student.parameters()]
+            opt.zero_grad()
+            kl(teacher(x), student(x)).backward()
+            opt.step()
+            moved = any(not torch.equal(a, p) for a, p in zip(before, student.parameters()))
+            seen.append(moved)
+            assert opt.param_groups[0]["lr"] == 0.0  # the user's value is back after every step
+    assert seen == [0.0, False, 0.01, True, 0.01, True]

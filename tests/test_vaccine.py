@@ -205,7 +205,7 @@ def test_verification_gives_up_and_says_so():
 
 def test_errors_name_the_fix():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
-    sv = ShufflingVaccine(mlp, ABDConfig(verify=False))
+    sv = ShufflingVaccine(mlp, ABDConfig(verify=False, shuffle_layers=1))
     with pytest.raises(ValueError, match="shuffle_layers="):
         sv.ensemble_logits(torch.rand(2, 1, 8, 8))
     teacher, _ = make_pair()

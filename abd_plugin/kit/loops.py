@@ -99,7 +99,8 @@ def _report(guard: Any) -> Optional[Dict[str, Any]]:
 def distill(method: str, teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[int, int, int],
             num_classes: int, config: DistillConfig = DistillConfig(), abd: Optional[ABDConfig] = None,
             real_data: Optional[Tuple[Tensor, Tensor]] = None, progress: Progress = None,
-            eval_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None, eval_every: int = 0) -> DistillResult:
+            eval_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None, eval_every: int = 0,
+            ood_source: Optional[Tensor] = None) -> DistillResult:
     """Distill ``teacher`` into ``student`` with loop ``method``, defended by ``abd`` (None: vanilla).
 
     Args:
@@ -111,7 +112,8 @@ def distill(method: str, teacher: nn.Module, student: nn.Module, *, img_shape: T
     torch.manual_seed(config.seed)
     teacher.eval()
     return fn(teacher, student, img_shape=img_shape, num_classes=num_classes, cfg=config, abd=abd,
-              real_data=real_data, progress=progress, eval_fn=eval_fn, eval_every=eval_every)
+              real_data=real_data, progress=progress, eval_fn=eval_fn, eval_every=eval_every,
+              ood_source=ood_source)
 
 
 class _Tracker:
@@ -204,5 +206,255 @@ def _clean(teacher: nn.Module, student: nn.Module, *, cfg: DistillConfig, real_d
             opt_s.step()
             sch_s.step()
             track.tick(f"loss {loss.item():.3f}")
+        rep = _report(guard)
+    return DistillResult(student, rep, track.history, track.steps)
+
+
+def _bn_statistics_loss(teacher: nn.Module) -> Tuple[List[Any], Callable[[], Tensor]]:
+    """DeepInversion's feature-statistics prior: forward hooks on the teacher's BN layers."""
+    terms: List[Tensor] = []
+    handles = []
+
+    def hook(mod: nn.BatchNorm2d, inp: Tuple[Tensor, ...], _out: Tensor) -> None:
+        x = inp[0]
+        mean = x.mean((0, 2, 3))
+        var = x.var((0, 2, 3), unbiased=False)
+        terms.append(torch.norm(mean - mod.running_mean, 2) + torch.norm(var - mod.running_var, 2))
+
+    for m in teacher.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            handles.append(m.register_forward_hook(hook))
+
+    def collect() -> Tensor:
+        out = torch.stack(terms).sum() if terms else torch.zeros(())
+        terms.clear()
+        return out
+
+    return handles, collect
+
+
+def _tv(x: Tensor) -> Tensor:
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def _distill_from_pool(teacher: nn.Module, student: nn.Module, pool: List[Tensor], steps: int, cfg: DistillConfig,
+                       opt: torch.optim.Optimizer, sched: Any, track: _Tracker, g: torch.Generator) -> None:
+    data = torch.cat(pool)
+    for _ in range(steps):
+        x = data[torch.randint(len(data), (cfg.batch_size,), generator=g)]
+        with torch.no_grad():
+            t = teacher(x)
+        loss = _kl(t, student(x), cfg.temperature)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        track.tick(f"kd {loss.item():.3f}")
+
+
+@_LOOPS.register("deepinversion")
+def _deepinversion(teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[int, int, int], num_classes: int,
+                   cfg: DistillConfig, abd: Optional[ABDConfig], progress: Progress, eval_fn: Any, eval_every: int,
+                   **_: Any) -> DistillResult:
+    total = cfg.iterations * cfg.n_student_steps
+    per_round = max(1, total // cfg.synth_rounds)
+    total = per_round * cfg.synth_rounds
+    opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr_student)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, total)
+    track = _Tracker(student, total, progress, eval_fn, eval_every)
+    g = torch.Generator().manual_seed(cfg.seed)
+    handles, bn_loss = _bn_statistics_loss(teacher)
+    pool: List[Tensor] = []
+    student.train()
+    guard = _guard(teacher, student, abd, total)
+    try:
+        with guard:
+            for _ in range(cfg.synth_rounds):
+                # invert: optimise pixels (through a sigmoid, so images stay in [0, 1])
+                v = torch.randn((cfg.batch_size,) + tuple(img_shape), generator=g).requires_grad_(True)
+                y = torch.randint(num_classes, (cfg.batch_size,), generator=g)
+                opt_x = torch.optim.Adam([v], lr=0.1)
+                for _ in range(cfg.synth_steps):
+                    x = torch.sigmoid(v)
+                    flip = torch.rand(()) < 0.5
+                    x_in = x.flip(-1) if flip else x
+                    bn_loss()  # drop stale terms
+                    logits = teacher(x_in)
+                    loss = F.cross_entropy(logits, y) + 0.1 * bn_loss() + 0.05 * _tv(x)
+                    opt_x.zero_grad()
+                    loss.backward()
+                    opt_x.step()
+                pool.append(torch.sigmoid(v).detach())
+                _distill_from_pool(teacher, student, pool, per_round, cfg, opt_s, sched, track, g)
+            rep = _report(guard)
+    finally:
+        for h in handles:
+            h.remove()
+    return DistillResult(student, rep, track.history, track.steps)
+
+
+class _Features:
+    """Captures the input of the teacher's last Linear layer (penultimate features)."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        last = [m for m in teacher.modules() if isinstance(m, nn.Linear)]
+        if not last:
+            raise ValueError("cmi needs a teacher whose head is an nn.Linear")
+        self.value: Optional[Tensor] = None
+        self.handle = last[-1].register_forward_pre_hook(self._hook)
+
+    def _hook(self, _m: nn.Module, args: Tuple[Tensor, ...]) -> None:
+        self.value = args[0]
+
+
+@_LOOPS.register("cmi")
+def _cmi(teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[int, int, int], num_classes: int,
+         cfg: DistillConfig, abd: Optional[ABDConfig], progress: Progress, eval_fn: Any, eval_every: int,
+         **_: Any) -> DistillResult:
+    c, h, w = img_shape
+    total = cfg.iterations * cfg.n_student_steps
+    per_round = max(1, total // cfg.synth_rounds)
+    total = per_round * cfg.synth_rounds
+    opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr_student)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, total)
+    track = _Tracker(student, total, progress, eval_fn, eval_every)
+    g = torch.Generator().manual_seed(cfg.seed)
+    handles, bn_loss = _bn_statistics_loss(teacher)
+    feats = _Features(teacher)
+    proj: Optional[Tensor] = None
+    bank: List[Tensor] = []
+    pool: List[Tensor] = []
+    student.train()
+    guard = _guard(teacher, student, abd, total)
+    try:
+        with guard:
+            for _ in range(cfg.synth_rounds):
+                gen = get_model("generator_cmi", in_channels=c, channels=c, z_dim=cfg.z_dim, img_size=h,
+                                ngf=cfg.generator_width)
+                opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_generator * 10, betas=(0.5, 0.999))
+                z = torch.randn(cfg.batch_size, cfg.z_dim, generator=g)
+                y = torch.randint(num_classes, (cfg.batch_size,), generator=g)
+                best: Optional[Tensor] = None
+                best_loss = math.inf
+                for _ in range(cfg.synth_steps):
+                    x = gen(z)
+                    bn_loss()
+                    t = teacher(x)
+                    f = feats.value
+                    l_bn = bn_loss()
+                    assert f is not None
+                    if proj is None:
+                        proj = torch.randn(f.shape[1], 64, generator=g) / math.sqrt(f.shape[1])
+                    anchor = F.normalize(f @ proj, dim=1)
+                    with torch.no_grad():
+                        teacher(x.flip(-1))
+                        positive = F.normalize(feats.value @ proj, dim=1)
+                    negatives = torch.cat(bank[-8:]) if bank else anchor.new_zeros((0, anchor.shape[1]))
+                    logits_c = torch.cat([(anchor * positive).sum(1, keepdim=True), anchor @ negatives.T], 1) / 0.1
+                    l_cr = F.cross_entropy(logits_c, torch.zeros(len(anchor), dtype=torch.long))
+                    l_adv = -_kl(t, student(x))
+                    loss = l_bn + F.cross_entropy(t, y) + 0.5 * l_adv + 0.8 * l_cr
+                    opt_g.zero_grad()
+                    loss.backward()
+                    opt_g.step()
+                    if loss.item() < best_loss:
+                        best_loss, best = loss.item(), x.detach().clone()
+                assert best is not None
+                pool.append(best)
+                with torch.no_grad():
+                    teacher(best)
+                    bank.append(F.normalize(feats.value @ proj, dim=1).detach())
+                _distill_from_pool(teacher, student, pool, per_round, cfg, opt_s, sched, track, g)
+            rep = _report(guard)
+    finally:
+        for hd in handles:
+            hd.remove()
+        feats.handle.remove()
+    return DistillResult(student, rep, track.history, track.steps)
+
+
+def procedural_image(size: int = 256, channels: int = 3, seed: int = 0) -> Tensor:
+    """A seeded natural-looking image (overlapping blobs, edges and textures) in [0, 1] used as
+    the single source image of the OOD transfer set when the user gives none."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    img = torch.zeros(3, size, size)
+    for _ in range(40):
+        cy, cx, r = torch.rand(3, generator=g)
+        col = torch.rand(3, 1, 1, generator=g)
+        blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (0.02 + 0.15 * r) ** 2))
+        img = img * (1 - blob) + col * blob
+    for _ in range(12):
+        fy, fx = (torch.rand(2, generator=g) * 40 + 4).tolist()
+        ph = float(torch.rand((), generator=g)) * 6.28
+        amp = float(torch.rand((), generator=g)) * 0.15
+        img = img + amp * torch.sin(fy * yy + fx * xx + ph)
+    img = (img - img.min()) / (img.max() - img.min())
+    return img if channels == 3 else img.mean(0, keepdim=True)
+
+
+def ood_transfer_set(n: int, img_shape: Tuple[int, int, int], source: Optional[Tensor] = None, seed: int = 0) -> Tensor:
+    """``n`` random crops (random scale, flips) of one image, resized to ``img_shape``."""
+    c, h, w = img_shape
+    src = procedural_image(256, c, seed) if source is None else source
+    if src.shape[0] != c:
+        src = src.mean(0, keepdim=True) if c == 1 else src.expand(c, -1, -1)
+    g = torch.Generator().manual_seed(seed + 1)
+    H, W = src.shape[-2:]
+    out = torch.empty(n, c, h, w)
+    for i in range(n):
+        s = int(min(H, W) * (0.1 + 0.5 * float(torch.rand((), generator=g))))
+        top = int(torch.randint(H - s + 1, (), generator=g))
+        left = int(torch.randint(W - s + 1, (), generator=g))
+        crop = src[:, top:top + s, left:left + s].unsqueeze(0)
+        out[i] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+        if torch.rand((), generator=g) < 0.5:
+            out[i] = out[i].flip(-1)
+    return out
+
+
+def _cutmix(x: Tensor, g: torch.Generator, beta: float = 0.25) -> Tensor:
+    lam = float(torch.distributions.Beta(beta, beta).sample())
+    h, w = x.shape[-2:]
+    ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = int(torch.randint(h, (), generator=g)), int(torch.randint(w, (), generator=g))
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    perm = torch.randperm(len(x), generator=g)
+    out = x.clone()
+    out[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    return out
+
+
+@_LOOPS.register("ood")
+def _ood(teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[int, int, int], cfg: DistillConfig,
+         abd: Optional[ABDConfig], progress: Progress, eval_fn: Any, eval_every: int,
+         ood_source: Optional[Tensor] = None, **_: Any) -> DistillResult:
+    data = ood_transfer_set(cfg.ood_patches, img_shape, ood_source, cfg.seed)
+    total = cfg.iterations * cfg.n_student_steps
+    opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr_student)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, total)
+    track = _Tracker(student, total, progress, eval_fn, eval_every)
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    student.train()
+    guard = _guard(teacher, student, abd, total)
+    sv_on = isinstance(guard, ABDGuard) and guard.sv is not None
+    with guard:
+        for _ in range(total):
+            x = _cutmix(data[torch.randint(len(data), (cfg.batch_size,), generator=g)], g)
+            with torch.no_grad():
+                t = teacher(x)
+            per_sample = _kl(t, student(x), cfg.temperature, reduction="none").sum(1)
+            if sv_on:  # fixed transfer set: SV anti-distils suspicious samples (the paper's rule)
+                guard.observe(x, t)
+                loss = guard.reweight(per_sample, guard.suspicious(x, t))
+            else:
+                loss = per_sample.mean()
+            opt_s.zero_grad()
+            loss.backward()
+            opt_s.step()
+            sched.step()
+            track.tick(f"kd {loss.item():.3f}")
         rep = _report(guard)
     return DistillResult(student, rep, track.history, track.steps)

@@ -32,6 +32,10 @@ class TeacherSpec:
 
     dataset: str = "mnist5k"
     arch: str = "lenet5"
+    width: Optional[int] = None
+    """``width`` of the architecture when it takes one (cnn5), else ignored."""
+    size: Optional[int] = None
+    """Image side (None: the dataset's default)."""
     trigger: Optional[str] = "badnet_grid"  # None: a clean teacher
     target: int = 0
     poison_ratio: float = 0.1
@@ -95,25 +99,31 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, spec: TeacherSpec, progress: 
     model.eval()
 
 
+def build_model(arch: str, dataset: str, width: Optional[int] = None) -> nn.Module:
+    """An architecture for ``dataset`` (classes and channels from the dataset's info)."""
+    info = dataset_info(dataset)
+    kw = {"width": width} if (width is not None and arch.startswith("cnn")) else {}
+    return get_model(arch, num_classes=info.num_classes, in_channels=info.channels, **kw)
+
+
 def train_teacher(spec: TeacherSpec, *, cache: bool = True, progress: Optional[Callable[[str], None]] = None) -> Tuple[nn.Module, dict]:
     """Train (or load from cache) the teacher of ``spec``; returns (model in eval mode, metrics)."""
-    info = dataset_info(spec.dataset)
-    model = get_model(spec.arch, num_classes=info.num_classes, in_channels=info.channels)
+    model = build_model(spec.arch, spec.dataset, spec.width)
     path = cache_dir() / f"teacher-{spec.key()}.pt"
     meta_path = path.with_suffix(".json")
     if cache and path.exists() and meta_path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval(), json.loads(meta_path.read_text())
     torch.manual_seed(spec.seed)
-    model = get_model(spec.arch, num_classes=info.num_classes, in_channels=info.channels)
-    xtr, ytr = load_dataset(spec.dataset, "train").tensors
+    model = build_model(spec.arch, spec.dataset, spec.width)
+    xtr, ytr = load_dataset(spec.dataset, "train", size=spec.size).tensors
     helper = None
     if spec.trigger == "cl":  # label-consistent: PGD against a clean model first
-        helper = get_model(spec.arch, num_classes=info.num_classes, in_channels=info.channels)
+        helper = build_model(spec.arch, spec.dataset, spec.width)
         _train(helper, xtr, ytr, TeacherSpec(**{**asdict(spec), "trigger": None}))
     xp, yp, _ = poison_dataset(xtr, ytr, spec, helper)
     _train(model, xp, yp, spec, progress)
-    xte, yte = load_dataset(spec.dataset, "test").tensors
+    xte, yte = load_dataset(spec.dataset, "test", size=spec.size).tensors
     metrics = {"acc": accuracy(model, xte, yte)}
     if spec.trigger is not None:
         metrics["asr"] = attack_success_rate(model, xte, yte, get_trigger(spec.trigger, seed=spec.seed), spec.target)

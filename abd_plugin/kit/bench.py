@@ -1,0 +1,222 @@
+"""The ACC/ASR benchmark: poisoned teacher -> data-free KD with and without ABD -> metrics.
+
+A *cell* is (dataset, method, trigger, defense, seed). ``run_bench`` runs a grid of cells,
+appending one JSON line per finished cell to ``DIR/cells.jsonl`` (so an interrupted run resumes
+where it stopped), and then writes ``results.csv``, ``results.json``, ``table.md`` and
+``plot.png``. Rows added automatically: ``clean`` (KD on real training data, the reference) and
+clean-teacher rows (``trigger=none``) with and without ABD, which measure ABD's false-positive
+cost.
+
+Defense presets (:data:`DEFENSES`):
+
+* ``none``: vanilla KD.
+* ``sv_paper``, ``sr_paper``, ``abd_paper``: the official code's recipe (5 shuffled convs,
+  coefficient 0.1, verification on, SR with 10 rounds in the last 0.5 % of student steps).
+* ``sv``, ``sr``, ``abd``: this project's tuned recipe (:meth:`ABDConfig.tuned`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from abd_plugin import ABDConfig
+
+from .datasets import dataset_info, load_dataset
+from .loops import DistillConfig, distill
+from .metrics import accuracy, attack_success_rate, robust_accuracy
+from .poison import TeacherSpec, build_model, train_teacher
+from .triggers import get_trigger
+
+PAPER_SR_FRACTION = 0.995
+
+
+def _paper(**kw: Any) -> ABDConfig:
+    return ABDConfig.paper(sr_start_fraction=PAPER_SR_FRACTION, **kw)
+
+
+DEFENSES: Dict[str, Callable[[], Optional[ABDConfig]]] = {
+    "none": lambda: None,
+    "sv_paper": lambda: _paper(sr=False),
+    "sr_paper": lambda: _paper(sv=False),
+    "abd_paper": lambda: _paper(),
+    "sv": lambda: ABDConfig.tuned(sr=False),
+    "sr": lambda: ABDConfig.tuned(sv=False),
+    "abd": lambda: ABDConfig.tuned(),
+}
+
+#: the student trained against each teacher architecture (the standard data-free KD pairs)
+STUDENTS = {"lenet5": "lenet5_half", "cnn5": "cnn5", "wrn16_2": "wrn16_1", "wrn40_2": "wrn16_1",
+            "resnet34": "resnet18"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str = "mnist5k"
+    method: str = "zskt"
+    trigger: str = "badnet_grid"  # "none": clean teacher
+    defense: str = "none"
+    seed: int = 0
+    arch: str = "lenet5"
+    iterations: int = 400
+
+    def key(self) -> str:
+        return "|".join(str(v) for v in asdict(self).values())
+
+
+def resolve_defense(name: str) -> Optional[ABDConfig]:
+    if name not in DEFENSES:
+        raise ValueError(f"unknown defense {name!r}; choose from {sorted(DEFENSES)}")
+    cfg = DEFENSES[name]()
+    return cfg
+
+
+def run_cell(cell: Cell, *, progress: Optional[Callable[[int, int, str], None]] = None,
+             eval_every: int = 0) -> Dict[str, Any]:
+    """Run one cell and return its metrics (ACC/ASR/RA in percent)."""
+    trig_name = None if cell.trigger == "none" else cell.trigger
+    spec = TeacherSpec(dataset=cell.dataset, arch=cell.arch, trigger=trig_name, seed=0)
+    teacher, tmeta = train_teacher(spec)
+    info = dataset_info(cell.dataset)
+    xte, yte = load_dataset(cell.dataset, "test", size=spec.size).tensors
+    # ASR of a clean teacher is still measured with the benchmark's reference trigger
+    trig = get_trigger(trig_name or "badnet_grid")
+
+    def evaluate(model: torch.nn.Module) -> Dict[str, float]:
+        return {"acc": accuracy(model, xte, yte), "asr": attack_success_rate(model, xte, yte, trig, spec.target),
+                "ra": robust_accuracy(model, xte, yte, trig, spec.target)}
+
+    torch.manual_seed(cell.seed)
+    student = build_model(STUDENTS.get(cell.arch, cell.arch), cell.dataset, spec.width)
+    abd = resolve_defense(cell.defense)
+    real = load_dataset(cell.dataset, "train", size=spec.size).tensors if cell.method == "clean" else None
+    c = info.channels
+    h = spec.size or info.size
+    t0 = time.perf_counter()
+    result = distill(cell.method, teacher, student, img_shape=(c, h, h), num_classes=info.num_classes,
+                     config=DistillConfig(iterations=cell.iterations, seed=cell.seed), abd=abd, real_data=real,
+                     progress=progress, eval_fn=evaluate if eval_every else None, eval_every=eval_every)
+    seconds = time.perf_counter() - t0
+    row: Dict[str, Any] = {**asdict(cell), **evaluate(student), "seconds": round(seconds, 1),
+                           "teacher_acc": tmeta["acc"], "teacher_asr": evaluate(teacher)["asr"],
+                           "history": result.history}
+    if result.report is not None:
+        rep = result.report
+        row.update(sv_status=rep["sv_status"], shuffle_depth=rep["shuffle_depth"],
+                   shuffled_layers=rep["shuffled_layers"], suspicious_fraction=rep["suspicious_fraction"],
+                   sv_coef=rep["sv_coef"], sr_steps=rep["sr_steps"], sv_seconds=round(rep["sv_seconds"], 1),
+                   sr_seconds=round(rep["sr_seconds"], 1))
+    return row
+
+
+def grid(dataset: str, methods: Sequence[str], triggers: Sequence[str], defenses: Sequence[str],
+         seeds: Sequence[int], *, arch: str = "lenet5", iterations: int = 400, clean_rows: bool = True) -> List[Cell]:
+    cells = [Cell(dataset, m, t, d, s, arch, iterations) for m in methods for t in triggers for d in defenses for s in seeds]
+    if clean_rows:
+        for t in triggers:  # clean KD on real data: the reference the targets compare against
+            cells += [Cell(dataset, "clean", t, "none", s, arch, iterations) for s in seeds]
+        for m in methods:  # clean teacher: what ABD costs when there is no backdoor
+            cells += [Cell(dataset, m, "none", d, s, arch, iterations) for d in dict.fromkeys(["none", *defenses]) for s in seeds]
+    return list(dict.fromkeys(cells))
+
+
+def run_bench(cells: Iterable[Cell], out: Path, *, log: Callable[[str], None] = print,
+              progress_factory: Optional[Callable[[Cell], Any]] = None) -> List[Dict[str, Any]]:
+    """Run every cell not yet in ``out/cells.jsonl``; then write the summary files."""
+    out.mkdir(parents=True, exist_ok=True)
+    done_path = out / "cells.jsonl"
+    rows: Dict[str, Dict[str, Any]] = {}
+    if done_path.exists():
+        for line in done_path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows[Cell(**{k: r[k] for k in Cell.__dataclass_fields__}).key()] = r
+    cells = list(cells)
+    for i, cell in enumerate(cells):
+        if cell.key() in rows:
+            log(f"[{i + 1}/{len(cells)}] skip (done) {cell.key()}")
+            continue
+        log(f"[{i + 1}/{len(cells)}] {cell.key()}")
+        prog = progress_factory(cell) if progress_factory else None
+        row = run_cell(cell, progress=prog)
+        if prog is not None and hasattr(prog, "close"):
+            prog.close()
+        rows[cell.key()] = row
+        with done_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log(f"    ACC {row['acc']:.1f}  ASR {row['asr']:.1f}  ({row['seconds']:.0f}s)")
+    wanted = [rows[c.key()] for c in cells if c.key() in rows]
+    write_summary(wanted, out)
+    return wanted
+
+
+def _mean_std(vals: List[float]) -> str:
+    if len(vals) == 1:
+        return f"{vals[0]:.1f}"
+    return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+
+
+def summarize(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["method"], r["trigger"], r["defense"]), []).append(r)
+    out = []
+    for (ds, m, t, d), rs in groups.items():
+        out.append({"dataset": ds, "method": m, "trigger": t, "defense": d, "n": len(rs),
+                    "acc": statistics.mean(r["acc"] for r in rs), "asr": statistics.mean(r["asr"] for r in rs),
+                    "ra": statistics.mean(r["ra"] for r in rs),
+                    "acc_txt": _mean_std([r["acc"] for r in rs]), "asr_txt": _mean_std([r["asr"] for r in rs]),
+                    "teacher": f"{rs[0]['teacher_acc']:.1f}/{rs[0]['teacher_asr']:.1f}",
+                    "sv_status": ",".join(sorted({str(r.get('sv_status', '-')) for r in rs})),
+                    "seconds": statistics.mean(r["seconds"] for r in rs)})
+    return out
+
+
+def write_summary(rows: List[Dict[str, Any]], out: Path) -> None:
+    flat = [{k: v for k, v in r.items() if k != "history"} for r in rows]
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    if flat:
+        keys = list(dict.fromkeys(k for r in flat for k in r))
+        with (out / "results.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(flat)
+    summ = summarize(rows)
+    lines = ["| dataset | method | trigger | defense | seeds | teacher ACC/ASR | ACC | ASR | RA | SV status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summ:
+        lines.append(f"| {s['dataset']} | {s['method']} | {s['trigger']} | {s['defense']} | {s['n']} | {s['teacher']} "
+                     f"| {s['acc_txt']} | {s['asr_txt']} | {s['ra']:.1f} | {s['sv_status']} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    try:
+        plot_summary(summ, out / "plot.png")
+    except ImportError:  # matplotlib is in the bench extra
+        pass
+
+
+def plot_summary(summ: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{s['method']}\n{s['trigger']}\n{s['defense']}" for s in summ]
+    x = list(range(len(summ)))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(summ)), 4))
+    ax.bar([i - 0.2 for i in x], [s["acc"] for s in summ], width=0.4, label="ACC")
+    ax.bar([i + 0.2 for i in x], [s["asr"] for s in summ], width=0.4, label="ASR")
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=6)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
