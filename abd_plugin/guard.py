@@ -286,7 +286,7 @@ class ABDGuard:
             if self._suspended or self.sv is None:
                 return
             if torch.is_grad_enabled() and not self._teacher_core.training and args and isinstance(args[0], Tensor):
-                self.sv.set_captured(args[0])
+                self.sv.set_captured(args[0], name)
 
         self._capture_handle = mod.register_forward_pre_hook(capture)
 

@@ -10,7 +10,8 @@ One SR step on a student batch ``x`` (B, ...):
 (B) With ``L_in(delta, theta) = -KL(p_S(x).detach() || p_S(x + delta)) + l2_in ||delta||^2`` and
     the fixed-point map ``Phi = delta - eta * grad_delta L_in``, the outer loss
     ``L_out = KL(p_S(x).detach() || p_S(x + m * delta))`` (m: a random ``sr_outer_portion`` of the
-    rows carry delta) is differentiated through ``delta*(theta)`` with
+    rows carry delta; ``sr_outer_target="teacher"`` uses the teacher's clean prediction p_T(x)
+    instead of the student's) is differentiated through ``delta*(theta)`` with
     :func:`~abd_plugin.hypergrad.fixed_point_hypergradient` (K = ``sr_fixed_point_iters``).
 (C) ``sr_scale`` times that gradient is **added** to the student's ``.grad``; the user's KD
     gradient already there is kept, so the optimizer steps on KD + SR, as in the paper.
@@ -174,8 +175,15 @@ class SelfRetrospection(DefenseHook):
             (g,) = torch.autograd.grad(l_in(d), d, create_graph=True)
             return [d - cfg.sr_inner_step * g]
 
+        target = clean
+        if cfg.sr_outer_target == "teacher":
+            if self._replica is None:
+                raise ValueError("sr_outer_target='teacher' needs the teacher")
+            with torch.no_grad():
+                target = extract_logits(self._replica.to_device_of(x)(x), cfg.logits_fn).detach()
+
         def outer(inner: List[Tensor], _p: Any) -> Tensor:
-            loss = _kl(clean, logits(x + mask * inner[0]), t)
+            loss = _kl(target, logits(x + mask * inner[0]), t)
             self.last_outer_loss = float(loss.detach())
             return loss
 

@@ -148,7 +148,7 @@ class ShufflingVaccine(DefenseHook):
         self.last_fraction = float("nan")
         self.last_penalty = 0.0
         self.seconds = 0.0
-        self._captured: Optional[Tensor] = None
+        self._captured: Optional[Tuple[Optional[str], Tensor]] = None
         self._pending_state: Optional[Dict[str, Any]] = None
 
     # ------------------------------------------------------------------ building
@@ -362,8 +362,9 @@ class ShufflingVaccine(DefenseHook):
         """Name of the module whose input the guard should capture from the teacher's forward."""
         return self.expansion if self.built else None
 
-    def set_captured(self, trunk: Optional[Tensor]) -> None:
-        self._captured = trunk
+    def set_captured(self, trunk: Optional[Tensor], at: Optional[str] = None) -> None:
+        """Hand over the input of module ``at`` from the teacher's own forward (shared trunk)."""
+        self._captured = None if trunk is None else (at, trunk)
 
     def ensemble_logits(self, x: Tensor, trunk: Optional[Tensor] = None) -> Tensor:
         """Mean logits of the shuffled ensemble on ``x`` (B, ...) -> (B, C), differentiable in x."""
@@ -386,7 +387,7 @@ class ShufflingVaccine(DefenseHook):
         self._record(mask)
         return mask
 
-    def penalty(self, x: Tensor, teacher_logits: Tensor, *, trunk: Optional[Tensor] = None) -> Tensor:
+    def penalty(self, x: Tensor, teacher_logits: Tensor, *, trunk: Optional[Any] = None) -> Tensor:
         """The SV loss term for a synthesis batch: ``-coef * mean_{suspicious} d``.
 
         Args:
@@ -404,6 +405,9 @@ class ShufflingVaccine(DefenseHook):
                 self.observe(x, teacher_logits)
             if not self.enabled:
                 return teacher_logits.new_zeros(())
+            if isinstance(trunk, tuple):  # (module name, activation) captured by the guard
+                at, act = trunk
+                trunk = act if at == self.expansion else None  # verification may have moved it
             z = self.ensemble_logits(x, trunk)
             if not self.config.sv_grad_through_ensemble:
                 z = z.detach()
@@ -541,9 +545,8 @@ class ShufflingVaccine(DefenseHook):
 
     # ------------------------------------------------------------------ DefenseHook
     def on_teacher_forward(self, guard: Any, x: Tensor, teacher_logits: Tensor) -> Optional[Tensor]:
-        trunk = self._captured
-        self._captured = None
-        pen = self.penalty(x, teacher_logits, trunk=trunk)
+        captured, self._captured = self._captured, None
+        pen = self.penalty(x, teacher_logits, trunk=captured)
         return pen if pen.requires_grad else None
 
     def on_guard_exit(self, guard: Any) -> None:
