@@ -133,6 +133,15 @@ class _Tracker:
             self.history.append(row)
 
 
+def _student_setup(student: nn.Module, cfg: DistillConfig, total: int, progress: Progress, eval_fn: Any,
+                   eval_every: int) -> Tuple[torch.optim.Optimizer, Any, _Tracker]:
+    """Adam + cosine schedule over ``total`` student steps, and the progress/eval tracker."""
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr_student)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    student.train()
+    return opt, sched, _Tracker(student, total, progress, eval_fn, eval_every)
+
+
 def _adversarial_loop(distance: Callable[[Tensor, Tensor], Tensor]) -> Callable[..., DistillResult]:
     def loop(teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[int, int, int], num_classes: int,
              cfg: DistillConfig, abd: Optional[ABDConfig], progress: Progress, eval_fn: Any, eval_every: int,
@@ -187,25 +196,12 @@ def _clean(teacher: nn.Module, student: nn.Module, *, cfg: DistillConfig, real_d
            abd: Optional[ABDConfig], progress: Progress, eval_fn: Any, eval_every: int, **_: Any) -> DistillResult:
     if real_data is None:
         raise ValueError("method 'clean' distills on real data: pass real_data=(x, y)")
-    x_all = real_data[0]
     total = cfg.iterations * cfg.n_student_steps
-    opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr_student)
-    sch_s = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, total)
-    track = _Tracker(student, total, progress, eval_fn, eval_every)
+    opt_s, sch_s, track = _student_setup(student, cfg, total, progress, eval_fn, eval_every)
     g = torch.Generator().manual_seed(cfg.seed)
-    student.train()
     guard = _guard(teacher, student, abd, total)
     with guard:
-        for _ in range(total):
-            x = x_all[torch.randint(len(x_all), (cfg.batch_size,), generator=g)]
-            with torch.no_grad():
-                t = teacher(x)
-            loss = _kl(t, student(x), cfg.temperature)
-            opt_s.zero_grad()
-            loss.backward()
-            opt_s.step()
-            sch_s.step()
-            track.tick(f"loss {loss.item():.3f}")
+        _distill_from_pool(teacher, student, [real_data[0]], total, cfg, opt_s, sch_s, track, g)
         rep = _report(guard)
     return DistillResult(student, rep, track.history, track.steps)
 
@@ -259,13 +255,10 @@ def _deepinversion(teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[i
     total = cfg.iterations * cfg.n_student_steps
     per_round = max(1, total // cfg.synth_rounds)
     total = per_round * cfg.synth_rounds
-    opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr_student)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, total)
-    track = _Tracker(student, total, progress, eval_fn, eval_every)
+    opt_s, sched, track = _student_setup(student, cfg, total, progress, eval_fn, eval_every)
     g = torch.Generator().manual_seed(cfg.seed)
     handles, bn_loss = _bn_statistics_loss(teacher)
     pool: List[Tensor] = []
-    student.train()
     guard = _guard(teacher, student, abd, total)
     try:
         with guard:
@@ -315,16 +308,13 @@ def _cmi(teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[int, int, i
     total = cfg.iterations * cfg.n_student_steps
     per_round = max(1, total // cfg.synth_rounds)
     total = per_round * cfg.synth_rounds
-    opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr_student)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, total)
-    track = _Tracker(student, total, progress, eval_fn, eval_every)
+    opt_s, sched, track = _student_setup(student, cfg, total, progress, eval_fn, eval_every)
     g = torch.Generator().manual_seed(cfg.seed)
     handles, bn_loss = _bn_statistics_loss(teacher)
     feats = _Features(teacher)
     proj: Optional[Tensor] = None
     bank: List[Tensor] = []
     pool: List[Tensor] = []
-    student.train()
     guard = _guard(teacher, student, abd, total)
     try:
         with guard:
@@ -432,12 +422,9 @@ def _ood(teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[int, int, i
          ood_source: Optional[Tensor] = None, **_: Any) -> DistillResult:
     data = ood_transfer_set(cfg.ood_patches, img_shape, ood_source, cfg.seed)
     total = cfg.iterations * cfg.n_student_steps
-    opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr_student)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, total)
-    track = _Tracker(student, total, progress, eval_fn, eval_every)
+    opt_s, sched, track = _student_setup(student, cfg, total, progress, eval_fn, eval_every)
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    student.train()
     guard = _guard(teacher, student, abd, total)
     sv_on = isinstance(guard, ABDGuard) and guard.sv is not None
     with guard:
