@@ -186,8 +186,11 @@ class ABDConfig:
 
     @classmethod
     def paper(cls, **overrides: Any) -> "ABDConfig":
-        """The official code's recipe, literally: 5 shuffled convs, coefficient 0.1."""
-        return cls(shuffle_layers=5, **overrides)
+        """The official code's recipe: 5 shuffled convs, coefficient 0.1, verification on, SR
+        with 10 rounds at the student learning rate 5e-4 it resumes with (``sup_resume_lr``)."""
+        base: dict = dict(shuffle_layers=5, sr_lr=5e-4)
+        base.update(overrides)
+        return cls(**base)
 
     @classmethod
     def tuned(cls, **overrides: Any) -> "ABDConfig":

@@ -33,6 +33,13 @@ def _check_outputs(out: Path, stem: str) -> dict:
     assert "gen/vanilla" in cfg["generator_step"]["cases"]
     assert "student/sr" in cfg["student_step"]["cases"]
     assert cfg["student_step"]["sr_steps"]["student/sr"] > 0  # SR really ran in the guard
+    # new batches per call for student/sr; one batch, hence SR's perturbation cache, for sr_repeat
+    assert "student/sr_repeat" in cfg["student_step"]["cases"]
+    assert cfg["student_step"]["sr_repeat_cached"] is True
+    derived = cfg["student_step"]["derived"]
+    n = derived["steps_per_batch"]
+    assert n == 10  # ZSKT's student steps per pseudo batch, also in --tiny
+    assert derived[f"student/sr amortized over {n} steps per batch"] > 0
     assert report["targets"]
     assert "# ABD overhead benchmark" in md.read_text()
     return report
