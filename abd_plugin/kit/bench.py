@@ -79,8 +79,9 @@ def resolve_defense(name: str) -> Optional[ABDConfig]:
 
 
 def run_cell(cell: Cell, *, progress: Optional[Callable[[int, int, str], None]] = None,
-             eval_every: int = 0) -> Dict[str, Any]:
-    """Run one cell and return its metrics (ACC/ASR/RA in percent)."""
+             eval_every: int = 0, abd: Optional[ABDConfig] = None) -> Dict[str, Any]:
+    """Run one cell and return its metrics (ACC/ASR/RA in percent). ``abd`` overrides the
+    cell's named defense with an explicit configuration."""
     trig_name = None if cell.trigger == "none" else cell.trigger
     spec = TeacherSpec(dataset=cell.dataset, arch=cell.arch, trigger=trig_name, seed=0)
     teacher, tmeta = train_teacher(spec)
@@ -95,7 +96,8 @@ def run_cell(cell: Cell, *, progress: Optional[Callable[[int, int, str], None]] 
 
     torch.manual_seed(cell.seed)
     student = build_model(STUDENTS.get(cell.arch, cell.arch), cell.dataset, spec.width)
-    abd = resolve_defense(cell.defense)
+    if abd is None:
+        abd = resolve_defense(cell.defense)
     real = load_dataset(cell.dataset, "train", size=spec.size).tensors if cell.method == "clean" else None
     c = info.channels
     h = spec.size or info.size
