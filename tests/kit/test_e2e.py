@@ -26,7 +26,7 @@ ACC_DROP_MAX = 10.0  # and costs at most this much accuracy (largest measured: 6
 
 
 def test_abd_cuts_a_transferred_backdoor():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # the bench cells were measured single-threaded: same trajectory
     vanilla = run_cell(Cell(trigger="l0_inv", defense="none", seed=SEED))
     assert vanilla["teacher_asr"] > 95
     assert vanilla["asr"] >= VANILLA_MIN, f"vanilla data-free KD should transfer the backdoor ({vanilla['asr']:.1f})"
