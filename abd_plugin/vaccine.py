@@ -134,6 +134,7 @@ class ShufflingVaccine(DefenseHook):
         self.expansion: Optional[str] = None  # shared-trunk module name, None = full passes
         self._expansion_checked: Dict[str, Optional[str]] = {}  # layers-key -> expansion
         self._handles: List[Any] = []
+        self._inv_cache: Dict[Tuple[str, str], Tensor] = {}
         self._active = False
         # verification
         self.status = "collecting" if self.config.verify else "enabled"
@@ -245,11 +246,21 @@ class ShufflingVaccine(DefenseHook):
         self.depth = depth
         self.layers = list(self.candidates[-depth:])
         self.perms = {n: perms[n] for n in self.layers}
+        self._inv_cache = {}
         self._install()
         key = "|".join(self.layers)
         if key not in self._expansion_checked:
             self._expansion_checked[key] = self._find_expansion()
         self.expansion = self._expansion_checked[key]
+
+    def _inverse(self, name: str, device: torch.device) -> Tensor:
+        """argsort of the layer's permutations, computed once per permutation and device."""
+        key = (name, str(device))
+        inv = self._inv_cache.get(key)
+        if inv is None:
+            inv = torch.argsort(self.perms[name], dim=1).to(device)
+            self._inv_cache[key] = inv
+        return inv
 
     def _install(self) -> None:
         for h in self._handles:
@@ -264,7 +275,7 @@ class ShufflingVaccine(DefenseHook):
             if not self._active:
                 return None
             x = args[0]
-            inv = torch.argsort(self.perms[name], dim=1).to(x.device)  # (k, Cg)
+            inv = self._inverse(name, x.device)  # (k, Cg)
             k = inv.shape[0]
             if x.shape[0] % k:
                 raise RuntimeError("shuffled ensemble got a batch not divisible by its size")

@@ -8,22 +8,11 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from abd_plugin.outputs import extract_logits
 
-def _logits(out: Any) -> Tensor:
-    """Logits from a model output: a tensor, a tuple/list (logits first), a dict with
-    ``'logits'``, or an object with a ``.logits`` attribute."""
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out:
-        return _logits(out[0])
-    if isinstance(out, dict) and "logits" in out:
-        return _logits(out["logits"])
-    if hasattr(out, "logits"):
-        return _logits(out.logits)
-    raise TypeError(
-        f"cannot find logits in a model output of type {type(out).__name__}; return a tensor, "
-        "a tuple with logits first, a dict with 'logits', or an object with .logits"
-    )
+
+# one rule for finding logits, the core's (tensor, tuple/list with logits first, dict, .logits)
+_logits = extract_logits
 
 
 @contextlib.contextmanager
