@@ -17,7 +17,9 @@ What the guard installs while active, and removes on exit (also on an exception)
   grad (a synthesis batch), every :class:`DefenseHook`'s ``on_teacher_forward`` may return a loss
   term. The returned logits are the teacher's own values; they carry an autograd node that, when
   the user back-propagates through them, also back-propagates the loss terms once (gradient 1).
-* a forward pre-hook on the teacher module where the vaccine shares the trunk (reads its input).
+* whatever the defenses install themselves in ``on_guard_enter`` (the vaccine: a pre-hook that
+  reads the input of the teacher module where its ensemble shares the trunk), removed in
+  ``on_guard_exit``.
 * a forward hook on the student that remembers the last training batch (detached).
 * process-wide optimizer step pre/post hooks (``torch.optim.optimizer``) filtered to optimizers
   that hold student parameters: ``on_before_student_step`` runs between ``backward`` and
@@ -151,8 +153,6 @@ class ABDGuard:
         self.step = 0
         self.last_student_batch: Optional[Tensor] = None
         self._handles: List[Any] = []
-        self._capture_handle: Any = None
-        self._capture_name: Optional[str] = None
         self._attached = False
         self._suspended = 0
         self._sr_forced = 0
@@ -200,10 +200,6 @@ class ABDGuard:
             for handle in self._handles:
                 handle.remove()
             self._handles = []
-            if self._capture_handle is not None:
-                self._capture_handle.remove()
-                self._capture_handle = None
-                self._capture_name = None
             for p, g in self._teacher_grads:
                 p.grad = g
             self._teacher_grads = []
@@ -270,33 +266,11 @@ class ABDGuard:
         return (self.step - start) % self.config.sr_every == 0
 
     # ------------------------------------------------------------------ hooks
-    def _ensure_capture(self) -> None:
-        name = self.sv.capture_module() if self.sv is not None else None
-        if name == self._capture_name:
-            return
-        if self._capture_handle is not None:
-            self._capture_handle.remove()
-            self._capture_handle = None
-        self._capture_name = name
-        if name is None:
-            return
-        mod = dict(self._teacher_core.named_modules())[name]
-
-        def capture(_m: nn.Module, args: Any) -> None:
-            if self._suspended or self.sv is None:
-                return
-            if torch.is_grad_enabled() and not self._teacher_core.training and args and isinstance(args[0], Tensor):
-                self.sv.set_captured(args[0], name)
-
-        self._capture_handle = mod.register_forward_pre_hook(capture)
-
     def _teacher_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         if self._suspended or not torch.is_grad_enabled():
             return None
         x = args[0] if args and isinstance(args[0], Tensor) else None
         if x is None or not x.requires_grad:
-            if self.sv is not None:
-                self.sv.set_captured(None)
             return None
         check_input(x, "teacher input")
         logits = extract_logits(output, self.config.logits_fn)
@@ -306,7 +280,6 @@ class ABDGuard:
             term = h.on_teacher_forward(self, x, logits)
             if term is not None:
                 total = term if total is None else total + term
-        self._ensure_capture()
         if total is None:
             return None
         scale = float(self.loss_scale()) if self.loss_scale is not None else 1.0

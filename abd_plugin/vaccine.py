@@ -12,7 +12,8 @@ Shape of the implementation
 * **Shared trunk.** Layers before the first shuffled one compute the same thing for every member.
   A dry run finds the latest module M (before the first shuffled layer, called once per forward)
   at which the batch can be repeated without changing the result; later passes reuse M's input
-  (captured from the teacher's own forward in automatic mode) and run only the tail k times. The
+  and run only the tail k times. Inside a guard the vaccine reads M's input from the teacher's own
+  forward (a pre-hook it installs in ``on_guard_enter``) instead of recomputing it. The
   dry run checks the shared-trunk result against the full ensemble numerically, so models where a
   skip connection crosses M, or whose forward reads the input's batch size, fall back to full
   passes.
@@ -149,8 +150,12 @@ class ShufflingVaccine(DefenseHook):
         self.last_fraction = float("nan")
         self.last_penalty = 0.0
         self.seconds = 0.0
-        self._captured: Optional[Tuple[Optional[str], Tensor]] = None
         self._pending_state: Optional[Dict[str, Any]] = None
+        # inside a guard: the input of the trunk module from the teacher's current forward
+        self._captured: Optional[Tuple[str, Tensor]] = None
+        self._teacher_handles: List[Any] = []  # on the teacher while a guard is active
+        self._trunk_handle: Any = None
+        self._trunk_hooked: Optional[str] = None
 
     # ------------------------------------------------------------------ building
     @property
@@ -369,14 +374,6 @@ class ShufflingVaccine(DefenseHook):
                     return name
         return None
 
-    def capture_module(self) -> Optional[str]:
-        """Name of the module whose input the guard should capture from the teacher's forward."""
-        return self.expansion if self.built else None
-
-    def set_captured(self, trunk: Optional[Tensor], at: Optional[str] = None) -> None:
-        """Hand over the input of module ``at`` from the teacher's own forward (shared trunk)."""
-        self._captured = None if trunk is None else (at, trunk)
-
     def ensemble_logits(self, x: Tensor, trunk: Optional[Tensor] = None) -> Tensor:
         """Mean logits of the shuffled ensemble on ``x`` (B, ...) -> (B, C), differentiable in x."""
         if not self.built:
@@ -398,27 +395,30 @@ class ShufflingVaccine(DefenseHook):
         self._record(mask)
         return mask
 
-    def penalty(self, x: Tensor, teacher_logits: Tensor, *, trunk: Optional[Any] = None) -> Tensor:
+    def penalty(self, x: Tensor, teacher_logits: Tensor, *, trunk: Optional[Tensor] = None) -> Tensor:
         """The SV loss term for a synthesis batch: ``-coef * mean_{suspicious} d``.
 
         Args:
             x: the exact batch fed to the teacher (B, ...), in the synthesizer's graph.
             teacher_logits: the teacher's logits on ``x`` (B, C), in the graph.
+            trunk: the input of the shared-trunk module (``self.expansion``) from the teacher's
+                forward on ``x``; saves recomputing it. Ignored when this call builds or verifies
+                the vaccine and so moves the shared trunk.
         Returns a scalar; 0 (no graph) while the vaccine is unverified or disabled.
         """
         check_input(x)
         check_logits(teacher_logits, x.shape[0], "teacher_logits")
         t0 = time.perf_counter()
         try:
+            shared_at = self.expansion
             if not self.built:
                 self.build(x)
             if self.status == "collecting":
                 self.observe(x, teacher_logits)
             if not self.enabled:
                 return teacher_logits.new_zeros(())
-            if isinstance(trunk, tuple):  # (module name, activation) captured by the guard
-                at, act = trunk
-                trunk = act if at == self.expansion else None  # verification may have moved it
+            if self.expansion != shared_at:
+                trunk = None  # built or verified just now: ``trunk`` is another module's input
             z = self.ensemble_logits(x, trunk)
             if not self.config.sv_grad_through_ensemble:
                 z = z.detach()
@@ -555,13 +555,52 @@ class ShufflingVaccine(DefenseHook):
         self.coef = float(min(hi, max(lo, self.coef * math.exp(cfg.sv_adapt_rate * (frac - cfg.sv_target_fraction) / cfg.sv_target_fraction))))
 
     # ------------------------------------------------------------------ DefenseHook
-    def on_teacher_forward(self, guard: Any, x: Tensor, teacher_logits: Tensor) -> Optional[Tensor]:
-        captured, self._captured = self._captured, None
-        pen = self.penalty(x, teacher_logits, trunk=captured)
-        return pen if pen.requires_grad else None
+    def on_guard_enter(self, guard: Any) -> None:
+        # registered after the guard's own teacher hook: runs after it, also on an exception
+        core = unwrap_model(self.teacher)
+        self._teacher_handles = [core.register_forward_hook(self._end_forward, always_call=True)]
+        self._hook_trunk()
 
     def on_guard_exit(self, guard: Any) -> None:
+        for h in self._teacher_handles:
+            h.remove()
+        self._teacher_handles = []
+        if self._trunk_handle is not None:
+            self._trunk_handle.remove()
+        self._trunk_handle = None
+        self._trunk_hooked = None
         self._captured = None
+
+    def on_teacher_forward(self, guard: Any, x: Tensor, teacher_logits: Tensor) -> Optional[Tensor]:
+        captured, self._captured = self._captured, None
+        trunk = captured[1] if captured is not None and captured[0] == self.expansion else None
+        pen = self.penalty(x, teacher_logits, trunk=trunk)
+        return pen if pen.requires_grad else None
+
+    def _end_forward(self, _m: nn.Module, _args: Any, _out: Any) -> None:
+        """After every teacher forward: drop its trunk, and follow a trunk module that moved."""
+        self._captured = None
+        self._hook_trunk()
+
+    def _hook_trunk(self) -> None:
+        """Keep one pre-hook on the teacher's shared-trunk module (``self.expansion``) that
+        hands its input, from the teacher's own forward, to :meth:`on_teacher_forward`."""
+        name = self.expansion if self.built else None
+        if not self._teacher_handles or name == self._trunk_hooked:
+            return
+        if self._trunk_handle is not None:
+            self._trunk_handle.remove()
+            self._trunk_handle = None
+        self._trunk_hooked = name
+        if name is None:
+            return
+        core = unwrap_model(self.teacher)
+
+        def capture(_m: nn.Module, args: Any) -> None:
+            if torch.is_grad_enabled() and not core.training and args and isinstance(args[0], Tensor):
+                self._captured = (name, args[0])
+
+        self._trunk_handle = dict(core.named_modules())[name].register_forward_pre_hook(capture)
 
     def report(self) -> Dict[str, Any]:
         return {
