@@ -75,7 +75,7 @@ class GuardReport:
     sv_coef: float = 0.0
     shuffle_depth: int = 0
     shuffled_layers: List[str] = field(default_factory=list)
-    shared_trunk_at: Optional[str] = None
+    trunk_module: Optional[str] = None
     verification_trials: List[Dict[str, Any]] = field(default_factory=list)
     suspicious_fraction: float = float("nan")
     last_suspicious_fraction: float = float("nan")
@@ -386,13 +386,19 @@ class ABDGuard:
             return self.sr.retrospect(x)
 
     # ------------------------------------------------------------------ state and report
+    #: version of :meth:`state_dict`'s layout (2: the vaccine's ``stats`` is a dict)
+    STATE_VERSION = 2
+
     def state_dict(self) -> Dict[str, Any]:
-        return {"version": 1, "step": self.step,
+        return {"version": self.STATE_VERSION, "step": self.step,
                 "hooks": {h.name: h.state_dict() for h in self.hooks}}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state.get("version") != 1:
-            raise ValueError("unknown ABDGuard state version; was it saved by abd-plugin?")
+        version = state.get("version")
+        if version != self.STATE_VERSION:
+            raise ValueError(
+                f"ABDGuard state version {version!r}, expected {self.STATE_VERSION}: saved by "
+                "another abd-plugin release (or not by abd-plugin); resume with that release")
         self.step = int(state["step"])
         for h in self.hooks:
             if h.name in state["hooks"]:

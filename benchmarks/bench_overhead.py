@@ -156,7 +156,7 @@ def bench_generator(pair: Pair, args: argparse.Namespace, official: Any) -> Dict
         out = {"cases": _summ(times, peaks), "sv": {}}
         for name, g in guards.items():
             rep = g.report()
-            out["sv"][name] = {"shared_trunk_at": rep.shared_trunk_at, "shuffled_layers": rep.shuffled_layers,
+            out["sv"][name] = {"trunk_module": rep.trunk_module, "shuffled_layers": rep.shuffled_layers,
                                "status": rep.sv_status, "calls": rep.sv_calls}
     finally:
         for g in guards.values():
@@ -317,8 +317,8 @@ def to_markdown(report: Dict[str, Any]) -> str:
         lines += [f"| {k} | {v:.3f} |" for k, v in cfg["ratios"].items()]
         sv = cfg["generator_step"].get("sv", {})
         if sv:
-            lines += ["", "Shared trunk (``guard.sv.expansion``): " + "; ".join(
-                f"{k}: `{v['shared_trunk_at']}` (shuffled {len(v['shuffled_layers'])}: {', '.join(v['shuffled_layers'])})"
+            lines += ["", "Shared trunk (``guard.sv.ensemble.trunk_module``): " + "; ".join(
+                f"{k}: `{v['trunk_module']}` (shuffled {len(v['shuffled_layers'])}: {', '.join(v['shuffled_layers'])})"
                 for k, v in sv.items())]
         if "whole_run" in cfg:
             rr = cfg["whole_run"]

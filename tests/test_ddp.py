@@ -90,9 +90,10 @@ def _worker(out_dir: str) -> None:
         rep = guard.report()
         torch.save({
             "rank": rank, "world": world,
-            "layers": list(sv.layers), "perms": {k: v.clone() for k, v in sv.perms.items()},
+            "layers": list(sv.ensemble.layers),
+            "perms": {k: v.clone() for k, v in sv.ensemble.perms.items()},
             "status": sv.status, "trials": list(sv.trials), "sv_calls": rep.sv_calls,
-            "expansion": sv.expansion,
+            "trunk_module": sv.ensemble.trunk_module,
             "sr_local": local, "sr_reduced": reduced, "sr_steps": rep.sr_steps, "steps": guard.step,
             "student": torch.cat([p.detach().reshape(-1) for p in student.parameters()]),
             "generator": torch.cat([p.detach().reshape(-1) for p in generator.parameters()]),
@@ -128,7 +129,7 @@ def test_same_vaccine_and_decision_on_every_rank(ranks: List[Dict[str, Any]]) ->
     for name in a["perms"]:
         assert torch.equal(a["perms"][name], b["perms"][name]), name
     assert a["trials"] == b["trials"] and len(a["trials"]) >= 2  # every auto depth scored alike
-    assert a["expansion"] == b["expansion"]
+    assert a["trunk_module"] == b["trunk_module"]
     assert a["sv_calls"] > 0 and a["sv_calls"] == b["sv_calls"]  # SV ran after verification
 
 

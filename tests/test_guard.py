@@ -328,6 +328,7 @@ def test_sr_lr_applies_inside_the_window_and_is_restored():
 def test_depth_change_at_verification_inside_a_teacher_forward(monkeypatch):
     """Verification can pick another depth (and shared-trunk module) in the middle of the
     teacher's forward; the activation captured for the old module must not be used."""
+    from abd_plugin.ensemble import ShuffledEnsemble
     from abd_plugin.vaccine import ShufflingVaccine
 
     teacher, student = make_pair()
@@ -335,21 +336,21 @@ def test_depth_change_at_verification_inside_a_teacher_forward(monkeypatch):
     scores = {1: 0.0, 2: 0.5}
 
     def fake_score(self):
-        return scores.get(self.depth, 0.0), 0.5, 64
+        return scores.get(self.ensemble.depth, 0.0), 0.5, 64
 
     monkeypatch.setattr(ShufflingVaccine, "_score", fake_score)
     tails = []
-    real_tail = ShufflingVaccine._tail
+    real_tail = ShuffledEnsemble.tail
 
     def spy_tail(self, x, trunk, at):
         if torch.is_grad_enabled():
             with torch.no_grad():
-                tails.append(torch.allclose(trunk, self._trunk(x, at), atol=1e-6))
+                tails.append(torch.allclose(trunk, self.trunk_input(x, at), atol=1e-6))
         return real_tail(self, x, trunk, at)
 
-    monkeypatch.setattr(ShufflingVaccine, "_tail", spy_tail)
+    monkeypatch.setattr(ShuffledEnsemble, "tail", spy_tail)
     with ABDGuard(teacher, student, verify_batches=2, verify_skip=0, sv_coef=1.0, sr=False) as guard:
         zskt_loop(teacher, student, gen, iterations=4, n_student=1)
-    assert guard.sv.status == "enabled" and guard.sv.depth == 2
+    assert guard.sv.status == "enabled" and guard.sv.ensemble.depth == 2
     assert tails and all(tails)  # every shared-trunk pass used the input of its own module
     assert guard.report().sv_calls >= 2

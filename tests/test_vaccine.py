@@ -33,7 +33,7 @@ def test_input_permutation_equals_weight_permutation(groups, per_group, out_per_
         ref = []
         for j in range(2):
             m = copy.deepcopy(model)
-            m[1].weight.data = m[1].weight.data[:, sv.perms["1"][j]]
+            m[1].weight.data = m[1].weight.data[:, sv.ensemble.perms["1"][j]]
             ref.append(m(x))
     torch.testing.assert_close(got, torch.stack(ref).mean(0), rtol=1e-4, atol=1e-5)
 
@@ -48,11 +48,11 @@ def test_ensemble_matches_explicitly_shuffled_copies(depth):
         outs = []
         for j in range(3):
             m = copy.deepcopy(teacher)
-            for name in sv.layers:
+            for name in sv.ensemble.layers:
                 mod = dict(m.named_modules())[name]
-                mod.weight.data = mod.weight.data[:, sv.perms[name][j]]
+                mod.weight.data = mod.weight.data[:, sv.ensemble.perms[name][j]]
             outs.append(m(x))
-    assert sv.layers == ["conv2", "conv3"][-depth:]  # forward order, counted from the output
+    assert sv.ensemble.layers == ["conv2", "conv3"][-depth:]  # forward order, counted from the output
     torch.testing.assert_close(got, torch.stack(outs).mean(0), rtol=1e-4, atol=1e-5)
 
 
@@ -95,11 +95,12 @@ def test_shared_trunk_is_exact_or_falls_back(factory, expect):
     x = torch.rand(6, 1, 4, 4) if isinstance(model, _BatchFromInput) else torch.rand(6, 1, 8, 8)
     sv.build(x)
     if expect is None:
-        assert sv.expansion is None
+        assert sv.ensemble.trunk_module is None
     else:
-        assert sv.expansion is not None and sv.expansion.startswith(expect)
+        assert sv.ensemble.trunk_module is not None
+        assert sv.ensemble.trunk_module.startswith(expect)
     with torch.no_grad():
-        torch.testing.assert_close(sv.ensemble_logits(x), sv._full(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sv.ensemble_logits(x), sv.ensemble.full(x), rtol=1e-4, atol=1e-5)
 
 
 def test_penalty_value_and_gradient():
@@ -179,10 +180,11 @@ def test_auto_depth_scores_every_depth_and_keeps_the_best(poisoned_digits):
     cfg = ABDConfig(verify_batches=6, verify_skip=1, max_shuffle_trials=1, tail_ratio_threshold=0.0)
     sv = _verify_on_mixed_pool(model, x[y != 0], cfg)
     depths = [t["depth"] for t in sv.trials]
-    assert depths == list(range(1, min(cfg.auto_max_depth, len(sv.candidates)) + 1))
+    assert depths == list(range(1, min(cfg.auto_max_depth, len(sv.ensemble.candidates)) + 1))
     best = max(sv.trials, key=lambda t: t["tail_ratio"])
-    assert sv.depth == best["depth"]
-    assert sv.layers == sv.candidates[-sv.depth:]
+    ens = sv.ensemble
+    assert ens.depth == best["depth"]
+    assert ens.layers == ens.candidates[-ens.depth:]
     assert not sv._pool_x  # the pool is released after the decision
 
 

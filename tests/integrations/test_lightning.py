@@ -65,7 +65,7 @@ def test_call_order_reweight_and_restore(events, fast_cfg):
     ev = [e for e in events if e != "sv"]
     assert ev == ["loss:S", "backward:S", "sr", "step:S"] * 4
     assert cb.sr_calls == 4 and cb.guard.step == 4
-    assert cb.guard.sv.calls == 4  # one suspicion mask per batch
+    assert cb.guard.report().sv_calls == 4  # one suspicion mask per batch
     assert "kd_loss_fn" not in vars(module)  # instance override removed
     assert global_hook_counts() == hooks0 and module_hooks(module) == 0
 
