@@ -4,7 +4,8 @@ The core (this package's top-level modules) imports only ``torch`` and ``numpy``
 
 * :class:`ABDGuard` wraps an existing data-free KD loop (``with ABDGuard(teacher, student):``).
 * :class:`ShufflingVaccine` (SV) and :class:`SelfRetrospection` (SR) are the two defenses; both
-  implement :class:`DefenseHook`, so a user can plug a defense of their own into the guard.
+  implement :class:`DefenseHook`, so a user can plug a defense of their own into the guard; a
+  hook sees the guard through a :class:`GuardContext`.
 * :class:`ABDConfig` is the frozen configuration; :func:`load_teacher` loads untrusted weights safely.
 
 The evaluation kit (``abd_plugin.kit``) and the host adapters (``abd_plugin.integrations``) build
@@ -12,7 +13,7 @@ on this API; the core never imports them.
 """
 from .config import ABDConfig
 from .checkpoint import load_teacher, UnsafeCheckpointError
-from .hooks import DefenseHook
+from .hooks import DefenseHook, GuardContext
 from .outputs import extract_logits
 from .vaccine import ShufflingVaccine
 from .retrospection import SelfRetrospection
@@ -26,6 +27,7 @@ __all__ = [
     "ABDGuard",
     "GuardReport",
     "DefenseHook",
+    "GuardContext",
     "ShufflingVaccine",
     "SelfRetrospection",
     "fixed_point_hypergradient",

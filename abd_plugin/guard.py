@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ._replica import TeacherReplica, unwrap_model
 from .config import ABDConfig
-from .hooks import DefenseHook
+from .hooks import DefenseHook, GuardContext
 from .outputs import check_input, check_logits, extract_logits, replace_logits
 from .retrospection import SelfRetrospection
 from .vaccine import ShufflingVaccine
@@ -103,6 +103,44 @@ class GuardReport:
         return "\n".join(lines)
 
 
+class _HookContext:
+    """The :class:`~abd_plugin.hooks.GuardContext` a guard hands its hooks: a view, not the
+    guard."""
+
+    __slots__ = ("_guard",)
+
+    def __init__(self, guard: "ABDGuard") -> None:
+        self._guard = guard
+
+    @property
+    def step(self) -> int:
+        return self._guard.step
+
+    @property
+    def last_student_batch(self) -> Optional[Tensor]:
+        return self._guard.last_student_batch
+
+    def in_sr_window(self) -> bool:
+        return self._guard.in_sr_window()
+
+    def suspended(self) -> Any:
+        return self._guard.suspended()
+
+
+def _state_keys(hooks: Sequence[DefenseHook]) -> List[str]:
+    """Each hook's ``state_key``; a key met again gets a suffix by order (``"K"``, ``"K[1]"``)."""
+    keys: List[str] = []
+    seen: Dict[str, int] = {}
+    for h in hooks:
+        key = h.state_key
+        n = seen.get(key, 0)
+        seen[key] = n + 1
+        keys.append(key if n == 0 else f"{key}[{n}]")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"hooks have colliding state_key values {keys}; override state_key")
+    return keys
+
+
 class ABDGuard:
     """ABD around a teacher/student pair. A context manager and a plain object.
 
@@ -148,7 +186,11 @@ class ABDGuard:
         for h in hooks:
             if not isinstance(h, DefenseHook):
                 raise TypeError(f"hooks must be DefenseHook instances, got {type(h).__name__}")
+            if any(h is g for g in self.hooks):
+                raise ValueError(f"hook {h!r} is registered twice")
             self.hooks.append(h)
+        self._state_keys = _state_keys(self.hooks)
+        self._ctx: GuardContext = _HookContext(self)
         self.loss_scale = loss_scale
         self.step = 0
         self.last_student_batch: Optional[Tensor] = None
@@ -184,7 +226,7 @@ class ABDGuard:
             self._handles.append(register_optimizer_step_post_hook(self._post_step))
             self._attached = True
             for h in self.hooks:
-                h.on_guard_enter(self)
+                h.on_guard_enter(self._ctx)
         except BaseException:
             self.detach()
             raise
@@ -195,7 +237,7 @@ class ABDGuard:
         try:
             if self._attached:
                 for h in self.hooks:
-                    h.on_guard_exit(self)
+                    h.on_guard_exit(self._ctx)
         finally:
             for handle in self._handles:
                 handle.remove()
@@ -209,6 +251,12 @@ class ABDGuard:
     @property
     def active(self) -> bool:
         return self._attached
+
+    @property
+    def teacher_module(self) -> nn.Module:
+        """The teacher without DDP/``torch.compile`` wrappers: the module whose forward the guard
+        hooks (an adapter that hooks the teacher as well hooks this one)."""
+        return self._teacher_core
 
     def suspend(self) -> None:
         """Hide forwards from the guard until the matching :meth:`resume` (re-entrant)."""
@@ -277,7 +325,7 @@ class ABDGuard:
         check_logits(logits, x.shape[0], "teacher logits")
         total: Optional[Tensor] = None
         for h in self.hooks:
-            term = h.on_teacher_forward(self, x, logits)
+            term = h.on_teacher_forward(self._ctx, x, logits)
             if term is not None:
                 total = term if total is None else total + term
         if total is None:
@@ -296,7 +344,7 @@ class ABDGuard:
         if any(type(h).on_student_forward is not DefenseHook.on_student_forward for h in self.hooks):
             logits = extract_logits(output, self.config.logits_fn)
             for h in self.hooks:
-                h.on_student_forward(self, x, logits)
+                h.on_student_forward(self._ctx, x, logits)
 
     def updates_student(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether ``optimizer`` holds any of the student's parameters."""
@@ -310,7 +358,7 @@ class ABDGuard:
             for g in optimizer.param_groups:
                 g["lr"] = self.config.sr_lr
         for h in self.hooks:
-            h.on_before_student_step(self, optimizer)
+            h.on_before_student_step(self._ctx, optimizer)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         if self._suspended or not self.updates_student(optimizer):
@@ -344,7 +392,7 @@ class ABDGuard:
             return
         self.step += 1
         for h in self.hooks:
-            h.on_after_student_step(self, optimizer)
+            h.on_after_student_step(self._ctx, optimizer)
 
     # ------------------------------------------------------------------ explicit API
     def _need_vaccine(self) -> ShufflingVaccine:
@@ -386,12 +434,13 @@ class ABDGuard:
             return self.sr.retrospect(x)
 
     # ------------------------------------------------------------------ state and report
-    #: version of :meth:`state_dict`'s layout (2: the vaccine's ``stats`` is a dict)
+    #: version of :meth:`state_dict`'s layout (2: hooks keyed by ``state_key``, the vaccine's
+    #: ``stats`` a dict)
     STATE_VERSION = 2
 
     def state_dict(self) -> Dict[str, Any]:
         return {"version": self.STATE_VERSION, "step": self.step,
-                "hooks": {h.name: h.state_dict() for h in self.hooks}}
+                "hooks": {k: h.state_dict() for k, h in zip(self._state_keys, self.hooks)}}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         version = state.get("version")
@@ -400,9 +449,9 @@ class ABDGuard:
                 f"ABDGuard state version {version!r}, expected {self.STATE_VERSION}: saved by "
                 "another abd-plugin release (or not by abd-plugin); resume with that release")
         self.step = int(state["step"])
-        for h in self.hooks:
-            if h.name in state["hooks"]:
-                h.load_state_dict(state["hooks"][h.name])
+        for key, h in zip(self._state_keys, self.hooks):
+            if key in state["hooks"]:
+                h.load_state_dict(state["hooks"][key])
 
     def report(self) -> GuardReport:
         rep = GuardReport(student_steps=self.step, sr_start=self.config.sr_start)

@@ -1,61 +1,89 @@
-"""The defense-hook interface: one base class of typed no-op callbacks.
+"""The defense-hook interface: one base class of typed no-op callbacks, and the small context the
+guard hands them.
 
 :class:`ABDGuard` calls every registered hook at fixed points of a distillation loop. The call
-order is a contract (tested in ``tests/test_call_order.py``):
+order is a contract (tested in ``tests/test_guard.py``):
 
-1. ``on_teacher_forward`` runs inside the teacher's forward on a *synthesis* batch (the input
+1. ``on_guard_enter`` when the guard's block starts, after the guard installed its own hooks.
+2. ``on_teacher_forward`` runs inside the teacher's forward on a *synthesis* batch (the input
    carries gradient back to a generator or to optimised pixels). A returned scalar is a **loss
    term**: its gradient is added, once, to whatever loss the user back-propagates through the
    teacher's output. Nothing else about the user's objective changes.
-2. ``on_student_forward`` sees every student forward (the guard keeps the last training batch).
-3. ``on_before_student_step`` runs between the user's ``backward()`` and the optimizer's
+3. ``on_student_forward`` sees every student forward (the guard keeps the last training batch).
+4. ``on_before_student_step`` runs between the user's ``backward()`` and the optimizer's
    ``step()`` for optimizers that update the student; a hook adds **gradient terms** to ``.grad``.
-4. ``on_after_student_step`` runs after that step.
+5. ``on_after_student_step`` runs after that step.
+6. ``on_guard_exit`` when the block ends, normally or by an exception.
 
 Hooks hold their own state and expose it through ``state_dict``/``load_state_dict`` so that a
-resumed run continues exactly where it stopped.
+resumed run continues exactly where it stopped; the guard saves it under :attr:`state_key`.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from contextlib import AbstractContextManager
+from typing import Any, Dict, Optional, Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .guard import ABDGuard
+
+class GuardContext(Protocol):
+    """What a :class:`DefenseHook` sees of the guard that calls it."""
+
+    @property
+    def step(self) -> int:
+        """Student optimizer steps taken inside the guard so far (0-based index of the next)."""
+
+    @property
+    def last_student_batch(self) -> Optional[Tensor]:
+        """The student's last training batch (detached), or None."""
+
+    def in_sr_window(self) -> bool:
+        """Whether Self-Retrospection runs at the current student step."""
+
+    def suspended(self) -> AbstractContextManager[None]:
+        """A block whose forwards and optimizer steps the guard's hooks do not see (use it for a
+        hook's own extra forwards)."""
 
 
 class DefenseHook:
     """Base class of a defense plugged into :class:`~abd_plugin.ABDGuard`. All callbacks are
     no-ops; override the ones you need."""
 
-    #: short name used in reports and state dicts
+    #: short name used in reports
     name: str = "defense"
 
-    def on_guard_enter(self, guard: "ABDGuard") -> None:
+    @property
+    def state_key(self) -> str:
+        """Key of this hook's state in :meth:`ABDGuard.state_dict`: the class's qualified name.
+        Override it (e.g. with a distinguishing setting) when one guard holds two instances of a
+        class; keys that still collide get a suffix by registration order: ``"Key"``,
+        ``"Key[1]"``, ..."""
+        return type(self).__qualname__
+
+    def on_guard_enter(self, ctx: GuardContext) -> None:
         """The guard's ``with`` block starts (or ``guard.attach()`` was called)."""
 
-    def on_guard_exit(self, guard: "ABDGuard") -> None:
+    def on_guard_exit(self, ctx: GuardContext) -> None:
         """The guard's block ends, normally or by exception."""
 
     def on_teacher_forward(
-        self, guard: "ABDGuard", x: Tensor, teacher_logits: Tensor
+        self, ctx: GuardContext, x: Tensor, teacher_logits: Tensor
     ) -> Optional[Tensor]:
         """Teacher ran on a synthesis batch ``x`` (B, ...) giving ``teacher_logits`` (B, C), both
         still in the autograd graph. Return a scalar loss term to add, or ``None``."""
         return None
 
-    def on_student_forward(self, guard: "ABDGuard", x: Tensor, student_logits: Tensor) -> None:
+    def on_student_forward(self, ctx: GuardContext, x: Tensor, student_logits: Tensor) -> None:
         """Student ran on ``x``."""
 
     def on_before_student_step(
-        self, guard: "ABDGuard", optimizer: Optional[torch.optim.Optimizer]
+        self, ctx: GuardContext, optimizer: Optional[torch.optim.Optimizer]
     ) -> None:
         """Gradients of the student are ready; add gradient terms to ``p.grad`` here."""
 
     def on_after_student_step(
-        self, guard: "ABDGuard", optimizer: Optional[torch.optim.Optimizer]
+        self, ctx: GuardContext, optimizer: Optional[torch.optim.Optimizer]
     ) -> None:
         """The optimizer stepped the student."""
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ._replica import TeacherReplica, unwrap_model
 from .config import ABDConfig
-from .hooks import DefenseHook
+from .hooks import DefenseHook, GuardContext
 from .hypergrad import fixed_point_hypergradient
 from .outputs import check_input, extract_logits
 
@@ -235,10 +235,13 @@ class SelfRetrospection(DefenseHook):
         return out
 
     # ------------------------------------------------------------------ DefenseHook
-    def on_before_student_step(self, guard: Any, optimizer: Optional[torch.optim.Optimizer]) -> None:
-        if guard.in_sr_window() and guard.last_student_batch is not None:
-            with guard.suspended():
-                self.retrospect(guard.last_student_batch)
+    def on_before_student_step(
+        self, ctx: GuardContext, optimizer: Optional[torch.optim.Optimizer]
+    ) -> None:
+        x = ctx.last_student_batch
+        if x is not None and ctx.in_sr_window():
+            with ctx.suspended():
+                self.retrospect(x)
 
     def report(self) -> Dict[str, Any]:
         return {"sr_steps": self.steps, "sr_seconds": self.seconds,

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ._replica import TeacherReplica, unwrap_model
 from .config import ABDConfig
 from .ensemble import ShuffledEnsemble, TrunkTap
-from .hooks import DefenseHook
+from .hooks import DefenseHook, GuardContext
 from .outputs import check_input, check_logits
 
 class SVStatus(str, enum.Enum):
@@ -338,14 +338,16 @@ class ShufflingVaccine(DefenseHook):
         self.coef = float(min(hi, max(lo, self.coef * math.exp(step))))
 
     # ------------------------------------------------------------------ DefenseHook
-    def on_guard_enter(self, guard: Any) -> None:
+    def on_guard_enter(self, ctx: GuardContext) -> None:
         # after the guard's own teacher hook, which calls on_teacher_forward (see TrunkTap.attach)
         self._tap.attach(unwrap_model(self.teacher))
 
-    def on_guard_exit(self, guard: Any) -> None:
+    def on_guard_exit(self, ctx: GuardContext) -> None:
         self._tap.detach()
 
-    def on_teacher_forward(self, guard: Any, x: Tensor, teacher_logits: Tensor) -> Tensor | None:
+    def on_teacher_forward(
+        self, ctx: GuardContext, x: Tensor, teacher_logits: Tensor
+    ) -> Tensor | None:
         pen = self.penalty(x, teacher_logits, trunk=self._tap.take())
         return pen if pen.requires_grad else None
 

@@ -100,7 +100,7 @@ class _OncePerStep:
     def install(self) -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        core = self.guard._teacher_core
+        core = self.guard.teacher_module
         self.fired = False
         self._handles = [
             core.register_forward_pre_hook(self._pre),

@@ -138,7 +138,7 @@ class ABDCallback(Callback):
                     or seen[0].shape[0] != student_logits.shape[0]):
                 return orig(student_logits, teacher_logits)
             x, t = seen
-            if guard.sv.status == "collecting":
+            if guard.sv.verifying:
                 guard.observe(x, t)
                 return orig(student_logits, teacher_logits)
             mask = guard.suspicious(x, t)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import torch
 
-from abd_plugin import ABDGuard
+from abd_plugin import ABDGuard, DefenseHook
 from abd_testutils import TinyGenerator, make_pair
 from test_guard import kl
 
@@ -79,3 +80,35 @@ def test_state_round_trip_while_still_collecting():
     g2 = ABDGuard(teacher, student, **cfg)
     g2.load_state_dict(state)
     assert g2.sv.status == "collecting" and g2.sv.observed == 2 and len(g2.sv._pool_x) == 1
+
+
+class Counter(DefenseHook):
+    """Counts student steps; its state is the count."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def on_after_student_step(self, ctx, optimizer):
+        self.n += 1
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+
+
+def test_state_is_keyed_per_hook_instance():
+    teacher, student = make_pair()
+    a, b = Counter(), Counter()
+    a.n, b.n = 3, 7
+    state = ABDGuard(teacher, student, hooks=[a, b]).state_dict()
+    assert list(state["hooks"]) == ["ShufflingVaccine", "SelfRetrospection", "Counter",
+                                    "Counter[1]"]
+    c, d = Counter(), Counter()
+    ABDGuard(teacher, student, hooks=[c, d]).load_state_dict(state)
+    assert (c.n, d.n) == (3, 7)  # two hooks of one class no longer overwrite each other
+    with pytest.raises(ValueError, match="registered twice"):
+        ABDGuard(teacher, student, hooks=[a, a])
+    with pytest.raises(ValueError, match="state version"):
+        ABDGuard(teacher, student).load_state_dict(dict(state, version=1))
