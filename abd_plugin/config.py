@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
+from .schedule import SRSchedule
+
 LayerSpec = Union[str, int, Sequence[str]]
 
 
@@ -177,12 +179,9 @@ class ABDConfig:
     @property
     def sr_start(self) -> Optional[int]:
         """The first SR step resolved from ``sr_start_step``/``sr_start_fraction``, or ``None``
-        when the SR window only opens through ``with guard.retrospection():``."""
-        if self.sr_start_step is not None:
-            return self.sr_start_step
-        if self.sr_start_fraction is not None and self.total_steps is not None:
-            return int(self.sr_start_fraction * self.total_steps)
-        return None
+        when the SR window only opens through ``with guard.retrospection():`` (see
+        :class:`~abd_plugin.schedule.SRSchedule`)."""
+        return SRSchedule.from_config(self).start
 
     @classmethod
     def paper(cls, **overrides: Any) -> "ABDConfig":

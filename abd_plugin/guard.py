@@ -49,6 +49,7 @@ from .config import ABDConfig
 from .hooks import DefenseHook, GuardContext
 from .outputs import check_input, check_logits, extract_logits, replace_logits
 from .retrospection import SelfRetrospection
+from .schedule import SRSchedule
 from .vaccine import ShufflingVaccine
 
 
@@ -120,9 +121,6 @@ class _HookContext:
     def last_student_batch(self) -> Optional[Tensor]:
         return self._guard.last_student_batch
 
-    def in_sr_window(self) -> bool:
-        return self._guard.in_sr_window()
-
     def suspended(self) -> Any:
         return self._guard.suspended()
 
@@ -178,10 +176,14 @@ class ABDGuard:
         self._teacher_core = unwrap_model(teacher)
         self._student_core = unwrap_model(student)
         self._replica = TeacherReplica(teacher)
+        #: when SR runs; :meth:`set_schedule` updates it (``self.config`` keeps the values the
+        #: guard was built with)
+        self.sr_schedule = SRSchedule.from_config(cfg)
         self.sv: Optional[ShufflingVaccine] = (
             ShufflingVaccine(teacher, cfg, replica=self._replica) if cfg.sv else None)
         self.sr: Optional[SelfRetrospection] = (
-            SelfRetrospection(student, teacher, cfg, replica=self._replica) if cfg.sr else None)
+            SelfRetrospection(student, teacher, cfg, replica=self._replica,
+                              schedule=self.sr_schedule) if cfg.sr else None)
         self.hooks: List[DefenseHook] = [h for h in (self.sv, self.sr) if h is not None]
         for h in hooks:
             if not isinstance(h, DefenseHook):
@@ -197,9 +199,7 @@ class ABDGuard:
         self._handles: List[Any] = []
         self._attached = False
         self._suspended = 0
-        self._sr_forced = 0
         self._teacher_grads: List[Any] = []
-        self._saved_lrs: Optional[Any] = None
         self._student_param_ids = {id(p) for p in self._student_core.parameters()}
 
     # ------------------------------------------------------------------ lifecycle
@@ -269,18 +269,10 @@ class ABDGuard:
 
     def set_schedule(self, total_steps: Optional[int] = None, *, sr_start_step: Optional[int] = None,
                      sr_start_fraction: Optional[float] = None) -> None:
-        """Set the SR window once the host knows its length (adapters call this)."""
-        changes: Dict[str, Any] = {}
-        if total_steps is not None:
-            changes["total_steps"] = int(total_steps)
-        if sr_start_step is not None:
-            changes["sr_start_step"] = int(sr_start_step)
-        if sr_start_fraction is not None:
-            changes["sr_start_fraction"] = float(sr_start_fraction)
-        self.config = self.config.replace(**changes)
-        for h in self.hooks:
-            if hasattr(h, "config"):
-                h.config = self.config
+        """Set the SR window once the host knows its length (adapters call this); updates
+        :attr:`sr_schedule`, which the SR hook asks."""
+        self.sr_schedule.update(total_steps, start_step=sr_start_step,
+                                start_fraction=sr_start_fraction)
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
@@ -296,22 +288,12 @@ class ABDGuard:
         """Open the SR window for the student optimizer steps inside the block."""
         if self.sr is None:
             raise RuntimeError("SR is disabled in this guard's config (sr=False)")
-        self._sr_forced += 1
-        try:
+        with self.sr_schedule.forced():
             yield
-        finally:
-            self._sr_forced -= 1
 
     def in_sr_window(self) -> bool:
-        """Whether SR runs at the current student step."""
-        if self.sr is None:
-            return False
-        if self._sr_forced:
-            return True
-        start = self.config.sr_start
-        if start is None or self.step < start:
-            return False
-        return (self.step - start) % self.config.sr_every == 0
+        """Whether SR runs at the current student step (:attr:`sr_schedule`)."""
+        return self.sr is not None and self.sr_schedule.active(self.step)
 
     # ------------------------------------------------------------------ hooks
     def _teacher_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
@@ -352,11 +334,6 @@ class ABDGuard:
                    for g in optimizer.param_groups for p in g["params"])
 
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.config.sr_lr is not None and self.in_sr_window():
-            # the paper's "resume with a small LR"; restored in _post_step
-            self._saved_lrs = (optimizer, [(g, g["lr"]) for g in optimizer.param_groups])
-            for g in optimizer.param_groups:
-                g["lr"] = self.config.sr_lr
         for h in self.hooks:
             h.on_before_student_step(self._ctx, optimizer)
 
@@ -384,10 +361,6 @@ class ABDGuard:
         return head + (wrapped,) + rest[1:], dict(kwargs or {})
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._saved_lrs is not None and self._saved_lrs[0] is optimizer:
-            for g, lr in self._saved_lrs[1]:
-                g["lr"] = lr
-            self._saved_lrs = None
         if self._suspended or not self.updates_student(optimizer):
             return
         self.step += 1
@@ -454,7 +427,7 @@ class ABDGuard:
                 h.load_state_dict(state["hooks"][key])
 
     def report(self) -> GuardReport:
-        rep = GuardReport(student_steps=self.step, sr_start=self.config.sr_start)
+        rep = GuardReport(student_steps=self.step, sr_start=self.sr_schedule.start)
         known = set(GuardReport.__dataclass_fields__)
         for h in self.hooks:
             for k, v in h.report().items():

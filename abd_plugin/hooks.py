@@ -38,9 +38,6 @@ class GuardContext(Protocol):
     def last_student_batch(self) -> Optional[Tensor]:
         """The student's last training batch (detached), or None."""
 
-    def in_sr_window(self) -> bool:
-        """Whether Self-Retrospection runs at the current student step."""
-
     def suspended(self) -> AbstractContextManager[None]:
         """A block whose forwards and optimizer steps the guard's hooks do not see (use it for a
         hook's own extra forwards)."""

@@ -34,6 +34,7 @@ from .config import ABDConfig
 from .hooks import DefenseHook, GuardContext
 from .hypergrad import fixed_point_hypergradient
 from .outputs import check_input, extract_logits
+from .schedule import SRSchedule
 
 
 def _kl(clean_logits: Tensor, pert_logits: Tensor, temperature: float) -> Tensor:
@@ -64,6 +65,9 @@ class SelfRetrospection(DefenseHook):
         loss_kd.backward()
         sr.retrospect(x)          # adds SR gradients to student .grad
         optimizer.step()
+
+    As a hook it runs at the student steps its ``schedule`` (by default built from the config;
+    a guard passes its own) opens, at the schedule's learning rate if it has one.
     """
 
     name = "sr"
@@ -75,8 +79,10 @@ class SelfRetrospection(DefenseHook):
         config: Optional[ABDConfig] = None,
         *,
         replica: Optional[TeacherReplica] = None,
+        schedule: Optional[SRSchedule] = None,
     ) -> None:
         self.config = config or ABDConfig()
+        self.schedule = schedule or SRSchedule.from_config(self.config)
         if self.config.sr_pert_model == "teacher" and teacher is None and replica is None:
             raise ValueError("sr_pert_model='teacher' needs the teacher: SelfRetrospection(student, teacher)")
         self.student = student
@@ -90,6 +96,7 @@ class SelfRetrospection(DefenseHook):
         self.last_delta_norm = 0.0
         self.last_outer_loss = 0.0
         self.last_grad_norm = 0.0
+        self._saved_lrs: Optional[Tuple[torch.optim.Optimizer, List[Tuple[Any, float]]]] = None
 
     # ------------------------------------------------------------------ pieces
     def _pert_model(self, x: Tensor) -> nn.Module:
@@ -238,10 +245,33 @@ class SelfRetrospection(DefenseHook):
     def on_before_student_step(
         self, ctx: GuardContext, optimizer: Optional[torch.optim.Optimizer]
     ) -> None:
+        sched = self.schedule
+        if not sched.auto or not sched.active(ctx.step):
+            return
+        if sched.lr is not None and optimizer is not None:
+            # the paper's "resume with a small LR"; put back after the step
+            self._saved_lrs = (optimizer, [(g, g["lr"]) for g in optimizer.param_groups])
+            for g in optimizer.param_groups:
+                g["lr"] = sched.lr
         x = ctx.last_student_batch
-        if x is not None and ctx.in_sr_window():
+        if x is not None:
             with ctx.suspended():
                 self.retrospect(x)
+
+    def on_after_student_step(
+        self, ctx: GuardContext, optimizer: Optional[torch.optim.Optimizer]
+    ) -> None:
+        if self._saved_lrs is not None and self._saved_lrs[0] is optimizer:
+            self._restore_lrs()
+
+    def on_guard_exit(self, ctx: GuardContext) -> None:
+        self._restore_lrs()  # a step that raised between the two hooks
+
+    def _restore_lrs(self) -> None:
+        if self._saved_lrs is not None:
+            for g, lr in self._saved_lrs[1]:
+                g["lr"] = lr
+            self._saved_lrs = None
 
     def report(self) -> Dict[str, Any]:
         return {"sr_steps": self.steps, "sr_seconds": self.seconds,

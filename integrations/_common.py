@@ -150,15 +150,11 @@ class GuardSession:
         self._depth = 0
 
     def set_total_steps(self, total_steps: int) -> None:
-        """Resolve the SR window once the host's number of student steps is known."""
-        cfg = self.guard.config
-        if cfg.total_steps is not None and self.sr_start_fraction is None:
+        """Resolve the SR window once the host's number of student steps is known (once)."""
+        if self.guard.sr_schedule.total_steps is not None and self.sr_start_fraction is None:
             return
-        start = None
-        if self.sr_start_fraction is not None:
-            start = int(self.sr_start_fraction * total_steps)
-            self.sr_start_fraction = None
-        self.guard.set_schedule(int(total_steps), sr_start_step=start)
+        frac, self.sr_start_fraction = self.sr_start_fraction, None
+        self.guard.set_schedule(int(total_steps), sr_start_fraction=frac)
 
     @contextmanager
     def active(self) -> Iterator[ABDGuard]:

@@ -18,9 +18,10 @@ What changes in the module while ``fit`` runs (all undone at the end of ``fit``)
   samples are those the shuffled teacher ensemble still classifies like the teacher on the
   teacher's own input. While the vaccine is being verified the loss is the host's.
 * SR: in ``on_before_optimizer_step`` (after ``backward``, before ``optimizer.step``) for
-  optimizers holding student parameters. Lightning runs ``training_step`` and ``backward``
-  inside ``optimizer.step(closure)``, after torch's step pre-hooks, so the guard's automatic
-  pre-step SR is switched off here and the callback runs SR itself.
+  optimizers holding student parameters, at the steps the guard's ``sr_schedule`` opens.
+  Lightning runs ``training_step`` and ``backward`` inside ``optimizer.step(closure)``, after
+  torch's step pre-hooks, so the schedule's automatic mode is switched off
+  (``sr_schedule.auto = False``) and the callback runs SR itself.
 """
 from __future__ import annotations
 
@@ -63,11 +64,7 @@ class ABDCallback(Callback):
                  config: Optional[ABDConfig] = None, sr_start_fraction: Optional[float] = None,
                  reweight: Optional[str] = "auto", per_sample_loss: Optional[PerSampleLoss] = None,
                  **overrides: Any) -> None:
-        cfg, frac = split_config(config, sr_start_fraction, overrides)
-        self._sr_start: Optional[int] = cfg.sr_start
-        self._frac = frac
-        # the window lives here: the guard's own pre-step SR would run before Lightning's closure
-        self.config = cfg.replace(sr_start_step=None, sr_start_fraction=None)
+        self.config, self._frac = split_config(config, sr_start_fraction, overrides)
         self.teacher_ref, self.student_ref = teacher, student
         self.reweight = reweight
         self.per_sample_loss = per_sample_loss
@@ -91,24 +88,22 @@ class ABDCallback(Callback):
         return mod
 
     def in_sr_window(self) -> bool:
-        if self.guard is None or self.guard.sr is None or self._sr_start is None:
-            return False
-        step = self.guard.step
-        return step >= self._sr_start and (step - self._sr_start) % self.config.sr_every == 0
+        return self.guard is not None and self.guard.in_sr_window()
 
     # ---------------------------------------------------------------- lifecycle
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
         self._module = pl_module
         teacher = self._resolve(pl_module, self.teacher_ref, "teacher")
         student = self._resolve(pl_module, self.student_ref, "student")
-        if self._frac is not None:
-            total = int(trainer.estimated_stepping_batches)
-            self._sr_start = int(self._frac * total)
         if self.guard is None:
             self.guard = ABDGuard(teacher, student, config=self.config)
+            self.guard.sr_schedule.auto = False  # SR runs in on_before_optimizer_step
             if self._pending_state is not None:
                 self.guard.load_state_dict(self._pending_state)
                 self._pending_state = None
+        if self._frac is not None:
+            self.guard.set_schedule(int(trainer.estimated_stepping_batches),
+                                    sr_start_fraction=self._frac)
         self.guard.attach()
         self._gate = _OncePerStep(self.guard)
         self._gate.install()

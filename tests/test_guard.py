@@ -354,3 +354,17 @@ def test_depth_change_at_verification_inside_a_teacher_forward(monkeypatch):
     assert guard.sv.status == "enabled" and guard.sv.ensemble.depth == 2
     assert tails and all(tails)  # every shared-trunk pass used the input of its own module
     assert guard.report().sv_calls >= 2
+
+
+def test_one_schedule_object_answers_guard_and_sr():
+    teacher, student = make_pair()
+    guard = ABDGuard(teacher, student, sv=False, sr_every=2)
+    assert guard.sr.schedule is guard.sr_schedule and guard.sr_schedule.start is None
+    guard.set_schedule(10, sr_start_fraction=0.5)  # what an adapter does once the host runs
+    assert guard.report().sr_start == 5
+    assert [guard.sr_schedule.active(s) for s in range(4, 9)] == [False, True, False, True, False]
+    with guard.retrospection():
+        assert guard.in_sr_window() and guard.sr_schedule.active(0)
+    assert not guard.in_sr_window()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        guard.set_schedule(sr_start_fraction=1.5)

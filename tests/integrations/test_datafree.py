@@ -40,7 +40,7 @@ def test_sr_window_from_host_args(events, fast_cfg):
     args = kd.make_args(method="deepinv", epochs=4, warmup=1)  # 3 epochs x 4 steps = 12
     with adapter.patch(kd, synthesis=syn, sr_start_fraction=0.75, **fast_cfg) as h:
         kd.main_worker(args, teacher, student)
-    assert h.guard.config.total_steps == 12 and h.guard.config.sr_start_step == 9
+    assert h.guard.sr_schedule.total_steps == 12 and h.guard.sr_schedule.start == 9
     assert events.count("sr") == 3
 
 

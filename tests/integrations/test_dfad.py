@@ -16,7 +16,7 @@ def test_call_order_and_restore(events, fast_cfg):
     assert_call_order(events)
     assert events.count("sv_in_graph:G") == events.count("backward:G") == 2
     assert events.count("sr") == events.count("step:S") == h.guard.step == 10
-    assert h.guard.config.total_steps == 10
+    assert h.guard.sr_schedule.total_steps == 10
     assert_restored(snap)
     assert global_hook_counts() == hooks0 and module_hooks(teacher, student) == 0
 

@@ -64,7 +64,7 @@ def test_box_call_order_and_restore(events, fast_cfg):
         assert adapter.KEY in registry.POST_FORWARD_PROC_FUNC_DICT
         _train_epoch(box)
     assert [e for e in events] == ["forward:S", "sr", "step:S"] * 3
-    assert h.guard.step == 3 and h.guard.config.total_steps == 3
+    assert h.guard.step == 3 and h.guard.sr_schedule.total_steps == 3
     assert set(registry.POST_FORWARD_PROC_FUNC_DICT) == keys0
     assert global_hook_counts() == hooks0 and module_hooks(teacher, student) == 0
 

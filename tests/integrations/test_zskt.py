@@ -24,7 +24,7 @@ def test_sr_window_fraction(events, fast_cfg):
     fast_cfg.pop("sr_start_step")
     with adapter.patch(host.ZeroShotKTSolver, sr_start_fraction=0.5, **fast_cfg) as h:
         host.ZeroShotKTSolver(host.make_args(total_n_pseudo_batches=4)).run()
-    assert h.guard.config.sr_start_step == 4 and events.count("sr") == 4
+    assert h.guard.sr_schedule.start == 4 and events.count("sr") == 4
 
 
 def test_mismatch_names_commit():
