@@ -6,19 +6,20 @@ The core (this package's top-level modules) imports only ``torch`` and ``numpy``
 * :class:`ShufflingVaccine` (SV) and :class:`SelfRetrospection` (SR) are the two defenses; both
   implement :class:`DefenseHook`, so a user can plug a defense of their own into the guard; a
   hook sees the guard through a :class:`GuardContext`.
-* :class:`ABDConfig` is the frozen configuration; :func:`load_teacher` loads untrusted weights safely.
+* :class:`ABDConfig` is the frozen configuration; :func:`load_teacher` loads untrusted weights
+  safely.
 
 The evaluation kit (``abd_plugin.kit``) and the host adapters (``abd_plugin.integrations``) build
 on this API; the core never imports them.
 """
+from .checkpoint import UnsafeCheckpointError, load_teacher
 from .config import ABDConfig
-from .checkpoint import load_teacher, UnsafeCheckpointError
-from .hooks import DefenseHook, GuardContext
-from .outputs import extract_logits
-from .vaccine import ShufflingVaccine
-from .retrospection import SelfRetrospection
-from .hypergrad import fixed_point_hypergradient
 from .guard import ABDGuard, GuardReport
+from .hooks import DefenseHook, GuardContext
+from .hypergrad import fixed_point_hypergradient
+from .outputs import extract_logits
+from .retrospection import SelfRetrospection
+from .vaccine import ShufflingVaccine
 
 __version__ = "0.1.0"
 

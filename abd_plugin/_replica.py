@@ -4,7 +4,7 @@ extra forwards and the user's teacher is never touched."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod  # torch.compile's OptimizedModule
         else:
             return model
@@ -23,8 +23,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def hook_free_copy(model: nn.Module) -> nn.Module:
     """``deepcopy`` the model with every hook dictionary replaced by an empty one, so the copy
-    neither runs nor duplicates hooks registered on the original (hosts.md S2 caveat (d))."""
-    memo: Dict[int, Any] = {}
+    neither runs nor duplicates hooks registered on the original (a host's own hooks, such as
+    DeepInversion's BatchNorm-statistics hooks, never see the defenses' forwards)."""
+    memo: dict[int, Any] = {}
     for m in model.modules():
         for attr, val in vars(m).items():
             if "hooks" in attr and isinstance(val, dict):
@@ -36,12 +37,14 @@ def hook_free_copy(model: nn.Module) -> nn.Module:
     return clone
 
 
-def model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module, fallback: torch.device | None = None) -> torch.device:
+    """Device of the model's first parameter or buffer; ``fallback`` (default CPU) for stateless
+    models."""
     for t in model.parameters():
         return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+    for b in model.buffers():
+        return b.device
+    return fallback if fallback is not None else torch.device("cpu")
 
 
 class TeacherReplica:

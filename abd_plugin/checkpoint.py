@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Any, Mapping, Optional, Union
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,12 +36,12 @@ def _unwrap_state(obj: Any) -> Mapping[str, torch.Tensor]:
 
 
 def load_teacher(
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     model: nn.Module,
     *,
-    map_location: Union[str, torch.device, None] = "cpu",
+    map_location: str | torch.device | None = "cpu",
     strict: bool = True,
-    key: Optional[str] = None,
+    key: str | None = None,
 ) -> nn.Module:
     """Load weights from ``path`` into ``model`` and return it in ``eval()`` mode.
 
@@ -60,7 +61,7 @@ def load_teacher(
         raise FileNotFoundError(f"teacher checkpoint not found: {path}")
     if path.endswith(".safetensors"):
         try:
-            from safetensors.torch import load_file  # type: ignore[import-not-found]
+            from safetensors.torch import load_file
         except ImportError as exc:
             raise ImportError(
                 "reading .safetensors needs the safetensors package: pip install safetensors"

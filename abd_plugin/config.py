@@ -9,12 +9,13 @@ literal paper recipe; :meth:`ABDConfig.tuned` the recipe this project measured t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any
 
 from .schedule import SRSchedule
 
-LayerSpec = Union[str, int, Sequence[str]]
+LayerSpec = str | int | Sequence[str]
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class ABDConfig:
     """Target suspicious fraction for ``sv_adaptive``."""
     sv_adapt_rate: float = 0.05
     """Step of the log-coefficient controller per SV call (``sv_adaptive``)."""
-    sv_coef_bounds: Tuple[float, float] = (1e-3, 1e3)
+    sv_coef_bounds: tuple[float, float] = (1e-3, 1e3)
     """Clamp for the adaptive coefficient."""
     n_shuffle_models: int = 3
     """Number of channel-shuffled teacher copies averaged into the ensemble (paper: 3)."""
@@ -66,14 +67,14 @@ class ABDConfig:
     # ------------------------------------------------------------------ Self-Retrospection (SR)
     sr: bool = True
     """Enable Self-Retrospection. It only runs inside its window (below)."""
-    sr_start_step: Optional[int] = None
+    sr_start_step: int | None = None
     """First student optimizer step (0-based, counted by the guard) at which SR runs."""
-    sr_start_fraction: Optional[float] = None
+    sr_start_fraction: float | None = None
     """Or: SR starts at ``int(sr_start_fraction * total_steps)`` (the paper resumes at 99.3-99.5 %
     of ZSKT training; the last 1-2 of 200 epochs for CMI)."""
-    total_steps: Optional[int] = None
+    total_steps: int | None = None
     """Total student optimizer steps of the run, needed by ``sr_start_fraction``."""
-    sr_lr: Optional[float] = None
+    sr_lr: float | None = None
     """Learning rate of the student optimizer's steps inside the SR window. The paper resumes SR
     from a late checkpoint with a fresh optimizer at 5e-4 or 1e-4, while a cosine schedule has
     almost reached zero there; the optimizer's own value is put back after every step, so its
@@ -89,10 +90,10 @@ class ABDConfig:
     ``"student"``."""
     sr_pert_l2: float = 1e-3
     """L2 penalty on the perturbation during synthesis (ZSKT: 1e-3; CMI: 0)."""
-    sr_epsilon: Optional[float] = None
+    sr_epsilon: float | None = None
     """Project the perturbation onto an L2 ball of this radius (the poster's C_eps; the official
     code never projects). ``None``: no projection."""
-    sr_epsilon_rms: Optional[float] = None
+    sr_epsilon_rms: float | None = None
     """Or: the L2 radius as a root-mean-square per element, ``eps = sr_epsilon_rms *
     sqrt(numel(delta))`` (resolution independent; a 3x3 white patch on a 32x32 grey image has
     an RMS of about 0.09)."""
@@ -124,7 +125,7 @@ class ABDConfig:
     seed: int = 0
     """Seed of the guard's own RNG (permutations, SR sample choice). The global RNG is never
     touched."""
-    logits_fn: Optional[Callable[[Any], Any]] = field(default=None, compare=False)
+    logits_fn: Callable[[Any], Any] | None = field(default=None, compare=False)
     """Extract logits from a model output; default handles tensors, tuples (logits first),
     dicts with ``"logits"`` and objects with ``.logits``."""
 
@@ -167,7 +168,7 @@ class ABDConfig:
             need(self.sr_epsilon_rms > 0, "sr_epsilon_rms must be > 0")
             need(self.sr_epsilon is None, "give sr_epsilon or sr_epsilon_rms, not both")
 
-    def replace(self, **changes: Any) -> "ABDConfig":
+    def replace(self, **changes: Any) -> ABDConfig:
         """A copy with some fields changed (unknown names raise a clear error)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
@@ -177,14 +178,14 @@ class ABDConfig:
         return dataclasses.replace(self, **changes)
 
     @property
-    def sr_start(self) -> Optional[int]:
+    def sr_start(self) -> int | None:
         """The first SR step resolved from ``sr_start_step``/``sr_start_fraction``, or ``None``
         when the SR window only opens through ``with guard.retrospection():`` (see
         :class:`~abd_plugin.schedule.SRSchedule`)."""
         return SRSchedule.from_config(self).start
 
     @classmethod
-    def paper(cls, **overrides: Any) -> "ABDConfig":
+    def paper(cls, **overrides: Any) -> ABDConfig:
         """The official code's recipe: 5 shuffled convs, coefficient 0.1, verification on, SR
         with 10 rounds at the student learning rate 5e-4 it resumes with (``sup_resume_lr``)."""
         base: dict = dict(shuffle_layers=5, sr_lr=5e-4)
@@ -192,7 +193,7 @@ class ABDConfig:
         return cls(**base)
 
     @classmethod
-    def tuned(cls, **overrides: Any) -> "ABDConfig":
+    def tuned(cls, **overrides: Any) -> ABDConfig:
         """The recipe measured to work best in this project (README, "Results"): SV with the
         automatic depth (verified, so it stays off where no vaccine separates), and SR over the
         last 10 % of student steps at learning rate 1e-3 with a quarter of each batch carrying an

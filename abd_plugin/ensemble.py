@@ -205,6 +205,7 @@ class ShuffledEnsemble:
             if isinstance(mod, nn.Linear):
                 out = [c.index_select(-1, inv[j]) for j, c in enumerate(chunks)]
             else:
+                assert isinstance(mod, _CONV)
                 g = mod.groups
                 cg = inv.shape[1]
                 groups = cg * torch.arange(g, device=x.device).unsqueeze(1)

@@ -36,10 +36,10 @@ Mixed precision: the SV term enters the backward with gradient 1, so a loss scal
 """
 from __future__ import annotations
 
-import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,14 +57,18 @@ class _AddLossTerm(torch.autograd.Function):
     """Identity on ``logits``; back-propagating through it also back-propagates ``term``."""
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, term: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, logits: Tensor, term: Tensor, scale: float) -> Tensor:
         ctx.term_shape = term.shape
         ctx.scale = scale
         return logits.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Any:  # type: ignore[override]
-        return grad, torch.full(ctx.term_shape, ctx.scale, dtype=grad.dtype, device=grad.device), None
+    def backward(ctx: Any, grad: Tensor) -> Any:
+        return (
+            grad,
+            torch.full(ctx.term_shape, ctx.scale, dtype=grad.dtype, device=grad.device),
+            None,
+        )
 
 
 @dataclass
@@ -75,9 +79,9 @@ class GuardReport:
     sv_message: str = "SV: off"
     sv_coef: float = 0.0
     shuffle_depth: int = 0
-    shuffled_layers: List[str] = field(default_factory=list)
-    trunk_module: Optional[str] = None
-    verification_trials: List[Dict[str, Any]] = field(default_factory=list)
+    shuffled_layers: list[str] = field(default_factory=list)
+    trunk_module: str | None = None
+    verification_trials: list[dict[str, Any]] = field(default_factory=list)
     suspicious_fraction: float = float("nan")
     last_suspicious_fraction: float = float("nan")
     last_penalty: float = 0.0
@@ -89,10 +93,10 @@ class GuardReport:
     sr_last_outer_loss: float = 0.0
     sr_last_grad_norm: float = 0.0
     student_steps: int = 0
-    sr_start: Optional[int] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
+    sr_start: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def __str__(self) -> str:
@@ -110,7 +114,7 @@ class _HookContext:
 
     __slots__ = ("_guard",)
 
-    def __init__(self, guard: "ABDGuard") -> None:
+    def __init__(self, guard: ABDGuard) -> None:
         self._guard = guard
 
     @property
@@ -118,17 +122,17 @@ class _HookContext:
         return self._guard.step
 
     @property
-    def last_student_batch(self) -> Optional[Tensor]:
+    def last_student_batch(self) -> Tensor | None:
         return self._guard.last_student_batch
 
     def suspended(self) -> Any:
         return self._guard.suspended()
 
 
-def _state_keys(hooks: Sequence[DefenseHook]) -> List[str]:
+def _state_keys(hooks: Sequence[DefenseHook]) -> list[str]:
     """Each hook's ``state_key``; a key met again gets a suffix by order (``"K"``, ``"K[1]"``)."""
-    keys: List[str] = []
-    seen: Dict[str, int] = {}
+    keys: list[str] = []
+    seen: dict[str, int] = {}
     for h in hooks:
         key = h.state_key
         n = seen.get(key, 0)
@@ -155,9 +159,9 @@ class ABDGuard:
         teacher: nn.Module,
         student: nn.Module,
         *,
-        config: Optional[ABDConfig] = None,
+        config: ABDConfig | None = None,
         hooks: Sequence[DefenseHook] = (),
-        loss_scale: Optional[Callable[[], float]] = None,
+        loss_scale: Callable[[], float] | None = None,
         **overrides: Any,
     ) -> None:
         if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
@@ -179,12 +183,12 @@ class ABDGuard:
         #: when SR runs; :meth:`set_schedule` updates it (``self.config`` keeps the values the
         #: guard was built with)
         self.sr_schedule = SRSchedule.from_config(cfg)
-        self.sv: Optional[ShufflingVaccine] = (
+        self.sv: ShufflingVaccine | None = (
             ShufflingVaccine(teacher, cfg, replica=self._replica) if cfg.sv else None)
-        self.sr: Optional[SelfRetrospection] = (
+        self.sr: SelfRetrospection | None = (
             SelfRetrospection(student, teacher, cfg, replica=self._replica,
                               schedule=self.sr_schedule) if cfg.sr else None)
-        self.hooks: List[DefenseHook] = [h for h in (self.sv, self.sr) if h is not None]
+        self.hooks: list[DefenseHook] = [h for h in (self.sv, self.sr) if h is not None]
         for h in hooks:
             if not isinstance(h, DefenseHook):
                 raise TypeError(f"hooks must be DefenseHook instances, got {type(h).__name__}")
@@ -195,33 +199,36 @@ class ABDGuard:
         self._ctx: GuardContext = _HookContext(self)
         self.loss_scale = loss_scale
         self.step = 0
-        self.last_student_batch: Optional[Tensor] = None
-        self._handles: List[Any] = []
+        self.last_student_batch: Tensor | None = None
+        self._handles: list[Any] = []
         self._attached = False
         self._suspended = 0
-        self._teacher_grads: List[Any] = []
+        self._teacher_grads: list[Any] = []
         self._student_param_ids = {id(p) for p in self._student_core.parameters()}
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "ABDGuard":
+    def __enter__(self) -> ABDGuard:
         self.attach()
         return self
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: Any) -> None:
         self.detach()
-        return False
 
-    def attach(self) -> "ABDGuard":
+    def attach(self) -> ABDGuard:
         """Install the hooks (what ``with`` does on entry)."""
         if self._attached:
-            raise RuntimeError("this ABDGuard is already active; a guard cannot be nested in itself")
+            raise RuntimeError(
+                "this ABDGuard is already active; a guard cannot be nested in itself"
+            )
         self._teacher_grads = [(p, None if p.grad is None else p.grad.detach().clone())
                                for p in self._teacher_core.parameters()]
         try:
             self._handles.append(self._teacher_core.register_forward_hook(self._teacher_hook))
             self._handles.append(self._student_core.register_forward_hook(self._student_hook))
-            from torch.optim.optimizer import (register_optimizer_step_post_hook,
-                                               register_optimizer_step_pre_hook)
+            from torch.optim.optimizer import (
+                register_optimizer_step_post_hook,
+                register_optimizer_step_pre_hook,
+            )
             self._handles.append(register_optimizer_step_pre_hook(self._pre_step))
             self._handles.append(register_optimizer_step_post_hook(self._post_step))
             self._attached = True
@@ -258,17 +265,8 @@ class ABDGuard:
         hooks (an adapter that hooks the teacher as well hooks this one)."""
         return self._teacher_core
 
-    def suspend(self) -> None:
-        """Hide forwards from the guard until the matching :meth:`resume` (re-entrant)."""
-        self._suspended += 1
-
-    def resume(self) -> None:
-        if self._suspended <= 0:
-            raise RuntimeError("resume() without a matching suspend()")
-        self._suspended -= 1
-
-    def set_schedule(self, total_steps: Optional[int] = None, *, sr_start_step: Optional[int] = None,
-                     sr_start_fraction: Optional[float] = None) -> None:
+    def set_schedule(self, total_steps: int | None = None, *, sr_start_step: int | None = None,
+                     sr_start_fraction: float | None = None) -> None:
         """Set the SR window once the host knows its length (adapters call this); updates
         :attr:`sr_schedule`, which the SR hook asks."""
         self.sr_schedule.update(total_steps, start_step=sr_start_step,
@@ -305,7 +303,7 @@ class ABDGuard:
         check_input(x, "teacher input")
         logits = extract_logits(output, self.config.logits_fn)
         check_logits(logits, x.shape[0], "teacher logits")
-        total: Optional[Tensor] = None
+        total: Tensor | None = None
         for h in self.hooks:
             term = h.on_teacher_forward(self._ctx, x, logits)
             if term is not None:
@@ -313,7 +311,7 @@ class ABDGuard:
         if total is None:
             return None
         scale = float(self.loss_scale()) if self.loss_scale is not None else 1.0
-        return replace_logits(output, _AddLossTerm.apply(logits, total, scale), self.config.logits_fn)
+        return replace_logits(output, _AddLossTerm.apply(logits, total, scale))
 
     def _student_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._suspended:
@@ -323,7 +321,9 @@ class ABDGuard:
             return
         if module.training and torch.is_floating_point(x):
             self.last_student_batch = x.detach()
-        if any(type(h).on_student_forward is not DefenseHook.on_student_forward for h in self.hooks):
+        if any(
+            type(h).on_student_forward is not DefenseHook.on_student_forward for h in self.hooks
+        ):
             logits = extract_logits(output, self.config.logits_fn)
             for h in self.hooks:
                 h.on_student_forward(self._ctx, x, logits)
@@ -392,7 +392,9 @@ class ABDGuard:
         with self.suspended():
             self._need_vaccine().observe(x, teacher_logits)
 
-    def retrospect(self, x: Optional[Tensor] = None, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, float]:
+    def retrospect(
+        self, x: Tensor | None = None, optimizer: torch.optim.Optimizer | None = None
+    ) -> dict[str, float]:
         """Add the SR gradient for batch ``x`` (default: the student's last batch) to ``.grad``.
         ``optimizer`` is accepted for symmetry with hosts; the gradient goes to the student's
         parameters, which it must hold."""
@@ -411,18 +413,21 @@ class ABDGuard:
     #: ``stats`` a dict)
     STATE_VERSION = 2
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"version": self.STATE_VERSION, "step": self.step,
-                "hooks": {k: h.state_dict() for k, h in zip(self._state_keys, self.hooks)}}
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.STATE_VERSION,
+            "step": self.step,
+            "hooks": {k: h.state_dict() for k, h in zip(self._state_keys, self.hooks, strict=True)},
+        }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         version = state.get("version")
         if version != self.STATE_VERSION:
             raise ValueError(
                 f"ABDGuard state version {version!r}, expected {self.STATE_VERSION}: saved by "
                 "another abd-plugin release (or not by abd-plugin); resume with that release")
         self.step = int(state["step"])
-        for key, h in zip(self._state_keys, self.hooks):
+        for key, h in zip(self._state_keys, self.hooks, strict=True):
             if key in state["hooks"]:
                 h.load_state_dict(state["hooks"][key])
 

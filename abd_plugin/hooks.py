@@ -21,7 +21,7 @@ resumed run continues exactly where it stopped; the guard saves it under :attr:`
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -35,7 +35,7 @@ class GuardContext(Protocol):
         """Student optimizer steps taken inside the guard so far (0-based index of the next)."""
 
     @property
-    def last_student_batch(self) -> Optional[Tensor]:
+    def last_student_batch(self) -> Tensor | None:
         """The student's last training batch (detached), or None."""
 
     def suspended(self) -> AbstractContextManager[None]:
@@ -66,7 +66,7 @@ class DefenseHook:
 
     def on_teacher_forward(
         self, ctx: GuardContext, x: Tensor, teacher_logits: Tensor
-    ) -> Optional[Tensor]:
+    ) -> Tensor | None:
         """Teacher ran on a synthesis batch ``x`` (B, ...) giving ``teacher_logits`` (B, C), both
         still in the autograd graph. Return a scalar loss term to add, or ``None``."""
         return None
@@ -75,20 +75,20 @@ class DefenseHook:
         """Student ran on ``x``."""
 
     def on_before_student_step(
-        self, ctx: GuardContext, optimizer: Optional[torch.optim.Optimizer]
+        self, ctx: GuardContext, optimizer: torch.optim.Optimizer | None
     ) -> None:
         """Gradients of the student are ready; add gradient terms to ``p.grad`` here."""
 
     def on_after_student_step(
-        self, ctx: GuardContext, optimizer: Optional[torch.optim.Optimizer]
+        self, ctx: GuardContext, optimizer: torch.optim.Optimizer | None
     ) -> None:
         """The optimizer stepped the student."""
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
 
-    def report(self) -> Dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         return {}

@@ -10,17 +10,17 @@ For an inner problem solved at a fixed point ``delta* = Phi(delta*, theta)`` and
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-FixedPointMap = Callable[[List[Tensor], Sequence[Tensor]], List[Tensor]]
-OuterLoss = Callable[[List[Tensor], Sequence[Tensor]], Tensor]
+FixedPointMap = Callable[[list[Tensor], Sequence[Tensor]], list[Tensor]]
+OuterLoss = Callable[[list[Tensor], Sequence[Tensor]], Tensor]
 
 
-def _zeros_for_none(grads: Sequence[Optional[Tensor]], like: Sequence[Tensor]) -> List[Tensor]:
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
+def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like, strict=True)]
 
 
 def fixed_point_hypergradient(
@@ -30,7 +30,7 @@ def fixed_point_hypergradient(
     outer_loss: OuterLoss,
     iterations: int = 5,
     tol: float = 1e-10,
-) -> List[Tensor]:
+) -> list[Tensor]:
     """Hypergradient of ``outer_loss`` w.r.t. ``params`` at the inner fixed point ``inner``.
 
     Args:
@@ -59,12 +59,12 @@ def fixed_point_hypergradient(
             torch.autograd.grad(w, inner_d, grad_outputs=v, retain_graph=True, allow_unused=True),
             inner_d,
         )
-        new_v = [a + g for a, g in zip(jv, g_inner)]
-        delta = max(float((a - b).abs().max()) for a, b in zip(new_v, v)) if v else 0.0
+        new_v = [a + g for a, g in zip(jv, g_inner, strict=True)]
+        delta = max(float((a - b).abs().max()) for a, b in zip(new_v, v, strict=True)) if v else 0.0
         v = new_v
         if delta < tol:
             break
     mixed = _zeros_for_none(
         torch.autograd.grad(w, params, grad_outputs=v, allow_unused=True), params
     )
-    return [a + b for a, b in zip(g_params, mixed)]
+    return [a + b for a, b in zip(g_params, mixed, strict=True)]

@@ -6,7 +6,8 @@ Every part of the core goes through :func:`extract_logits`, so none of them gues
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,7 +15,7 @@ from torch import Tensor
 LogitsFn = Callable[[Any], Tensor]
 
 
-def extract_logits(output: Any, logits_fn: Optional[LogitsFn] = None) -> Tensor:
+def extract_logits(output: Any, logits_fn: LogitsFn | None = None) -> Tensor:
     """Return the logits tensor of a model output.
 
     Args:
@@ -43,12 +44,11 @@ def extract_logits(output: Any, logits_fn: Optional[LogitsFn] = None) -> Tensor:
     return out
 
 
-def replace_logits(output: Any, logits: Tensor, logits_fn: Optional[LogitsFn] = None) -> Any:
+def replace_logits(output: Any, logits: Tensor) -> Any:
     """Return ``output`` with its logits swapped for ``logits`` (same container type).
 
-    Only the standard containers can be rebuilt; with a custom ``logits_fn`` the logits must be the
-    output itself or its first element, else the output is returned unchanged and ``None`` is
-    signalled by the caller's check (see :func:`can_replace_logits`).
+    Only the standard containers that :func:`extract_logits` reads without a ``logits_fn`` can be
+    rebuilt (the logits go where that rule finds them); anything else raises ``TypeError``.
     """
     if isinstance(output, Tensor):
         return logits
@@ -85,7 +85,7 @@ def check_input(x: Tensor, where: str = "input") -> None:
         raise ValueError(f"{where} must be batched (batch first), got shape {tuple(x.shape)}")
 
 
-def check_logits(logits: Tensor, batch: Optional[int] = None, where: str = "logits") -> None:
+def check_logits(logits: Tensor, batch: int | None = None, where: str = "logits") -> None:
     """Logits must be a finite float (B, C) tensor with C >= 2 and B matching the input."""
     if not torch.is_floating_point(logits):
         raise TypeError(f"{where} must be floating point, got {logits.dtype}")

@@ -22,8 +22,9 @@ code lets them drift), and nothing is ever accumulated into the teacher.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,28 +76,30 @@ class SelfRetrospection(DefenseHook):
     def __init__(
         self,
         student: nn.Module,
-        teacher: Optional[nn.Module] = None,
-        config: Optional[ABDConfig] = None,
+        teacher: nn.Module | None = None,
+        config: ABDConfig | None = None,
         *,
-        replica: Optional[TeacherReplica] = None,
-        schedule: Optional[SRSchedule] = None,
+        replica: TeacherReplica | None = None,
+        schedule: SRSchedule | None = None,
     ) -> None:
         self.config = config or ABDConfig()
         self.schedule = schedule or SRSchedule.from_config(self.config)
         if self.config.sr_pert_model == "teacher" and teacher is None and replica is None:
-            raise ValueError("sr_pert_model='teacher' needs the teacher: SelfRetrospection(student, teacher)")
+            raise ValueError(
+                "sr_pert_model='teacher' needs the teacher: SelfRetrospection(student, teacher)"
+            )
         self.student = student
         self._replica = replica or (TeacherReplica(teacher) if teacher is not None else None)
         self._gen = torch.Generator().manual_seed(self.config.seed + 1)
-        self._delta: Optional[Tensor] = None
-        self._delta_opt_state: Optional[Dict[str, Any]] = None
-        self._cache: Optional[Tuple[Tensor, Tensor]] = None
+        self._delta: Tensor | None = None
+        self._delta_opt_state: dict[str, Any] | None = None
+        self._cache: tuple[Tensor, Tensor] | None = None
         self.steps = 0
         self.seconds = 0.0
         self.last_delta_norm = 0.0
         self.last_outer_loss = 0.0
         self.last_grad_norm = 0.0
-        self._saved_lrs: Optional[Tuple[torch.optim.Optimizer, List[Tuple[Any, float]]]] = None
+        self._saved_lrs: tuple[torch.optim.Optimizer, list[tuple[Any, float]]] | None = None
 
     # ------------------------------------------------------------------ pieces
     def _pert_model(self, x: Tensor) -> nn.Module:
@@ -109,7 +112,12 @@ class SelfRetrospection(DefenseHook):
         """(A): the universal perturbation (1, *x.shape[1:]) maximising the model's deviation."""
         cfg = self.config
         cache_ok = cfg.sr_pert_model == "teacher" and not cfg.sr_warm_start
-        if cache_ok and self._cache is not None and self._cache[0].shape == x.shape and torch.equal(self._cache[0], x):
+        if (
+            cache_ok
+            and self._cache is not None
+            and self._cache[0].shape == x.shape
+            and torch.equal(self._cache[0], x)
+        ):
             # the frozen teacher on the same batch gives the same perturbation (ZSKT runs several
             # student steps per synthetic batch)
             return self._cache[1]
@@ -155,7 +163,7 @@ class SelfRetrospection(DefenseHook):
             self._cache = (x.detach().clone(), out)
         return out
 
-    def gradients(self, x: Tensor, delta: Optional[Tensor] = None) -> List[Tensor]:
+    def gradients(self, x: Tensor, delta: Tensor | None = None) -> list[Tensor]:
         """(B): SR hypergradient for each trainable student parameter (not written anywhere)."""
         cfg = self.config
         student = unwrap_model(self.student)
@@ -177,7 +185,7 @@ class SelfRetrospection(DefenseHook):
         def l_in(d: Tensor) -> Tensor:
             return -_kl(clean, logits(x + d), t) + cfg.sr_inner_l2 * d.pow(2).sum()
 
-        def fp_map(inner: List[Tensor], _p: Any) -> List[Tensor]:
+        def fp_map(inner: list[Tensor], _p: Any) -> list[Tensor]:
             d = inner[0]
             (g,) = torch.autograd.grad(l_in(d), d, create_graph=True)
             return [d - cfg.sr_inner_step * g]
@@ -189,14 +197,14 @@ class SelfRetrospection(DefenseHook):
             with torch.no_grad():
                 target = extract_logits(self._replica.to_device_of(x)(x), cfg.logits_fn).detach()
 
-        def outer(inner: List[Tensor], _p: Any) -> Tensor:
+        def outer(inner: list[Tensor], _p: Any) -> Tensor:
             loss = _kl(target, logits(x + mask * inner[0]), t)
             self.last_outer_loss = float(loss.detach())
             return loss
 
         return fixed_point_hypergradient(params, [delta], fp_map, outer, cfg.sr_fixed_point_iters)
 
-    def retrospect(self, x: Tensor, *, scale: Optional[float] = None) -> Dict[str, float]:
+    def retrospect(self, x: Tensor, *, scale: float | None = None) -> dict[str, float]:
         """One SR step on batch ``x``: add the SR gradient to the student's ``.grad``."""
         check_input(x, "student batch")
         t0 = time.perf_counter()
@@ -210,7 +218,7 @@ class SelfRetrospection(DefenseHook):
         params = [p for p in student.parameters() if p.requires_grad]
         total = 0.0
         with torch.no_grad():
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 g = g.to(p.dtype) * s
                 total += float(g.pow(2).sum())
                 if p.grad is None:
@@ -224,7 +232,7 @@ class SelfRetrospection(DefenseHook):
         return {"delta_norm": self.last_delta_norm, "outer_loss": self.last_outer_loss,
                 "grad_norm": self.last_grad_norm}
 
-    def _all_reduce(self, grads: List[Tensor]) -> List[Tensor]:
+    def _all_reduce(self, grads: list[Tensor]) -> list[Tensor]:
         """Average SR gradients over ranks: DDP all-reduces only what ``backward`` produced."""
         import torch.distributed as dist
 
@@ -243,7 +251,7 @@ class SelfRetrospection(DefenseHook):
 
     # ------------------------------------------------------------------ DefenseHook
     def on_before_student_step(
-        self, ctx: GuardContext, optimizer: Optional[torch.optim.Optimizer]
+        self, ctx: GuardContext, optimizer: torch.optim.Optimizer | None
     ) -> None:
         sched = self.schedule
         if not sched.auto or not sched.active(ctx.step):
@@ -259,7 +267,7 @@ class SelfRetrospection(DefenseHook):
                 self.retrospect(x)
 
     def on_after_student_step(
-        self, ctx: GuardContext, optimizer: Optional[torch.optim.Optimizer]
+        self, ctx: GuardContext, optimizer: torch.optim.Optimizer | None
     ) -> None:
         if self._saved_lrs is not None and self._saved_lrs[0] is optimizer:
             self._restore_lrs()
@@ -273,18 +281,18 @@ class SelfRetrospection(DefenseHook):
                 g["lr"] = lr
             self._saved_lrs = None
 
-    def report(self) -> Dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         return {"sr_steps": self.steps, "sr_seconds": self.seconds,
                 "sr_last_delta_norm": self.last_delta_norm,
                 "sr_last_outer_loss": self.last_outer_loss,
                 "sr_last_grad_norm": self.last_grad_norm}
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "seconds": self.seconds, "rng": self._gen.get_state(),
                 "delta": None if self._delta is None else self._delta.detach().cpu().clone(),
                 "delta_opt": self._delta_opt_state}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         self.seconds = float(state["seconds"])
         self._gen.set_state(state["rng"])

@@ -15,12 +15,9 @@ with the teacher, and push the synthesizer away from them.
 * **Automatic depth** (``shuffle_layers="auto"``): the candidates are the Conv *and* Linear layers
   in forward order; every depth 1..``auto_max_depth`` (counted from the output side) is scored on
   the verification pool by its tail ratio and the depth with the largest ratio wins (ties: the
-  shallower). Rationale, measured: on a 5-conv CNN shuffling too few layers leaves every sample
-  agreeing (no tail), too many destroys the trigger's shortcut as well (no tail); the separating
-  depth is the one that makes the low-divergence tail stand out. On LeNet-5 no conv depth
-  separates triggered from clean inputs at all (8-34 % vs 2-30 % agreement) while shuffling the
-  inputs of the last Linear layer does (0.3-9 % vs 49-99 %); so Linear layers are candidates. A
-  fixed depth (the paper's 5 of WRN-16-2's 16 convs) does not transfer across architectures.
+  shallower). Too few shuffled layers leave every sample agreeing, too many destroy the trigger's
+  shortcut as well; the separating depth is the one that makes the low-divergence tail stand out,
+  and it depends on the architecture (the README's "Design" has the measurements).
 """
 from __future__ import annotations
 
@@ -39,6 +36,7 @@ from .config import ABDConfig
 from .ensemble import ShuffledEnsemble, TrunkTap
 from .hooks import DefenseHook, GuardContext
 from .outputs import check_input, check_logits
+
 
 class SVStatus(str, enum.Enum):
     """Where the vaccine stands; compares equal to its value (``status == "enabled"``)."""
@@ -268,7 +266,7 @@ class ShufflingVaccine(DefenseHook):
         dev = self.ensemble.device
         ds, ms = [], []
         with torch.no_grad():
-            for xb, tb in zip(self._pool_x, self._pool_t):
+            for xb, tb in zip(self._pool_x, self._pool_t, strict=True):
                 z = self.ensemble_logits(xb.to(dev)).float().cpu()
                 d, m = divergence_and_mask(tb, z)
                 ds.append(d)

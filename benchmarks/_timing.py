@@ -15,7 +15,7 @@ import io
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -40,14 +40,14 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def time_round_robin(cases: Dict[str, Callable[[], object]], device: torch.device, *, warmup: int,
-                     repeats: int) -> Dict[str, List[float]]:
+def time_round_robin(cases: dict[str, Callable[[], object]], device: torch.device, *, warmup: int,
+                     repeats: int) -> dict[str, list[float]]:
     """Warm every case up, then time them interleaved; returns seconds per call, per case."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
     sync(device)
-    out: Dict[str, List[float]] = {name: [] for name in cases}
+    out: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
             out[name].append(time_once(fn, device))
@@ -55,7 +55,7 @@ def time_round_robin(cases: Dict[str, Callable[[], object]], device: torch.devic
 
 
 @contextlib.contextmanager
-def _quiet_fd2() -> "contextlib.AbstractContextManager[None]":
+def _quiet_fd2() -> contextlib.AbstractContextManager[None]:
     """Silence the profiler's C++ start/stop lines on stderr (fd 2)."""
     try:
         saved = os.dup(2)

@@ -39,8 +39,9 @@ import io
 import json
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -65,10 +66,10 @@ CPU_PAIRS = [
 ]
 TINY_PAIRS = [("cnn5:8", "cnn5:4", 16, [8])]
 TARGETS = {"sv_gen_step": 1.15, "sr_vs_official": 0.5, "whole_run": 1.02}
-PAPER_ZSKT_ITERS = 80_000  # ZSKT CIFAR-10 pseudo batches (abd-method.md S4.1)
+PAPER_ZSKT_ITERS = 80_000  # ZSKT CIFAR-10 pseudo batches (the ABD code's default)
 
 
-def _loadavg() -> Optional[List[float]]:
+def _loadavg() -> list[float] | None:
     """1/5/15-minute load averages: a busy shared CPU makes every timing noisier."""
     try:
         import os
@@ -107,8 +108,10 @@ class Pair:
         """A callable returning one of ``n`` distinct random batches per call, in turn (drawn up
         front, off the clock). ``n`` >= 2 suffices to defeat SR's one-batch cache; with ``n`` >= the
         number of calls no batch is ever seen twice."""
-        pool = [torch.rand(self.batch, 3, self.img, self.img, generator=self._fresh_gen).to(self.device)
-                for _ in range(max(2, n))]
+        pool = [
+            torch.rand(self.batch, 3, self.img, self.img, generator=self._fresh_gen).to(self.device)
+            for _ in range(max(2, n))
+        ]
         state = {"i": -1}
 
         def nxt() -> torch.Tensor:
@@ -117,8 +120,13 @@ class Pair:
         return nxt
 
     def loop(self) -> ZSKTLoop:
-        return ZSKTLoop(copy.deepcopy(self.teacher), copy.deepcopy(self.student),
-                        copy.deepcopy(self.generator), self.batch, n_student_iter=self.n_student_iter)
+        return ZSKTLoop(
+            copy.deepcopy(self.teacher),
+            copy.deepcopy(self.student),
+            copy.deepcopy(self.generator),
+            self.batch,
+            n_student_iter=self.n_student_iter,
+        )
 
 
 def _quiet(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -129,14 +137,14 @@ def _quiet(fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
-def _summ(times: Dict[str, List[float]], peaks: Dict[str, float]) -> Dict[str, Dict[str, Any]]:
+def _summ(times: dict[str, list[float]], peaks: dict[str, float]) -> dict[str, dict[str, Any]]:
     return {k: {"median_s": median(v), "min_s": min(v), "times_s": v, "peak_mib": peaks.get(k)}
             for k, v in times.items()}
 
 
-def bench_generator(pair: Pair, args: argparse.Namespace, official: Any) -> Dict[str, Any]:
-    cases: Dict[str, Callable[[], Any]] = {}
-    guards: Dict[str, ABDGuard] = {}
+def bench_generator(pair: Pair, args: argparse.Namespace, official: Any) -> dict[str, Any]:
+    cases: dict[str, Callable[[], Any]] = {}
+    guards: dict[str, ABDGuard] = {}
     v = pair.loop()
     cases["gen/vanilla"] = v.generator_step
     for k in args.sv_layers:
@@ -149,24 +157,32 @@ def bench_generator(pair: Pair, args: argparse.Namespace, official: Any) -> Dict
         sv = _quiet(lambda: official.BackdoorSuspectLoss(
             lp.teacher, coef=0.1, n_shuf_ens=3, n_shuf_layer=5, device=pair.device,
             batch_size=pair.batch, pseudo_test_batches=0))()
-        cases["gen/official_sv_k5"] = _quiet(lambda lp=lp, sv=sv: lp.generator_step(extra_loss=sv.loss))
+        cases["gen/official_sv_k5"] = _quiet(
+            lambda lp=lp, sv=sv: lp.generator_step(extra_loss=sv.loss)
+        )
     try:
         times = time_round_robin(cases, pair.device, warmup=args.warmup, repeats=args.repeats)
-        peaks = {k: peak_memory_mib(fn, pair.device) for k, fn in cases.items()} if args.memory else {}
+        peaks = (
+            {k: peak_memory_mib(fn, pair.device) for k, fn in cases.items()} if args.memory else {}
+        )
         out = {"cases": _summ(times, peaks), "sv": {}}
         for name, g in guards.items():
             rep = g.report()
-            out["sv"][name] = {"trunk_module": rep.trunk_module, "shuffled_layers": rep.shuffled_layers,
-                               "status": rep.sv_status, "calls": rep.sv_calls}
+            out["sv"][name] = {
+                "trunk_module": rep.trunk_module,
+                "shuffled_layers": rep.shuffled_layers,
+                "status": rep.sv_status,
+                "calls": rep.sv_calls,
+            }
     finally:
         for g in guards.values():
             g.detach()
     return out
 
 
-def bench_student(pair: Pair, args: argparse.Namespace, official: Any) -> Dict[str, Any]:
-    cases: Dict[str, Callable[[], Any]] = {}
-    guards: Dict[str, ABDGuard] = {}
+def bench_student(pair: Pair, args: argparse.Namespace, official: Any) -> dict[str, Any]:
+    cases: dict[str, Callable[[], Any]] = {}
+    guards: dict[str, ABDGuard] = {}
     x = pair.x
     reps = max(2, args.repeats // 2) if not args.tiny else args.repeats  # SR steps are long
     n_calls = args.warmup + reps + 1  # + the peak-memory call: every fresh case sees new batches
@@ -178,10 +194,13 @@ def bench_student(pair: Pair, args: argparse.Namespace, official: Any) -> Dict[s
     for name, kw in variants.items():
         lp = pair.loop()
         guards[name] = ABDGuard(lp.teacher, lp.student, sv=False, sr_start_step=0, **kw).attach()
-        cases[name] = lambda lp=lp, nxt=pair.fresh_batches(n_calls): lp.student_step(nxt())
+        nxt = pair.fresh_batches(n_calls)
+        cases[name] = lambda lp=lp, nxt=nxt: lp.student_step(nxt())
     # the same batch on every call: the other n - 1 steps of a pseudo batch (cache hits)
     lp = pair.loop()
-    guards["student/sr_repeat"] = ABDGuard(lp.teacher, lp.student, sv=False, sr_start_step=0).attach()
+    guards["student/sr_repeat"] = ABDGuard(
+        lp.teacher, lp.student, sv=False, sr_start_step=0
+    ).attach()
     cases["student/sr_repeat"] = lambda lp=lp: lp.student_step(x)
     cases["student/sr_repeat"]()  # fill the cache off the clock, whatever --warmup is
     if official is not None:
@@ -190,11 +209,14 @@ def bench_student(pair: Pair, args: argparse.Namespace, official: Any) -> Dict[s
         lp = pair.loop()
         crit = kl_div_criterion(1.0)
         ul = official.UnlearnOptimizer(crit, inner_round=10)  # no cache: new batches for symmetry
-        cases["student/official_sr"] = lambda lp=lp, ul=ul, nxt=pair.fresh_batches(n_calls): ul.step(
+        nxt = pair.fresh_batches(n_calls)
+        cases["student/official_sr"] = lambda lp=lp, ul=ul, nxt=nxt: ul.step(
             lp.student, lp.teacher, lp.opt_s, nxt(), crit)
     try:
         times = time_round_robin(cases, pair.device, warmup=args.warmup, repeats=reps)
-        peaks = {k: peak_memory_mib(fn, pair.device) for k, fn in cases.items()} if args.memory else {}
+        peaks = (
+            {k: peak_memory_mib(fn, pair.device) for k, fn in cases.items()} if args.memory else {}
+        )
         cache = getattr(guards["student/sr_repeat"].sr, "_cache", None)
         out = {"cases": _summ(times, peaks),
                "sr_steps": {n: g.report().sr_steps for n, g in guards.items()},
@@ -213,7 +235,7 @@ def bench_student(pair: Pair, args: argparse.Namespace, official: Any) -> Dict[s
     return out
 
 
-def bench_run(pair: Pair, args: argparse.Namespace) -> Dict[str, Any]:
+def bench_run(pair: Pair, args: argparse.Namespace) -> dict[str, Any]:
     """Whole ZSKT runs of ``--run-iters`` pseudo batches, vanilla vs ABD, alternated."""
     n_iter = args.run_iters
     total = n_iter * pair.n_student_iter
@@ -223,8 +245,8 @@ def bench_run(pair: Pair, args: argparse.Namespace) -> Dict[str, Any]:
         "run/abd_tuned": dict(verify=False, shuffle_layers=1, sr_start_step=sr_start,
                               sr_warm_start=True, sr_inner_rounds=5),
     }
-    times: Dict[str, List[float]] = {"run/vanilla": [], **{k: [] for k in settings}}
-    sr_steps: Dict[str, int] = {}
+    times: dict[str, list[float]] = {"run/vanilla": [], **{k: [] for k in settings}}
+    sr_steps: dict[str, int] = {}
     for _ in range(args.run_repeats):
         for name in times:
             lp = pair.loop()
@@ -242,15 +264,20 @@ def bench_run(pair: Pair, args: argparse.Namespace) -> Dict[str, Any]:
                 if guard is not None:
                     sr_steps[name] = guard.report().sr_steps
                     guard.detach()
-    return {"iters": n_iter, "student_steps": total, "sr_start_step": sr_start,
-            "sr_steps": sr_steps, "settings": {k: {kk: vv for kk, vv in v.items()} for k, v in settings.items()},
-            "cases": _summ(times, {})}
+    return {
+        "iters": n_iter,
+        "student_steps": total,
+        "sr_start_step": sr_start,
+        "sr_steps": sr_steps,
+        "settings": {k: {kk: vv for kk, vv in v.items()} for k, v in settings.items()},
+        "cases": _summ(times, {}),
+    }
 
 
-def ratios(res: Dict[str, Any], pair: Pair, args: argparse.Namespace) -> Dict[str, Any]:
+def ratios(res: dict[str, Any], pair: Pair, args: argparse.Namespace) -> dict[str, Any]:
     g = {k: v["median_s"] for k, v in res["generator_step"]["cases"].items()}
     s = {k: v["median_s"] for k, v in res["student_step"]["cases"].items()}
-    r: Dict[str, Any] = {}
+    r: dict[str, Any] = {}
     for k in g:
         if k != "gen/vanilla":
             r[f"{k} / gen/vanilla"] = g[k] / g["gen/vanilla"]
@@ -263,7 +290,9 @@ def ratios(res: Dict[str, Any], pair: Pair, args: argparse.Namespace) -> Dict[st
     r[f"{amort} / student/vanilla"] = s[amort] / s["student/vanilla"]
     if "student/official_sr" in s:
         r["student/sr / student/official_sr"] = s["student/sr"] / s["student/official_sr"]
-        r["student/sr_tuned / student/official_sr"] = s["student/sr_tuned"] / s["student/official_sr"]
+        r["student/sr_tuned / student/official_sr"] = (
+            s["student/sr_tuned"] / s["student/official_sr"]
+        )
         r[f"{amort} / student/official_sr"] = s[amort] / s["student/official_sr"]
     if "gen/official_sv_k5" in g:
         r["gen/sv_k5 / gen/official_sv_k5"] = g["gen/sv_k5"] / g["gen/official_sv_k5"]
@@ -277,38 +306,66 @@ def ratios(res: Dict[str, Any], pair: Pair, args: argparse.Namespace) -> Dict[st
         # plain SR at its amortized cost (the cache), tuned SR (warm start: no cache) per step
         it_v = rc["run/vanilla"] / res["whole_run"]["iters"]
         f, n = args.sr_fraction, pair.n_student_iter
-        for key, sv, sr in (("abd", "gen/sv_k5", amort), ("abd_tuned", "gen/sv_k1", "student/sr_tuned")):
+        for key, sv, sr in (
+            ("abd", "gen/sv_k5", amort),
+            ("abd_tuned", "gen/sv_k1", "student/sr_tuned"),
+        ):
             if sv in g:
                 extra = (g[sv] - g["gen/vanilla"]) + f * n * (s[sr] - s["student/vanilla"])
-                r[f"run/{key} / run/vanilla (projected {PAPER_ZSKT_ITERS} iters)"] = (it_v + extra) / it_v
-                r[f"run/{key} / run/vanilla (projected, SR share only)"] = (it_v + f * n * (s[sr] - s["student/vanilla"])) / it_v
+                r[f"run/{key} / run/vanilla (projected {PAPER_ZSKT_ITERS} iters)"] = (
+                    it_v + extra
+                ) / it_v
+                r[f"run/{key} / run/vanilla (projected, SR share only)"] = (
+                    it_v + f * n * (s[sr] - s["student/vanilla"])
+                ) / it_v
     return r
 
 
-def amortized_key(cfg: Dict[str, Any]) -> str:
+def amortized_key(cfg: dict[str, Any]) -> str:
     """``student/sr amortized over n steps per batch`` for this config's n."""
-    return f"student/sr amortized over {cfg['student_step']['derived']['steps_per_batch']} steps per batch"
+    n = cfg["student_step"]["derived"]["steps_per_batch"]
+    return f"student/sr amortized over {n} steps per batch"
 
 
-def to_markdown(report: Dict[str, Any]) -> str:
+def to_markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
-    lines = [f"# ABD overhead benchmark ({m['device']})", "",
-             f"- device: {m['device_name']}", f"- torch {m['torch']}, Python {m['python']}",
-             f"- date: {m['date']}", f"- command: `{m['command']}`",
-             f"- load average (1/5/15 min) at start {m.get('load_average_at_start')}, at end {m.get('load_average_at_end')}",
-             f"- warm-up {m['args']['warmup']}, repeats {m['args']['repeats']} (student/SR cases: "
-             f"{m['student_repeats']}), whole runs {m['args']['run_iters']} pseudo batches x "
-             f"{m['args']['run_repeats']}, SR window = last {100 * m['args']['sr_fraction']:.2f} % of student steps",
-             "- official code: " + (f"`{m['official']['root']}`; run-time rewrites: {'; '.join(m['official']['patches']) or 'none'}; "
-                                    f"stubs: {', '.join(m['official']['stubs']) or 'none'}" if m.get("official")
-                                    else "not loaded (pass --reference PATH)"), ""]
+    lines = [
+        f"# ABD overhead benchmark ({m['device']})",
+        "",
+        f"- device: {m['device_name']}",
+        f"- torch {m['torch']}, Python {m['python']}",
+        f"- date: {m['date']}",
+        f"- command: `{m['command']}`",
+        f"- load average (1/5/15 min) at start {m.get('load_average_at_start')}, "
+        f"at end {m.get('load_average_at_end')}",
+        f"- warm-up {m['args']['warmup']}, repeats {m['args']['repeats']} (student/SR cases: "
+        f"{m['student_repeats']}), whole runs {m['args']['run_iters']} pseudo batches x "
+        f"{m['args']['run_repeats']}, SR window = last {100 * m['args']['sr_fraction']:.2f} % "
+        "of student steps",
+        "- official code: "
+        + (
+            f"`{m['official']['root']}`; "
+            f"run-time rewrites: {'; '.join(m['official']['patches']) or 'none'}; "
+            f"stubs: {', '.join(m['official']['stubs']) or 'none'}"
+            if m.get("official")
+            else "not loaded (pass --reference PATH)"
+        ),
+        "",
+    ]
     for cfg in report["configs"]:
-        lines += [f"## {cfg['teacher']} -> {cfg['student']}, {cfg['img']}x{cfg['img']}, batch {cfg['batch']}", "",
-                  "| case | median (ms) | min (ms) | peak extra memory (MiB) |", "|---|---:|---:|---:|"]
+        lines += [
+            f"## {cfg['teacher']} -> {cfg['student']}, {cfg['img']}x{cfg['img']}, "
+            f"batch {cfg['batch']}",
+            "",
+            "| case | median (ms) | min (ms) | peak extra memory (MiB) |",
+            "|---|---:|---:|---:|",
+        ]
         for part in ("generator_step", "student_step", "whole_run"):
             for k, v in cfg.get(part, {}).get("cases", {}).items():
                 peak = "" if v.get("peak_mib") is None else f"{v['peak_mib']:.1f}"
-                lines.append(f"| {k} | {1000 * v['median_s']:.1f} | {1000 * v['min_s']:.1f} | {peak} |")
+                lines.append(
+                    f"| {k} | {1000 * v['median_s']:.1f} | {1000 * v['min_s']:.1f} | {peak} |"
+                )
             if part == "student_step":
                 for k, v in cfg[part].get("derived", {}).items():
                     if k != "steps_per_batch":
@@ -317,13 +374,23 @@ def to_markdown(report: Dict[str, Any]) -> str:
         lines += [f"| {k} | {v:.3f} |" for k, v in cfg["ratios"].items()]
         sv = cfg["generator_step"].get("sv", {})
         if sv:
-            lines += ["", "Shared trunk (``guard.sv.ensemble.trunk_module``): " + "; ".join(
-                f"{k}: `{v['trunk_module']}` (shuffled {len(v['shuffled_layers'])}: {', '.join(v['shuffled_layers'])})"
-                for k, v in sv.items())]
+            lines += [
+                "",
+                "Shared trunk (``guard.sv.ensemble.trunk_module``): "
+                + "; ".join(
+                    f"{k}: `{v['trunk_module']}` (shuffled {len(v['shuffled_layers'])}: "
+                    f"{', '.join(v['shuffled_layers'])})"
+                    for k, v in sv.items()
+                ),
+            ]
         if "whole_run" in cfg:
             rr = cfg["whole_run"]
-            lines += ["", f"Whole run: {rr['iters']} pseudo batches = {rr['student_steps']} student steps; SR from step "
-                      f"{rr['sr_start_step']} ({rr['sr_steps']} SR steps)."]
+            lines += [
+                "",
+                f"Whole run: {rr['iters']} pseudo batches = {rr['student_steps']} student steps; "
+                "SR from step "
+                f"{rr['sr_start_step']} ({rr['sr_steps']} SR steps).",
+            ]
         lines.append("")
     lines += ["## Targets", "", "| target | limit | measured | met |", "|---|---:|---:|---|"]
     for t in report["targets"]:
@@ -333,7 +400,7 @@ def to_markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def targets(report: Dict[str, Any]) -> List[Dict[str, Any]]:
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for cfg in report["configs"]:
         tag = f"{cfg['teacher']}->{cfg['student']} b{cfg['batch']}"
@@ -341,17 +408,52 @@ def targets(report: Dict[str, Any]) -> List[Dict[str, Any]]:
         amort = amortized_key(cfg)
         n = cfg["student_step"]["derived"]["steps_per_batch"]
         for key, limit, name in (
-            ("gen/sv_k5 / gen/vanilla", TARGETS["sv_gen_step"], "SV generator step (k=5) / vanilla"),
-            ("gen/sv_k1 / gen/vanilla", TARGETS["sv_gen_step"], "SV generator step (k=1) / vanilla"),
-            ("student/sr / student/official_sr", TARGETS["sr_vs_official"],
-             "SR student step, new batch (first step of a pseudo batch) / official SR step"),
-            (f"{amort} / student/official_sr", TARGETS["sr_vs_official"],
-             f"SR student step amortized over {n} steps per batch (perturbation cache) / official SR step"),
-            ("student/sr_tuned / student/official_sr", TARGETS["sr_vs_official"], "SR tuned step / official SR step"),
-            ("run/abd / run/vanilla (measured)", TARGETS["whole_run"], "whole run ABD (k=5, SR 10 rounds) / vanilla, measured"),
-            (f"run/abd / run/vanilla (projected {PAPER_ZSKT_ITERS} iters)", TARGETS["whole_run"], "whole run ABD / vanilla, projected"),
-            ("run/abd_tuned / run/vanilla (measured)", TARGETS["whole_run"], "whole run ABD tuned (k=1, SR warm 5 rounds) / vanilla, measured"),
-            (f"run/abd_tuned / run/vanilla (projected {PAPER_ZSKT_ITERS} iters)", TARGETS["whole_run"], "whole run ABD tuned / vanilla, projected"),
+            (
+                "gen/sv_k5 / gen/vanilla",
+                TARGETS["sv_gen_step"],
+                "SV generator step (k=5) / vanilla",
+            ),
+            (
+                "gen/sv_k1 / gen/vanilla",
+                TARGETS["sv_gen_step"],
+                "SV generator step (k=1) / vanilla",
+            ),
+            (
+                "student/sr / student/official_sr",
+                TARGETS["sr_vs_official"],
+                "SR student step, new batch (first step of a pseudo batch) / official SR step",
+            ),
+            (
+                f"{amort} / student/official_sr",
+                TARGETS["sr_vs_official"],
+                f"SR student step amortized over {n} steps per batch (perturbation cache) / "
+                "official SR step",
+            ),
+            (
+                "student/sr_tuned / student/official_sr",
+                TARGETS["sr_vs_official"],
+                "SR tuned step / official SR step",
+            ),
+            (
+                "run/abd / run/vanilla (measured)",
+                TARGETS["whole_run"],
+                "whole run ABD (k=5, SR 10 rounds) / vanilla, measured",
+            ),
+            (
+                f"run/abd / run/vanilla (projected {PAPER_ZSKT_ITERS} iters)",
+                TARGETS["whole_run"],
+                "whole run ABD / vanilla, projected",
+            ),
+            (
+                "run/abd_tuned / run/vanilla (measured)",
+                TARGETS["whole_run"],
+                "whole run ABD tuned (k=1, SR warm 5 rounds) / vanilla, measured",
+            ),
+            (
+                f"run/abd_tuned / run/vanilla (projected {PAPER_ZSKT_ITERS} iters)",
+                TARGETS["whole_run"],
+                "whole run ABD tuned / vanilla, projected",
+            ),
         ):
             val = r.get(key)
             out.append({"name": f"{name} [{tag}]", "limit": limit, "value": val,
@@ -359,22 +461,40 @@ def targets(report: Dict[str, Any]) -> List[Dict[str, Any]]:
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", action="store_true", help="smoke mode: tiny CNNs, 16x16, batch 8, one repeat")
-    p.add_argument("--reference", default=None, help="checkout of illidanlab/ABD: time its SV and SR too")
-    p.add_argument("--pairs", default=None,
-                   help="comma list teacher-student[@b1+b2] (e.g. wrn16_2-wrn16_1@128+256,resnet34-resnet18@128)")
+    p.add_argument(
+        "--tiny", action="store_true", help="smoke mode: tiny CNNs, 16x16, batch 8, one repeat"
+    )
+    p.add_argument(
+        "--reference", default=None, help="checkout of illidanlab/ABD: time its SV and SR too"
+    )
+    p.add_argument(
+        "--pairs",
+        default=None,
+        help="comma list teacher-student[@b1+b2] "
+        "(e.g. wrn16_2-wrn16_1@128+256,resnet34-resnet18@128)",
+    )
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--run-iters", type=int, default=None, help="pseudo batches per whole run (0: skip)")
+    p.add_argument(
+        "--run-iters", type=int, default=None, help="pseudo batches per whole run (0: skip)"
+    )
     p.add_argument("--run-repeats", type=int, default=None)
-    p.add_argument("--n-student-iter", type=int, default=10, help="student steps per pseudo batch (ZSKT: 10)")
-    p.add_argument("--sr-fraction", type=float, default=0.005, help="SR window: last fraction of student steps")
+    p.add_argument(
+        "--n-student-iter", type=int, default=10, help="student steps per pseudo batch (ZSKT: 10)"
+    )
+    p.add_argument(
+        "--sr-fraction", type=float, default=0.005, help="SR window: last fraction of student steps"
+    )
     p.add_argument("--sv-layers", default="1,5", help="shuffle depths k timed for SV")
-    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); tiny: 1")
+    p.add_argument(
+        "--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); tiny: 1"
+    )
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--tag", default=None, help="file name stem (default <device>-<date>)")
     args = p.parse_args(argv)
@@ -412,31 +532,52 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         official = load_official(args.reference, device)
 
     date = _dt.datetime.now(_dt.timezone.utc)
-    report: Dict[str, Any] = {"meta": {
-        "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
-        "python": platform.python_version(), "date": date.isoformat(timespec="seconds"),
-        "load_average_at_start": _loadavg(),
-        "command": " ".join(["python", "benchmarks/bench_overhead.py"] + (argv if argv is not None else sys.argv[1:])),
-        "args": {k: v for k, v in vars(args).items()},
-        "student_repeats": args.repeats if args.tiny else max(2, args.repeats // 2),
-        "official": None if official is None else {"root": str(official.root), "patches": official.patches,
-                                                    "stubs": official.stubs},
-        "notes": ["teacher frozen (requires_grad False), eval mode; student and generator train mode",
-                  "student step = no-grad teacher forward + KD (KL, T=1) forward/backward + clip 5 + Adam",
-                  "student/sr, student/sr_tuned, student/official_sr: a new random batch per call (SR's "
-                  "perturbation cache misses); student/sr_repeat: one batch (hits after a priming call)",
-                  "CPU peak memory: torch.profiler allocator events (tensors only)"],
-    }, "configs": []}
+    report: dict[str, Any] = {
+        "meta": {
+            "device": device.type,
+            "device_name": device_name(device),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "date": date.isoformat(timespec="seconds"),
+            "load_average_at_start": _loadavg(),
+            "command": " ".join(
+                ["python", "benchmarks/bench_overhead.py"]
+                + (argv if argv is not None else sys.argv[1:])
+            ),
+            "args": {k: v for k, v in vars(args).items()},
+            "student_repeats": args.repeats if args.tiny else max(2, args.repeats // 2),
+            "official": None
+            if official is None
+            else {"root": str(official.root), "patches": official.patches, "stubs": official.stubs},
+            "notes": [
+                "teacher frozen (requires_grad False), eval mode; student and generator train mode",
+                "student step = no-grad teacher forward + KD (KL, T=1) forward/backward + clip 5 "
+                "+ Adam",
+                "student/sr, student/sr_tuned, student/official_sr: a new random batch per call "
+                "(SR's perturbation cache misses); student/sr_repeat: one batch (hits after a "
+                "priming call)",
+                "CPU peak memory: torch.profiler allocator events (tensors only)",
+            ],
+        },
+        "configs": [],
+    }
 
     for teacher, student, img, batches in pairs:
         for batch in batches:
             pair = Pair(teacher, student, img, batch, device, args.n_student_iter)
-            cfg: Dict[str, Any] = {"teacher": teacher, "student": student, "img": img, "batch": batch}
+            cfg: dict[str, Any] = {
+                "teacher": teacher,
+                "student": student,
+                "img": img,
+                "batch": batch,
+            }
             # results live under "generator_step", "student_step", "whole_run"
             print(f"[bench] {teacher} -> {student} {img}x{img} batch {batch}", flush=True)
             cfg["generator_step"] = bench_generator(pair, args, official)
             cfg["student_step"] = bench_student(pair, args, official)
-            if args.run_iters > 0 and (args.tiny or gpu or teacher.startswith("wrn") and batch == min(batches)):
+            if args.run_iters > 0 and (
+                args.tiny or gpu or teacher.startswith("wrn") and batch == min(batches)
+            ):
                 cfg["whole_run"] = bench_run(pair, args)
             cfg["ratios"] = ratios(cfg, pair, args)
             for k, v in cfg["ratios"].items():

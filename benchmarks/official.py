@@ -23,7 +23,7 @@ import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,8 @@ class Official:
     root: Path
     BackdoorSuspectLoss: Any
     UnlearnOptimizer: Any
-    patches: List[str] = field(default_factory=list)
-    stubs: List[str] = field(default_factory=list)
+    patches: list[str] = field(default_factory=list)
+    stubs: list[str] = field(default_factory=list)
 
 
 def find_root(path: str) -> Path:
@@ -57,7 +57,8 @@ def find_root(path: str) -> Path:
             return root
     missing = [f for f in FILES.values() if not (p / f).is_file()]
     raise FileNotFoundError(
-        f"--reference {path}: not a checkout of illidanlab/ABD (missing {missing}); pass the folder "
+        f"--reference {path}: not a checkout of illidanlab/ABD (missing {missing}); "
+        "pass the folder "
         "made by `git clone https://github.com/illidanlab/ABD`"
     )
 
@@ -78,7 +79,7 @@ def _missing(name: str) -> bool:
         return True
 
 
-def _rewrite_cuda(src: str, fname: str, patches: List[str]) -> str:
+def _rewrite_cuda(src: str, fname: str, patches: list[str]) -> str:
     rules = [(r"device\s*=\s*['\"]cuda['\"]", f"device={_DEVICE_GLOBAL}", "device='cuda'"),
              (r"\.cuda\(\)", f".to({_DEVICE_GLOBAL})", ".cuda()")]
     for pattern, repl, label in rules:
@@ -88,7 +89,7 @@ def _rewrite_cuda(src: str, fname: str, patches: List[str]) -> str:
     return src
 
 
-def _exec_file(name: str, path: Path, device: torch.device, patches: List[str]) -> types.ModuleType:
+def _exec_file(name: str, path: Path, device: torch.device, patches: list[str]) -> types.ModuleType:
     src = path.read_text()
     if device.type != "cuda":
         src = _rewrite_cuda(src, path.name, patches)
@@ -103,11 +104,11 @@ def _exec_file(name: str, path: Path, device: torch.device, patches: List[str]) 
 def load_official(path: str, device: torch.device) -> Official:
     """Load ``BackdoorSuspectLoss`` and ``UnlearnOptimizer`` from a checkout at ``path``."""
     root = find_root(path)
-    patches: List[str] = []
-    stubs: List[str] = []
+    patches: list[str] = []
+    stubs: list[str] = []
     touched = ["utils", "utils.utils", "utils.hypergrad", "_abd_official_syn_vaccine",
                "_abd_official_unlearn"]
-    fake: Dict[str, types.ModuleType] = {}
+    fake: dict[str, types.ModuleType] = {}
     if _missing("matplotlib"):
         plt = _stub_module("matplotlib.pyplot")
         fake["matplotlib"] = _stub_module("matplotlib", pyplot=plt)
@@ -115,11 +116,16 @@ def load_official(path: str, device: torch.device) -> Official:
     if _missing("sklearn"):
         def _unavailable(*_a: Any, **_k: Any) -> Any:
             raise RuntimeError("sklearn is stubbed by the benchmark; only diagnostics use it")
-        metrics = _stub_module("sklearn.metrics", accuracy_score=_unavailable, roc_auc_score=_unavailable)
+
+        metrics = _stub_module(
+            "sklearn.metrics", accuracy_score=_unavailable, roc_auc_score=_unavailable
+        )
         fake["sklearn"] = _stub_module("sklearn", metrics=metrics)
         fake["sklearn.metrics"] = metrics
     stubs.extend(sorted(fake))
-    saved: Dict[str, Optional[types.ModuleType]] = {n: sys.modules.get(n) for n in touched + list(fake)}
+    saved: dict[str, types.ModuleType | None] = {
+        n: sys.modules.get(n) for n in touched + list(fake)
+    }
     try:
         sys.modules.update(fake)
         pkg = _stub_module("utils")

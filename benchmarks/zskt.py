@@ -8,14 +8,14 @@ ends with ZSKT's affine-free BatchNorm (``out="bn"``).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def kl_teacher_student(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+def kl_teacher_student(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
+) -> Tensor:
     """ZSKT's ``KL(p_T || p_S)`` (``reduction='batchmean'``)."""
     t = temperature
     return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1),
@@ -43,12 +43,12 @@ class ZSKTLoop:
         self.opt_s = torch.optim.Adam(student.parameters(), lr=2e-3)
         self._rng = torch.Generator(device="cpu").manual_seed(seed)
         self.z = self._new_z()
-        self.x: Optional[Tensor] = None
+        self.x: Tensor | None = None
 
     def _new_z(self) -> Tensor:
         return torch.randn(self.batch, self.generator.z_dim, generator=self._rng).to(self.device)
 
-    def generator_step(self, extra_loss: Optional[object] = None) -> Tensor:
+    def generator_step(self, extra_loss: object | None = None) -> Tensor:
         """One generator step: maximise ``KL(p_T || p_S)`` on ``G(z)``. ``extra_loss(t_logits, x)``
         (the official SV) is added to the generator loss when given."""
         x = self.generator(self.z)
@@ -64,7 +64,7 @@ class ZSKTLoop:
         self.x = x.detach()
         return loss.detach()
 
-    def student_step(self, x: Tensor, teacher_logits: Optional[Tensor] = None) -> Tensor:
+    def student_step(self, x: Tensor, teacher_logits: Tensor | None = None) -> Tensor:
         """One student step on ``x``; the teacher's logits are computed (no grad) when not given."""
         if teacher_logits is None:
             with torch.no_grad():
@@ -77,7 +77,8 @@ class ZSKTLoop:
         return loss.detach()
 
     def iteration(self) -> None:
-        """One ZSKT pseudo batch: 1 generator step, 1 teacher forward, ``n_student_iter`` student steps."""
+        """One ZSKT pseudo batch: 1 generator step, 1 teacher forward, ``n_student_iter`` student
+        steps."""
         self.z = self._new_z()
         self.generator_step()
         assert self.x is not None

@@ -6,10 +6,9 @@ package imports no host and nothing heavy. See ``integrations/README.md`` for th
 from __future__ import annotations
 
 from fnmatch import fnmatch
-from typing import Dict, List
 
 #: adapter module -> the host(s) it binds to
-ADAPTERS: Dict[str, str] = {
+ADAPTERS: dict[str, str] = {
     "datafree": "zju-vipa/Fast-Datafree and zju-vipa/CMI: CMI, DeepInversion, Fast, FastMeta, "
                 "Generative synthesizers; datafree_kd.train",
     "zskt": "polo5/ZeroShotKnowledgeTransfer: ZeroShotKTSolver",
@@ -20,7 +19,7 @@ ADAPTERS: Dict[str, str] = {
 }
 
 
-def list_adapters(filter: str = "*") -> List[str]:
+def list_adapters(filter: str = "*") -> list[str]:
     """Names of the adapters (``abd_plugin.integrations.<name>``), optionally fnmatch-filtered."""
     return sorted(n for n in ADAPTERS if fnmatch(n, filter))
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +48,9 @@ def require(owner: Any, name: str, params: Sequence[str], host: str, supported: 
             f"{host}: expected {where} to exist; this adapter supports {supported}. "
             "Update the fork or pin the adapter to a matching abd-plugin release."
         )
-    target = fn.__init__ if isinstance(fn, type) else fn  # keep "self" in the names
+    target: Any = fn
+    if isinstance(fn, type):
+        target = target.__init__  # keep "self" in the names
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError):  # builtins: nothing to check
@@ -63,8 +66,8 @@ def require(owner: Any, name: str, params: Sequence[str], host: str, supported: 
     return fn
 
 
-def split_config(config: Optional[ABDConfig], sr_start_fraction: Optional[float],
-                 overrides: Dict[str, Any]) -> Tuple[ABDConfig, Optional[float]]:
+def split_config(config: ABDConfig | None, sr_start_fraction: float | None,
+                 overrides: dict[str, Any]) -> tuple[ABDConfig, float | None]:
     """Merge ``config`` and ``overrides``; keep ``sr_start_fraction`` aside when the host will
     supply the number of student steps (``ABDConfig`` needs ``total_steps`` next to it)."""
     cfg = config or ABDConfig()
@@ -94,8 +97,8 @@ class _OncePerStep:
     def __init__(self, guard: ABDGuard) -> None:
         self.guard = guard
         self.fired = False
-        self._stack: List[Any] = []
-        self._handles: List[Any] = []
+        self._stack: list[Any] = []
+        self._handles: list[Any] = []
 
     def install(self) -> None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -139,8 +142,8 @@ class _OncePerStep:
 class GuardSession:
     """One guard for one teacher/student pair; attached while host code runs (re-entrant)."""
 
-    def __init__(self, teacher: nn.Module, student: Optional[nn.Module], config: ABDConfig,
-                 sr_start_fraction: Optional[float]) -> None:
+    def __init__(self, teacher: nn.Module, student: nn.Module | None, config: ABDConfig,
+                 sr_start_fraction: float | None) -> None:
         if student is None:
             student = _NoStudent()
             config = config.replace(sr=False)
@@ -191,12 +194,12 @@ class PatchHandle:
         sessions: one :class:`GuardSession` per teacher seen so far.
     """
 
-    def __init__(self, host: str, config: ABDConfig, sr_start_fraction: Optional[float]) -> None:
+    def __init__(self, host: str, config: ABDConfig, sr_start_fraction: float | None) -> None:
         self.host = host
         self.config = config
         self.sr_start_fraction = sr_start_fraction
-        self.sessions: Dict[int, GuardSession] = {}
-        self._undo: List[Callable[[], None]] = []
+        self.sessions: dict[int, GuardSession] = {}
+        self._undo: list[Callable[[], None]] = []
         self._patched = True
 
     # -------------------------------------------------------------- guards
@@ -208,10 +211,10 @@ class PatchHandle:
         return list(self.sessions.values())[-1].guard
 
     @property
-    def guards(self) -> List[ABDGuard]:
+    def guards(self) -> list[ABDGuard]:
         return [s.guard for s in self.sessions.values()]
 
-    def session(self, teacher: nn.Module, student: Optional[nn.Module]) -> GuardSession:
+    def session(self, teacher: nn.Module, student: nn.Module | None) -> GuardSession:
         """The session for ``teacher``, built on first use (``student=None``: SV only)."""
         key = id(teacher)
         sess = self.sessions.get(key)
@@ -220,7 +223,7 @@ class PatchHandle:
             self.sessions[key] = sess
         return sess
 
-    def find_session(self, teacher: nn.Module) -> Optional[GuardSession]:
+    def find_session(self, teacher: nn.Module) -> GuardSession | None:
         return self.sessions.get(id(teacher))
 
     # -------------------------------------------------------------- reversible edits
@@ -257,12 +260,11 @@ class PatchHandle:
     def patched(self) -> bool:
         return self._patched
 
-    def __enter__(self) -> "PatchHandle":
+    def __enter__(self) -> PatchHandle:
         return self
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: Any) -> None:
         self.unpatch()
-        return False
 
 
 def wraps_host(orig: Callable[..., Any], wrapper: Callable[..., Any]) -> Callable[..., Any]:
@@ -274,7 +276,9 @@ def wraps_host(orig: Callable[..., Any], wrapper: Callable[..., Any]) -> Callabl
     return out
 
 
-def bind_args(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+def bind_args(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
     bound = inspect.signature(fn).bind(*args, **kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)

@@ -24,7 +24,7 @@ What changes in the host:
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from abd_plugin import ABDConfig
 
@@ -71,8 +71,8 @@ def check(datafree_kd: Any, synthesis: Any) -> list:
     return classes
 
 
-def patch(datafree_kd: Any = None, *, synthesis: Any = None, config: Optional[ABDConfig] = None,
-          sr_start_fraction: Optional[float] = None, **overrides: Any) -> PatchHandle:
+def patch(datafree_kd: Any = None, *, synthesis: Any = None, config: ABDConfig | None = None,
+          sr_start_fraction: float | None = None, **overrides: Any) -> PatchHandle:
     """Add ABD to a Fast-Datafree/CMI run.
 
     Args:

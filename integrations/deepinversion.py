@@ -22,7 +22,7 @@ core's ``ABDGuard``) to get SR.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from abd_plugin import ABDConfig
 
@@ -51,7 +51,7 @@ def check_cifar(module: Any) -> None:
         raise RuntimeError(f"{HOST}: get_images is already patched; unpatch first")
 
 
-def patch(engine_cls: Any = None, *, config: Optional[ABDConfig] = None,
+def patch(engine_cls: Any = None, *, config: ABDConfig | None = None,
           **overrides: Any) -> PatchHandle:
     """SV for ``DeepInversionClass`` (default: ``deepinversion.DeepInversionClass``)."""
     if engine_cls is None:
@@ -69,7 +69,7 @@ def patch(engine_cls: Any = None, *, config: Optional[ABDConfig] = None,
     return handle
 
 
-def patch_cifar(module: Any = None, *, config: Optional[ABDConfig] = None,
+def patch_cifar(module: Any = None, *, config: ABDConfig | None = None,
                 **overrides: Any) -> PatchHandle:
     """SV for the CIFAR script's module-level ``get_images(net, ...)``."""
     mod = load_module(module, "deepinversion_cifar10", HOST, SUPPORTED)

@@ -19,7 +19,7 @@ with a guard around its ``teacher``/``student``.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from abd_plugin import ABDConfig
 
@@ -42,8 +42,8 @@ def check(module: Any) -> None:
         raise RuntimeError(f"{HOST}: {module.__name__}.train is already patched; unpatch first")
 
 
-def patch(module: Any = None, *, config: Optional[ABDConfig] = None,
-          sr_start_fraction: Optional[float] = None, **overrides: Any) -> PatchHandle:
+def patch(module: Any = None, *, config: ABDConfig | None = None,
+          sr_start_fraction: float | None = None, **overrides: Any) -> PatchHandle:
     """Add ABD to a DFAD script module (default: ``import DFAD_cifar``)."""
     mod = load_module(module, "DFAD_cifar", HOST, SUPPORTED)
     check(mod)

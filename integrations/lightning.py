@@ -25,7 +25,8 @@ What changes in the module while ``fit`` runs (all undone at the end of ``fit``)
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,11 +38,11 @@ from ._common import HostMismatchError, _OncePerStep, split_config
 try:  # Lightning 2.x
     from lightning.pytorch import Callback
 except ImportError:  # pragma: no cover - the standalone package
-    from pytorch_lightning import Callback  # type: ignore[no-redef]
+    from pytorch_lightning import Callback  # type: ignore[assignment]
 
 HOST = "lightning"
 SUPPORTED = "lightning>=2.0 (tested 2.6.6); yukimasano/single-img-extrapolating@befd4bd (in1k)"
-ModuleRef = Union[str, nn.Module]
+ModuleRef = str | nn.Module
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -61,21 +62,21 @@ class ABDCallback(Callback):
     """
 
     def __init__(self, teacher: ModuleRef = "teacher", student: ModuleRef = "student", *,
-                 config: Optional[ABDConfig] = None, sr_start_fraction: Optional[float] = None,
-                 reweight: Optional[str] = "auto", per_sample_loss: Optional[PerSampleLoss] = None,
+                 config: ABDConfig | None = None, sr_start_fraction: float | None = None,
+                 reweight: str | None = "auto", per_sample_loss: PerSampleLoss | None = None,
                  **overrides: Any) -> None:
         self.config, self._frac = split_config(config, sr_start_fraction, overrides)
         self.teacher_ref, self.student_ref = teacher, student
         self.reweight = reweight
         self.per_sample_loss = per_sample_loss
-        self.guard: Optional[ABDGuard] = None
-        self._gate: Optional[_OncePerStep] = None
+        self.guard: ABDGuard | None = None
+        self._gate: _OncePerStep | None = None
         self._handles: list = []
-        self._last_teacher: Optional[tuple] = None
-        self._patched_method: Optional[str] = None
-        self._pending_state: Optional[Dict[str, Any]] = None
+        self._last_teacher: tuple | None = None
+        self._patched_method: str | None = None
+        self._pending_state: dict[str, Any] | None = None
         self.sr_calls = 0
-        self._module: Optional[nn.Module] = None
+        self._module: nn.Module | None = None
 
     # ---------------------------------------------------------------- helpers
     @staticmethod
@@ -124,9 +125,14 @@ class ABDCallback(Callback):
             return
         from abd_plugin import extract_logits
 
-        self._last_teacher = (args[0].detach(), extract_logits(output, self.config.logits_fn).detach())
+        self._last_teacher = (
+            args[0].detach(),
+            extract_logits(output, self.config.logits_fn).detach(),
+        )
 
-    def _reweighted(self, orig: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    def _reweighted(
+        self, orig: Callable[[Tensor, Tensor], Tensor]
+    ) -> Callable[[Tensor, Tensor], Tensor]:
         def kd_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
             guard, seen = self.guard, self._last_teacher
             if (guard is None or guard.sv is None or seen is None or not guard.student.training
@@ -140,8 +146,12 @@ class ABDCallback(Callback):
             if self.per_sample_loss is not None:
                 per = self.per_sample_loss(student_logits, teacher_logits)
             else:
-                per = torch.stack([orig(student_logits[i:i + 1], teacher_logits[i:i + 1]).reshape(())
-                                   for i in range(student_logits.shape[0])])
+                per = torch.stack(
+                    [
+                        orig(student_logits[i : i + 1], teacher_logits[i : i + 1]).reshape(())
+                        for i in range(student_logits.shape[0])
+                    ]
+                )
             return guard.reweight(per, mask)
 
         kd_loss.__abd_wrapped__ = orig  # type: ignore[attr-defined]
@@ -185,18 +195,17 @@ class ABDCallback(Callback):
         if self._module is not None:
             self._restore(self._module)
 
-    def __enter__(self) -> "ABDCallback":
+    def __enter__(self) -> ABDCallback:
         return self
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: Any) -> None:
         self.unpatch()
-        return False
 
     # ---------------------------------------------------------------- checkpointing
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"guard": self.guard.state_dict() if self.guard is not None else None}
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         st = state_dict.get("guard")
         if st is None:
             return

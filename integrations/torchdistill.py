@@ -22,7 +22,7 @@ no synthesis step, so SV has nothing to vaccinate here.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 from abd_plugin import ABDConfig
 
@@ -33,7 +33,7 @@ SUPPORTED = "torchdistill==1.1.5"
 KEY = "abd_post_forward_process"
 
 
-def optimizer_steps(box: Any) -> Optional[int]:
+def optimizer_steps(box: Any) -> int | None:
     loader = getattr(box, "train_data_loader", None)
     try:
         n = len(loader)  # type: ignore[arg-type]
@@ -47,8 +47,13 @@ def check() -> tuple:
     dist = load_module(None, "torchdistill.core.distillation", HOST, SUPPORTED)
     pfp = load_module(None, "torchdistill.core.interfaces.post_forward_proc", HOST, SUPPORTED)
     reg = load_module(None, "torchdistill.core.interfaces.registry", HOST, SUPPORTED)
-    require(dist.DistillationBox, "forward_process", ("self", "sample_batch", "targets", "supp_dict"),
-            HOST, SUPPORTED)
+    require(
+        dist.DistillationBox,
+        "forward_process",
+        ("self", "sample_batch", "targets", "supp_dict"),
+        HOST,
+        SUPPORTED,
+    )
     require(pfp, "default_post_forward_process", ("self", "loss", "metrics"), HOST, SUPPORTED)
     require(reg, "get_post_forward_proc_func", ("key",), HOST, SUPPORTED)
     if not isinstance(getattr(reg, "POST_FORWARD_PROC_FUNC_DICT", None), dict):
@@ -58,8 +63,8 @@ def check() -> tuple:
     return pfp.default_post_forward_process, reg.POST_FORWARD_PROC_FUNC_DICT
 
 
-def patch(box: Any = None, *, config: Optional[ABDConfig] = None,
-          sr_start_fraction: Optional[float] = None, key: str = KEY,
+def patch(box: Any = None, *, config: ABDConfig | None = None,
+          sr_start_fraction: float | None = None, key: str = KEY,
           **overrides: Any) -> PatchHandle:
     """Register ``key`` as a post-forward process and, with ``box``, guard that box now.
 

@@ -18,7 +18,7 @@ What changes in the host:
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from abd_plugin import ABDConfig
 
@@ -50,8 +50,8 @@ def check(solver_cls: Any) -> None:
         raise RuntimeError(f"{HOST}: {solver_cls.__name__}.run is already patched; unpatch first")
 
 
-def patch(solver_cls: Any = None, *, config: Optional[ABDConfig] = None,
-          sr_start_fraction: Optional[float] = None, **overrides: Any) -> PatchHandle:
+def patch(solver_cls: Any = None, *, config: ABDConfig | None = None,
+          sr_start_fraction: float | None = None, **overrides: Any) -> PatchHandle:
     """Add ABD to every ``ZeroShotKTSolver.run()``.
 
     Args:

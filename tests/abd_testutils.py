@@ -11,7 +11,9 @@ from torch import nn
 class TinyCNN(nn.Module):
     """3 convs + BN + global pooling; ``mode`` picks the output container."""
 
-    def __init__(self, width: int = 8, in_ch: int = 1, classes: int = 10, mode: str = "tensor") -> None:
+    def __init__(
+        self, width: int = 8, in_ch: int = 1, classes: int = 10, mode: str = "tensor"
+    ) -> None:
         super().__init__()
         self.mode = mode
         self.conv1 = nn.Conv2d(in_ch, width, 3, padding=1)

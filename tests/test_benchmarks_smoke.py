@@ -106,7 +106,9 @@ def test_official_loader_rewrites_cuda_and_restores_modules(tmp_path: Path) -> N
         load_official(str(tmp_path / "cmi" / "datafree"), torch.device("cpu"))
 
 
-@pytest.mark.skipif(not os.environ.get("ABD_REFERENCE"), reason="set ABD_REFERENCE=<checkout of illidanlab/ABD>")
+@pytest.mark.skipif(
+    not os.environ.get("ABD_REFERENCE"), reason="set ABD_REFERENCE=<checkout of illidanlab/ABD>"
+)
 def test_tiny_run_with_the_official_code(tmp_path: Path) -> None:
     proc = _run("--device", "cpu", "--tiny", "--reference", os.environ["ABD_REFERENCE"],
                 "--out", str(tmp_path), "--tag", "ref")

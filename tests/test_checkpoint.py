@@ -22,7 +22,7 @@ def test_loads_plain_and_wrapped_state_dicts(tmp_path):
         dst = TinyCNN(8).train()
         out = load_teacher(path, dst)
         assert out is dst and not dst.training
-        for a, b in zip(src.state_dict().values(), dst.state_dict().values()):
+        for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True):
             assert torch.equal(a, b)
 
 
@@ -57,5 +57,5 @@ def test_safetensors_when_installed(tmp_path):
     path = tmp_path / "t.safetensors"
     st.save_file(src.state_dict(), str(path))
     dst = load_teacher(path, TinyCNN(8))
-    for a, b in zip(src.state_dict().values(), dst.state_dict().values()):
+    for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True):
         assert torch.equal(a, b)

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import pytest
 import torch
@@ -51,15 +51,26 @@ def _worker(out_dir: str) -> None:
         data = torch.Generator().manual_seed(1000 + rank)  # each rank sees its own data
 
         guard = ABDGuard(
-            teacher, student, verify=True, verify_skip=1, verify_batches=3, shuffle_layers="auto",
-            auto_max_depth=2, max_shuffle_trials=2, tail_ratio_threshold=-1.0,  # always accept: SV runs
-            sr_start_step=SR_START, sr_inner_rounds=2, sr_fixed_point_iters=2, seed=0)
+            teacher,
+            student,
+            verify=True,
+            verify_skip=1,
+            verify_batches=3,
+            shuffle_layers="auto",
+            auto_max_depth=2,
+            max_shuffle_trials=2,
+            tail_ratio_threshold=-1.0,  # always accept: SV runs
+            sr_start_step=SR_START,
+            sr_inner_rounds=2,
+            sr_fixed_point_iters=2,
+            seed=0,
+        )
         assert guard.sr is not None
-        local: List[torch.Tensor] = []
-        reduced: List[torch.Tensor] = []
+        local: list[torch.Tensor] = []
+        reduced: list[torch.Tensor] = []
         all_reduce = guard.sr._all_reduce
 
-        def spy(grads: List[torch.Tensor]) -> List[torch.Tensor]:
+        def spy(grads: list[torch.Tensor]) -> list[torch.Tensor]:
             local.append(torch.cat([g.detach().reshape(-1) for g in grads]).clone())
             out = all_reduce(grads)
             reduced.append(torch.cat([g.detach().reshape(-1) for g in out]).clone())
@@ -104,14 +115,16 @@ def _worker(out_dir: str) -> None:
 
 def _launch(out_dir: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]
+    )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).resolve()), "--worker", str(out_dir)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> List[Dict[str, Any]]:
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
@@ -122,7 +135,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> List[Dict[str, Any]]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def test_same_vaccine_and_decision_on_every_rank(ranks: List[Dict[str, Any]]) -> None:
+def test_same_vaccine_and_decision_on_every_rank(ranks: list[dict[str, Any]]) -> None:
     a, b = ranks
     assert a["status"] == b["status"] == "enabled"
     assert a["layers"] == b["layers"] and a["perms"].keys() == b["perms"].keys()
@@ -133,7 +146,7 @@ def test_same_vaccine_and_decision_on_every_rank(ranks: List[Dict[str, Any]]) ->
     assert a["sv_calls"] > 0 and a["sv_calls"] == b["sv_calls"]  # SV ran after verification
 
 
-def test_sr_gradients_all_reduced(ranks: List[Dict[str, Any]]) -> None:
+def test_sr_gradients_all_reduced(ranks: list[dict[str, Any]]) -> None:
     a, b = ranks
     n_sr = N_ITER * N_STUDENT - SR_START
     assert a["sr_steps"] == b["sr_steps"] == n_sr
@@ -145,11 +158,11 @@ def test_sr_gradients_all_reduced(ranks: List[Dict[str, Any]]) -> None:
     mean = (la + lb) / 2
     for r in (a, b):
         torch.testing.assert_close(r["sr_reduced"][0], mean, rtol=1e-5, atol=1e-7)
-    for ga, gb in zip(a["sr_reduced"], b["sr_reduced"]):
+    for ga, gb in zip(a["sr_reduced"], b["sr_reduced"], strict=True):
         torch.testing.assert_close(ga, gb, rtol=0, atol=0)
 
 
-def test_ddp_student_in_automatic_mode_stays_in_sync(ranks: List[Dict[str, Any]]) -> None:
+def test_ddp_student_in_automatic_mode_stays_in_sync(ranks: list[dict[str, Any]]) -> None:
     a, b = ranks
     assert a["steps"] == b["steps"] == N_ITER * N_STUDENT
     torch.testing.assert_close(a["student"], b["student"], rtol=0, atol=0)

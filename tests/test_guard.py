@@ -16,10 +16,14 @@ from abd_testutils import TinyGenerator, make_pair
 def kl(t, s):
     from abd_plugin import extract_logits
     t, s = extract_logits(t), extract_logits(s)
-    return F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True)
+    return F.kl_div(
+        F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True
+    )
 
 
-def zskt_loop(teacher, student, generator, iterations=4, n_student=2, guard=None, events=None, seed=0):
+def zskt_loop(
+    teacher, student, generator, iterations=4, n_student=2, guard=None, events=None, seed=0
+):
     """A hand-written ZSKT-style loop; ``events`` records the loop's own calls."""
     torch.manual_seed(seed)
     og = torch.optim.Adam(generator.parameters(), 1e-2)
@@ -90,7 +94,9 @@ def test_call_order_contract():
     assert guard.step == 4
 
 
-def test_sv_term_is_in_the_graph_before_backward_and_sr_lands_between_backward_and_step(monkeypatch):
+def test_sv_term_is_in_the_graph_before_backward_and_sr_lands_between_backward_and_step(
+    monkeypatch,
+):
     teacher, student = make_pair()
     gen = TinyGenerator()
     order = []
@@ -108,7 +114,10 @@ def test_sv_term_is_in_the_graph_before_backward_and_sr_lands_between_backward_a
     def spy_sr(x, **kw):
         grads_before = [p.grad.clone() for p in student.parameters()]
         out = sr_ret(x, **kw)
-        changed = any(not torch.equal(a, p.grad) for a, p in zip(grads_before, student.parameters()))
+        changed = any(
+            not torch.equal(a, p.grad)
+            for a, p in zip(grads_before, student.parameters(), strict=True)
+        )
         order.append(("sr", changed))
         return out
 
@@ -140,7 +149,7 @@ def test_sv_gradient_reaches_the_generator_exactly_once():
     t = teacher(x)
     guard2 = ABDGuard(teacher, student, verify=False, shuffle_layers=1, sv_coef=2.0, sr=False)
     (-kl(t, student(x)) + guard2.vaccine_penalty(x, t)).backward()
-    for a, p in zip(got, gen.parameters()):
+    for a, p in zip(got, gen.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad)
 
 
@@ -192,14 +201,19 @@ def test_sv_on_but_unverified_changes_nothing_either():
 
 
 def _hook_count(*models):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for mod in models for m in mod.modules())
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) for mod in models for m in mod.modules()
+    )
 
 
 def test_hooks_are_removed_after_an_exception():
     from torch.optim import optimizer as optmod
 
     teacher, student = make_pair()
-    n_pre, n_post = len(optmod._global_optimizer_pre_hooks), len(optmod._global_optimizer_post_hooks)
+    n_pre, n_post = (
+        len(optmod._global_optimizer_pre_hooks),
+        len(optmod._global_optimizer_post_hooks),
+    )
     grads_before = [None for _ in teacher.parameters()]
     with pytest.raises(RuntimeError, match="boom"):
         with ABDGuard(teacher, student, verify=False, shuffle_layers=1, sr_start_step=0):
@@ -319,7 +333,9 @@ def test_sr_lr_applies_inside_the_window_and_is_restored():
             opt.zero_grad()
             kl(teacher(x), student(x)).backward()
             opt.step()
-            moved = any(not torch.equal(a, p) for a, p in zip(before, student.parameters()))
+            moved = any(
+                not torch.equal(a, p) for a, p in zip(before, student.parameters(), strict=True)
+            )
             seen.append(moved)
             assert opt.param_groups[0]["lr"] == 0.0  # the user's value is back after every step
     assert seen == [0.0, False, 0.01, True, 0.01, True]
@@ -349,7 +365,9 @@ def test_depth_change_at_verification_inside_a_teacher_forward(monkeypatch):
         return real_tail(self, x, trunk, at)
 
     monkeypatch.setattr(ShuffledEnsemble, "tail", spy_tail)
-    with ABDGuard(teacher, student, verify_batches=2, verify_skip=0, sv_coef=1.0, sr=False) as guard:
+    with ABDGuard(
+        teacher, student, verify_batches=2, verify_skip=0, sv_coef=1.0, sr=False
+    ) as guard:
         zskt_loop(teacher, student, gen, iterations=4, n_student=1)
     assert guard.sv.status == "enabled" and guard.sv.ensemble.depth == 2
     assert tails and all(tails)  # every shared-trunk pass used the input of its own module

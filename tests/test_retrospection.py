@@ -24,9 +24,9 @@ def test_retrospect_adds_to_existing_grad_and_keeps_bn_stats():
     bufs = [b.clone() for b in student.buffers()]
     sr = SelfRetrospection(student, teacher, cfg)
     stats = sr.retrospect(x)
-    for p, g in zip(student.parameters(), ref):
+    for p, g in zip(student.parameters(), ref, strict=True):
         torch.testing.assert_close(p.grad, torch.ones_like(p) + g, rtol=1e-4, atol=1e-6)
-    assert all(torch.equal(a, b) for a, b in zip(bufs, student.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(bufs, student.buffers(), strict=True))
     assert all(p.grad is None for p in teacher.parameters())
     assert stats["grad_norm"] > 0 and sr.steps == 1
 
@@ -41,9 +41,18 @@ def test_synthesized_perturbation_moves_the_model(poisoned_digits):
     with torch.no_grad():
         dev = _kl(teacher(x), teacher(x + delta), 1.0)
         g = torch.Generator().manual_seed(0)
-        noise = torch.stack([  # random directions of the same norm, seeded
-            _kl(teacher(x), teacher(x + (r := torch.randn(delta.shape, generator=g)) * delta.norm() / r.norm()), 1.0)
-            for _ in range(8)]).mean()
+        noise = torch.stack(
+            [  # random directions of the same norm, seeded
+                _kl(
+                    teacher(x),
+                    teacher(
+                        x + (r := torch.randn(delta.shape, generator=g)) * delta.norm() / r.norm()
+                    ),
+                    1.0,
+                )
+                for _ in range(8)
+            ]
+        ).mean()
     assert dev > 0.1 and dev > 3 * noise
     assert sr.synthesize(x) is delta  # same batch, frozen teacher: cached
 

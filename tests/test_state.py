@@ -27,7 +27,9 @@ def _iteration(teacher, student, gen, og, os_, z):
     os_.zero_grad()
     loss_s.backward()
     os_.step()
-    return [p.grad.clone() for p in student.parameters()], [p.grad.clone() for p in gen.parameters()]
+    return [p.grad.clone() for p in student.parameters()], [
+        p.grad.clone() for p in gen.parameters()
+    ]
 
 
 def _fresh():
@@ -51,8 +53,16 @@ def test_state_round_trip_equals_uninterrupted_run():
     with ABDGuard(teacher, student, **CFG) as guard:
         first = [_iteration(teacher, student, gen, og, os_, z) for z in zs[:5]]
         buf = io.BytesIO()
-        torch.save({"guard": guard.state_dict(), "student": student.state_dict(), "gen": gen.state_dict(),
-                    "og": og.state_dict(), "os": os_.state_dict()}, buf)
+        torch.save(
+            {
+                "guard": guard.state_dict(),
+                "student": student.state_dict(),
+                "gen": gen.state_dict(),
+                "og": og.state_dict(),
+                "os": os_.state_dict(),
+            },
+            buf,
+        )
     buf.seek(0)
     ck = torch.load(buf, weights_only=False)
     teacher, student, gen, og, os_ = _fresh()
@@ -64,8 +74,8 @@ def test_state_round_trip_equals_uninterrupted_run():
     guard.load_state_dict(ck["guard"])
     with guard:
         second = [_iteration(teacher, student, gen, og, os_, z) for z in zs[5:]]
-    for (rs, rg), (gs, gg) in zip(ref, first + second):
-        for a, b in zip(rs + rg, gs + gg):
+    for (rs, rg), (gs, gg) in zip(ref, first + second, strict=True):
+        for a, b in zip(rs + rg, gs + gg, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert guard.step == 10 and guard.sr.steps == 6
 

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from abd_plugin import ABDConfig, ShufflingVaccine
@@ -15,8 +16,12 @@ from abd_testutils import TinyCNN, make_pair, stamp
 
 
 @settings(max_examples=40, deadline=None)
-@given(groups=st.sampled_from([1, 2, 4]), per_group=st.integers(1, 4), out_per_group=st.integers(1, 3),
-       seed=st.integers(0, 10_000))
+@given(
+    groups=st.sampled_from([1, 2, 4]),
+    per_group=st.integers(1, 4),
+    out_per_group=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+)
 def test_input_permutation_equals_weight_permutation(groups, per_group, out_per_group, seed):
     """A conv with input-channel weights permuted (paper) == the conv on channel-permuted input
     (what the vaccine runs). Checked through the vaccine's own pre-hook on a one-conv model."""
@@ -27,7 +32,9 @@ def test_input_permutation_equals_weight_permutation(groups, per_group, out_per_
     x = torch.randn(2, cin, 4, 4)
     model(x)
     model.eval()
-    sv = ShufflingVaccine(model, ABDConfig(verify=False, shuffle_layers=1, n_shuffle_models=2, seed=seed))
+    sv = ShufflingVaccine(
+        model, ABDConfig(verify=False, shuffle_layers=1, n_shuffle_models=2, seed=seed)
+    )
     with torch.no_grad():
         got = sv.ensemble_logits(x)
         ref = []
@@ -52,7 +59,9 @@ def test_ensemble_matches_explicitly_shuffled_copies(depth):
                 mod = dict(m.named_modules())[name]
                 mod.weight.data = mod.weight.data[:, sv.ensemble.perms[name][j]]
             outs.append(m(x))
-    assert sv.ensemble.layers == ["conv2", "conv3"][-depth:]  # forward order, counted from the output
+    assert (
+        sv.ensemble.layers == ["conv2", "conv3"][-depth:]
+    )  # forward order, counted from the output
     torch.testing.assert_close(got, torch.stack(outs).mean(0), rtol=1e-4, atol=1e-5)
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
+from abd_plugin._replica import model_device as model_device  # one definition: the core's
 from abd_plugin.outputs import extract_logits
-
 
 # one rule for finding logits, the core's (tensor, tuple/list with logits first, dict, .logits)
 _logits = extract_logits
@@ -25,12 +24,3 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, was_training in flags:
             module.training = was_training
-
-
-def model_device(model: nn.Module, fallback: torch.device) -> torch.device:
-    """Device of the model's first parameter or buffer; ``fallback`` for stateless models."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return fallback

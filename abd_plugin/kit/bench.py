@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -42,7 +42,7 @@ def _paper(**kw: Any) -> ABDConfig:
     return ABDConfig.paper(sr_start_fraction=PAPER_SR_FRACTION, **kw)
 
 
-DEFENSES: Dict[str, Callable[[], Optional[ABDConfig]]] = {
+DEFENSES: dict[str, Callable[[], ABDConfig | None]] = {
     "none": lambda: None,
     "sv_paper": lambda: _paper(sr=False),
     "sr_paper": lambda: _paper(sv=False),
@@ -71,15 +71,15 @@ class Cell:
         return "|".join(str(v) for v in asdict(self).values())
 
 
-def resolve_defense(name: str) -> Optional[ABDConfig]:
+def resolve_defense(name: str) -> ABDConfig | None:
     if name not in DEFENSES:
         raise ValueError(f"unknown defense {name!r}; choose from {sorted(DEFENSES)}")
     cfg = DEFENSES[name]()
     return cfg
 
 
-def run_cell(cell: Cell, *, progress: Optional[Callable[[int, int, str], None]] = None,
-             eval_every: int = 0, abd: Optional[ABDConfig] = None) -> Dict[str, Any]:
+def run_cell(cell: Cell, *, progress: Callable[[int, int, str], None] | None = None,
+             eval_every: int = 0, abd: ABDConfig | None = None) -> dict[str, Any]:
     """Run one cell and return its metrics (ACC/ASR/RA in percent). ``abd`` overrides the
     cell's named defense with an explicit configuration."""
     trig_name = None if cell.trigger == "none" else cell.trigger
@@ -90,51 +90,92 @@ def run_cell(cell: Cell, *, progress: Optional[Callable[[int, int, str], None]] 
     # ASR of a clean teacher is still measured with the benchmark's reference trigger
     trig = get_trigger(trig_name or "badnet_grid")
 
-    def evaluate(model: torch.nn.Module) -> Dict[str, float]:
-        return {"acc": accuracy(model, xte, yte), "asr": attack_success_rate(model, xte, yte, trig, spec.target),
-                "ra": robust_accuracy(model, xte, yte, trig, spec.target)}
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return {
+            "acc": accuracy(model, xte, yte),
+            "asr": attack_success_rate(model, xte, yte, trig, spec.target),
+            "ra": robust_accuracy(model, xte, yte, trig, spec.target),
+        }
 
     torch.manual_seed(cell.seed)
     student = build_model(STUDENTS.get(cell.arch, cell.arch), cell.dataset, spec.width)
     if abd is None:
         abd = resolve_defense(cell.defense)
-    real = load_dataset(cell.dataset, "train", size=spec.size).tensors if cell.method == "clean" else None
+    real = None
+    if cell.method == "clean":
+        x_real, y_real = load_dataset(cell.dataset, "train", size=spec.size).tensors
+        real = (x_real, y_real)
     c = info.channels
     h = spec.size or info.size
     t0 = time.perf_counter()
-    result = distill(cell.method, teacher, student, img_shape=(c, h, h), num_classes=info.num_classes,
-                     config=DistillConfig(iterations=cell.iterations, seed=cell.seed), abd=abd, real_data=real,
-                     progress=progress, eval_fn=evaluate if eval_every else None, eval_every=eval_every)
+    result = distill(
+        cell.method,
+        teacher,
+        student,
+        img_shape=(c, h, h),
+        num_classes=info.num_classes,
+        config=DistillConfig(iterations=cell.iterations, seed=cell.seed),
+        abd=abd,
+        real_data=real,
+        progress=progress,
+        eval_fn=evaluate if eval_every else None,
+        eval_every=eval_every,
+    )
     seconds = time.perf_counter() - t0
-    row: Dict[str, Any] = {**asdict(cell), **evaluate(student), "seconds": round(seconds, 1),
+    row: dict[str, Any] = {**asdict(cell), **evaluate(student), "seconds": round(seconds, 1),
                            "teacher_acc": tmeta["acc"], "teacher_asr": evaluate(teacher)["asr"],
                            "history": result.history}
     if result.report is not None:
         rep = result.report
-        row.update(sv_status=rep["sv_status"], shuffle_depth=rep["shuffle_depth"],
-                   shuffled_layers=rep["shuffled_layers"], suspicious_fraction=rep["suspicious_fraction"],
-                   sv_coef=rep["sv_coef"], sr_steps=rep["sr_steps"], sv_seconds=round(rep["sv_seconds"], 1),
-                   sr_seconds=round(rep["sr_seconds"], 1))
+        row.update(
+            sv_status=rep["sv_status"],
+            shuffle_depth=rep["shuffle_depth"],
+            shuffled_layers=rep["shuffled_layers"],
+            suspicious_fraction=rep["suspicious_fraction"],
+            sv_coef=rep["sv_coef"],
+            sr_steps=rep["sr_steps"],
+            sv_seconds=round(rep["sv_seconds"], 1),
+            sr_seconds=round(rep["sr_seconds"], 1),
+        )
     return row
 
 
-def grid(dataset: str, methods: Sequence[str], triggers: Sequence[str], defenses: Sequence[str],
-         seeds: Sequence[int], *, arch: str = "lenet5", iterations: int = 400, clean_rows: bool = True) -> List[Cell]:
-    cells = [Cell(dataset, m, t, d, s, arch, iterations) for m in methods for t in triggers for d in defenses for s in seeds]
+def grid(
+    dataset: str,
+    methods: Sequence[str],
+    triggers: Sequence[str],
+    defenses: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    arch: str = "lenet5",
+    iterations: int = 400,
+    clean_rows: bool = True,
+) -> list[Cell]:
+    cells = [
+        Cell(dataset, m, t, d, s, arch, iterations)
+        for m in methods
+        for t in triggers
+        for d in defenses
+        for s in seeds
+    ]
     if clean_rows:
         for t in triggers:  # clean KD on real data: the reference the targets compare against
             cells += [Cell(dataset, "clean", t, "none", s, arch, iterations) for s in seeds]
         for m in methods:  # clean teacher: what ABD costs when there is no backdoor
-            cells += [Cell(dataset, m, "none", d, s, arch, iterations) for d in dict.fromkeys(["none", *defenses]) for s in seeds]
+            cells += [
+                Cell(dataset, m, "none", d, s, arch, iterations)
+                for d in dict.fromkeys(["none", *defenses])
+                for s in seeds
+            ]
     return list(dict.fromkeys(cells))
 
 
 def run_bench(cells: Iterable[Cell], out: Path, *, log: Callable[[str], None] = print,
-              progress_factory: Optional[Callable[[Cell], Any]] = None) -> List[Dict[str, Any]]:
+              progress_factory: Callable[[Cell], Any] | None = None) -> list[dict[str, Any]]:
     """Run every cell not yet in ``out/cells.jsonl``; then write the summary files."""
     out.mkdir(parents=True, exist_ok=True)
     done_path = out / "cells.jsonl"
-    rows: Dict[str, Dict[str, Any]] = {}
+    rows: dict[str, dict[str, Any]] = {}
     if done_path.exists():
         for line in done_path.read_text().splitlines():
             if line.strip():
@@ -159,29 +200,39 @@ def run_bench(cells: Iterable[Cell], out: Path, *, log: Callable[[str], None] = 
     return wanted
 
 
-def _mean_std(vals: List[float]) -> str:
+def _mean_std(vals: list[float]) -> str:
     if len(vals) == 1:
         return f"{vals[0]:.1f}"
     return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
 
 
-def summarize(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["method"], r["trigger"], r["defense"]), []).append(r)
     out = []
     for (ds, m, t, d), rs in groups.items():
-        out.append({"dataset": ds, "method": m, "trigger": t, "defense": d, "n": len(rs),
-                    "acc": statistics.mean(r["acc"] for r in rs), "asr": statistics.mean(r["asr"] for r in rs),
-                    "ra": statistics.mean(r["ra"] for r in rs),
-                    "acc_txt": _mean_std([r["acc"] for r in rs]), "asr_txt": _mean_std([r["asr"] for r in rs]),
-                    "teacher": f"{rs[0]['teacher_acc']:.1f}/{rs[0]['teacher_asr']:.1f}",
-                    "sv_status": ",".join(sorted({str(r.get('sv_status', '-')) for r in rs})),
-                    "seconds": statistics.mean(r["seconds"] for r in rs)})
+        out.append(
+            {
+                "dataset": ds,
+                "method": m,
+                "trigger": t,
+                "defense": d,
+                "n": len(rs),
+                "acc": statistics.mean(r["acc"] for r in rs),
+                "asr": statistics.mean(r["asr"] for r in rs),
+                "ra": statistics.mean(r["ra"] for r in rs),
+                "acc_txt": _mean_std([r["acc"] for r in rs]),
+                "asr_txt": _mean_std([r["asr"] for r in rs]),
+                "teacher": f"{rs[0]['teacher_acc']:.1f}/{rs[0]['teacher_asr']:.1f}",
+                "sv_status": ",".join(sorted({str(r.get("sv_status", "-")) for r in rs})),
+                "seconds": statistics.mean(r["seconds"] for r in rs),
+            }
+        )
     return out
 
 
-def write_summary(rows: List[Dict[str, Any]], out: Path) -> None:
+def write_summary(rows: list[dict[str, Any]], out: Path) -> None:
     flat = [{k: v for k, v in r.items() if k != "history"} for r in rows]
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     if flat:
@@ -191,11 +242,17 @@ def write_summary(rows: List[Dict[str, Any]], out: Path) -> None:
             w.writeheader()
             w.writerows(flat)
     summ = summarize(rows)
-    lines = ["| dataset | method | trigger | defense | seeds | teacher ACC/ASR | ACC | ASR | RA | SV status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| dataset | method | trigger | defense | seeds | teacher ACC/ASR | ACC | ASR | RA "
+        "| SV status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in summ:
-        lines.append(f"| {s['dataset']} | {s['method']} | {s['trigger']} | {s['defense']} | {s['n']} | {s['teacher']} "
-                     f"| {s['acc_txt']} | {s['asr_txt']} | {s['ra']:.1f} | {s['sv_status']} |")
+        lines.append(
+            f"| {s['dataset']} | {s['method']} | {s['trigger']} | {s['defense']} | {s['n']} "
+            f"| {s['teacher']} "
+            f"| {s['acc_txt']} | {s['asr_txt']} | {s['ra']:.1f} | {s['sv_status']} |"
+        )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     try:
         plot_summary(summ, out / "plot.png")
@@ -203,7 +260,7 @@ def write_summary(rows: List[Dict[str, Any]], out: Path) -> None:
         pass
 
 
-def plot_summary(summ: List[Dict[str, Any]], path: Path) -> None:
+def plot_summary(summ: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

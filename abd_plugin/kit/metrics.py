@@ -1,6 +1,6 @@
 """Clean accuracy, attack success rate (ASR), robust accuracy (RA) and DER.
 
-Conventions (docs/triggers-and-eval.md §3, following ABD and BackdoorBench):
+Conventions (following ABD and BackdoorBench):
 
 * ACC: top-1 accuracy on the clean test set.
 * ASR: triggered test images whose true label is **not** the target, predicted as the target
@@ -12,16 +12,23 @@ Conventions (docs/triggers-and-eval.md §3, following ABD and BackdoorBench):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ._utils import _logits, eval_mode, model_device
 
-__all__ = ["accuracy", "attack_success_rate", "robust_accuracy", "defense_effectiveness_rating", "predict"]
+__all__ = [
+    "accuracy",
+    "attack_success_rate",
+    "robust_accuracy",
+    "defense_effectiveness_rating",
+    "predict",
+]
 
-TriggerLike = Union[Any, Callable[[Tensor], Tensor]]  # a kit Trigger (has .apply) or x -> x'
+TriggerLike = Any | Callable[[Tensor], Tensor]  # a kit Trigger (has .apply) or x -> x'
 
 
 def _as_fn(trigger: TriggerLike) -> Callable[[Tensor], Tensor]:
@@ -29,7 +36,9 @@ def _as_fn(trigger: TriggerLike) -> Callable[[Tensor], Tensor]:
         return trigger.apply
     if callable(trigger):
         return trigger
-    raise TypeError(f"trigger must be a Trigger or a callable x -> x', got {type(trigger).__name__}")
+    raise TypeError(
+        f"trigger must be a Trigger or a callable x -> x', got {type(trigger).__name__}"
+    )
 
 
 @torch.no_grad()
@@ -49,18 +58,27 @@ def predict(model: nn.Module, x: Tensor, *, transform: Callable[[Tensor], Tensor
 
 def _percent(hits: Tensor) -> float:
     if hits.numel() == 0:
-        raise ValueError("no samples to evaluate (empty input, or every sample has the target label)")
+        raise ValueError(
+            "no samples to evaluate (empty input, or every sample has the target label)"
+        )
     return 100.0 * hits.float().mean().item()
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy in percent of ``model`` on images ``x`` (N, C, H, W) with labels ``y`` (N,)."""
+    """Top-1 accuracy in percent of ``model`` on images ``x`` (N, C, H, W), labels ``y`` (N,)."""
     y = torch.as_tensor(y, device=x.device)
     return _percent(predict(model, x, batch_size=batch_size) == y)
 
 
-def _triggered_predictions(model: nn.Module, x: Tensor, y: Tensor, trigger: TriggerLike, target: int,
-                           include_target_class: bool, batch_size: int) -> tuple[Tensor, Tensor]:
+def _triggered_predictions(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    trigger: TriggerLike,
+    target: int,
+    include_target_class: bool,
+    batch_size: int,
+) -> tuple[Tensor, Tensor]:
     y = torch.as_tensor(y, device=x.device)
     keep = torch.ones_like(y, dtype=torch.bool) if include_target_class else y != target
     xs, ys = x[keep], y[keep]
@@ -78,22 +96,27 @@ def attack_success_rate(model: nn.Module, x: Tensor, y: Tensor, trigger: Trigger
         target: the attack's target class.
         include_target_class: keep test images whose true label is ``target`` (default: drop them).
     """
-    preds, _ = _triggered_predictions(model, x, y, trigger, target, include_target_class, batch_size)
+    preds, _ = _triggered_predictions(
+        model, x, y, trigger, target, include_target_class, batch_size
+    )
     return _percent(preds == target)
 
 
 def robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, trigger: TriggerLike, target: int,
                     batch_size: int = 512) -> float:
-    """Percent of triggered non-target test images predicted as their **true** label (BackdoorBench RA)."""
+    """Percent of triggered non-target test images predicted as their **true** label
+    (BackdoorBench RA)."""
     preds, ys = _triggered_predictions(model, x, y, trigger, target, False, batch_size)
     return _percent(preds == ys)
 
 
-def defense_effectiveness_rating(asr_before: float, asr_after: float, acc_before: float, acc_after: float,
-                                 scale: float = 100.0) -> float:
+def defense_effectiveness_rating(
+    asr_before: float, asr_after: float, acc_before: float, acc_after: float, scale: float = 100.0
+) -> float:
     """DER = [max(0, ASR_before - ASR_after) - max(0, ACC_before - ACC_after) + 1] / 2, in [0, 1].
 
-    The documented BackdoorBench formula (its code adds the accuracy drop, a sign bug we do not copy).
+    The documented BackdoorBench formula (its code adds the accuracy drop, a sign bug we do not
+    copy).
     Inputs are percentages as returned by this module; pass ``scale=1.0`` for fractions.
     0.5 = no effect, 1 = ASR removed at no accuracy cost.
     """

@@ -15,7 +15,8 @@ construction deterministic.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,9 @@ class LeNet5(nn.Module):
     Exact at 32x32 input (conv3 output 1x1). Larger inputs are average-pooled to 1x1 after conv3.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] = (6, 16, 120, 84)) -> None:
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] = (6, 16, 120, 84)
+    ) -> None:
         super().__init__()
         c1, c2, c3, f = widths
         self.features = nn.Sequential(
@@ -45,7 +48,9 @@ class LeNet5(nn.Module):
             nn.Conv2d(c1, c2, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.Conv2d(c2, c3, 5), nn.ReLU(inplace=True),
         )
-        self.classifier = nn.Sequential(nn.Linear(c3, f), nn.ReLU(inplace=True), nn.Linear(f, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Linear(c3, f), nn.ReLU(inplace=True), nn.Linear(f, num_classes)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
@@ -62,7 +67,11 @@ class CNN5(nn.Module):
         layers: list[nn.Module] = []
         prev = in_channels
         for i, w in enumerate(widths):
-            layers += [nn.Conv2d(prev, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(prev, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+            ]
             if i in (1, 3):
                 layers.append(nn.MaxPool2d(2))
             prev = w
@@ -74,7 +83,8 @@ class CNN5(nn.Module):
 
 
 class _WideBlock(nn.Module):
-    """Pre-activation block: BN-ReLU-conv3x3(stride)-BN-ReLU-(dropout)-conv3x3, 1x1 shortcut on shape change."""
+    """Pre-activation block: BN-ReLU-conv3x3(stride)-BN-ReLU-(dropout)-conv3x3, 1x1 shortcut on
+    shape change."""
 
     def __init__(self, in_planes: int, out_planes: int, stride: int, dropout: float) -> None:
         super().__init__()
@@ -102,7 +112,14 @@ class WideResNet(nn.Module):
     """WRN-depth-k for CIFAR: 3x3 stem (16), three groups of (depth-4)/6 blocks with widths
     16k, 32k, 64k and strides 1, 2, 2, then BN-ReLU, global average pooling, linear."""
 
-    def __init__(self, depth: int, widen: int, num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        depth: int,
+        widen: int,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if (depth - 4) % 6 != 0:
             raise ValueError(f"WideResNet depth must be 6n+4 (16, 22, 28, 40...), got {depth}")
@@ -111,8 +128,15 @@ class WideResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         groups = []
         for g, stride in enumerate((1, 2, 2)):
-            blocks = [_WideBlock(widths[g] if i == 0 else widths[g + 1], widths[g + 1], stride if i == 0 else 1, dropout)
-                      for i in range(n)]
+            blocks = [
+                _WideBlock(
+                    widths[g] if i == 0 else widths[g + 1],
+                    widths[g + 1],
+                    stride if i == 0 else 1,
+                    dropout,
+                )
+                for i in range(n)
+            ]
             groups.append(nn.Sequential(*blocks))
         self.block1, self.block2, self.block3 = groups
         self.bn = nn.BatchNorm2d(widths[3])
@@ -136,7 +160,9 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -153,7 +179,7 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         stages, in_planes = [], 64
-        for planes, count, stride in zip((64, 128, 256, 512), blocks, (1, 2, 2, 2)):
+        for planes, count, stride in zip((64, 128, 256, 512), blocks, (1, 2, 2, 2), strict=True):
             layers = []
             for i in range(count):
                 layers.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1))
@@ -185,8 +211,8 @@ def _init_weights(model: nn.Module) -> None:
 # Generators
 # ---------------------------------------------------------------------------------------
 class ConvGenerator(nn.Module):
-    """z -> Linear(z_dim, c1 * (S/4)^2) -> BN -> [x2 upsample -> conv3x3 -> BN -> LeakyReLU(0.2)] x 2
-    -> conv3x3 -> output head.
+    """z -> Linear(z_dim, c1 * (S/4)^2) -> BN -> [x2 upsample -> conv3x3 -> BN -> LeakyReLU(0.2)]
+    x 2 -> conv3x3 -> output head.
 
     Args:
         z_dim: latent size; kept as ``.z_dim``.
@@ -195,11 +221,20 @@ class ConvGenerator(nn.Module):
         widths: channels (c1, c2, c3): after the linear layer, after the 1st and 2nd up-block.
         conv_bias: bias in the two up-block convs.
         pre_act: ``"tanh"`` applies tanh before the ``"bn"`` head (DFAD); unused by the other heads.
-        out: ``"sigmoid"`` ([0, 1], default), ``"bn"`` (affine-free BatchNorm, ZSKT/DFAD) or ``"tanh"``.
+        out: ``"sigmoid"`` ([0, 1], default), ``"bn"`` (affine-free BatchNorm, ZSKT/DFAD) or
+            ``"tanh"``.
     """
 
-    def __init__(self, z_dim: int, img_size: int = 32, channels: int = 3, widths: Sequence[int] = (128, 128, 64),
-                 conv_bias: bool = True, pre_act: str | None = None, out: str = "sigmoid") -> None:
+    def __init__(
+        self,
+        z_dim: int,
+        img_size: int = 32,
+        channels: int = 3,
+        widths: Sequence[int] = (128, 128, 64),
+        conv_bias: bool = True,
+        pre_act: str | None = None,
+        out: str = "sigmoid",
+    ) -> None:
         super().__init__()
         if img_size % 4 != 0:
             raise ValueError(f"generator img_size must be divisible by 4, got {img_size}")
@@ -231,7 +266,9 @@ class ConvGenerator(nn.Module):
             img = torch.tanh(img)
         return self.out_bn(img)  # type: ignore[misc]
 
-    def sample_z(self, n: int, *, device: Any = None, generator: torch.Generator | None = None) -> Tensor:
+    def sample_z(
+        self, n: int, *, device: Any = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Standard-normal latents of shape (n, z_dim)."""
         return torch.randn(n, self.z_dim, device=device, generator=generator)
 
@@ -284,26 +321,70 @@ def _generator_channels(in_channels: int, channels: int | None) -> int:
 
 
 @_MODELS.register("generator_zskt")
-def _generator_zskt(num_classes: int = 10, in_channels: int = 3, *, z_dim: int = 100, img_size: int = 32,
-                    channels: int | None = None, ngf: int = 64, out: str = "sigmoid") -> nn.Module:
-    """ZSKT generator (2ngf-2ngf-ngf channels, 128-128-64 by default); ZSKT itself ends with ``out="bn"``."""
-    return ConvGenerator(z_dim, img_size, _generator_channels(in_channels, channels), (2 * ngf, 2 * ngf, ngf), out=out)
+def _generator_zskt(
+    num_classes: int = 10,
+    in_channels: int = 3,
+    *,
+    z_dim: int = 100,
+    img_size: int = 32,
+    channels: int | None = None,
+    ngf: int = 64,
+    out: str = "sigmoid",
+) -> nn.Module:
+    """ZSKT generator (2ngf-2ngf-ngf channels, 128-128-64 by default); ZSKT itself ends with
+    ``out="bn"``."""
+    return ConvGenerator(
+        z_dim,
+        img_size,
+        _generator_channels(in_channels, channels),
+        (2 * ngf, 2 * ngf, ngf),
+        out=out,
+    )
 
 
 @_MODELS.register("generator_dfad")
-def _generator_dfad(num_classes: int = 10, in_channels: int = 3, *, z_dim: int = 256, img_size: int = 32,
-                    channels: int | None = None, ngf: int = 64, out: str = "sigmoid") -> nn.Module:
-    """DFAD generator (2ngf-2ngf-ngf channels); ``out="bn"`` is DFAD's own tanh + affine-free BN head."""
-    return ConvGenerator(z_dim, img_size, _generator_channels(in_channels, channels), (2 * ngf, 2 * ngf, ngf),
-                         pre_act="tanh", out=out)
+def _generator_dfad(
+    num_classes: int = 10,
+    in_channels: int = 3,
+    *,
+    z_dim: int = 256,
+    img_size: int = 32,
+    channels: int | None = None,
+    ngf: int = 64,
+    out: str = "sigmoid",
+) -> nn.Module:
+    """DFAD generator (2ngf-2ngf-ngf channels); ``out="bn"`` is DFAD's own tanh + affine-free BN
+    head."""
+    return ConvGenerator(
+        z_dim,
+        img_size,
+        _generator_channels(in_channels, channels),
+        (2 * ngf, 2 * ngf, ngf),
+        pre_act="tanh",
+        out=out,
+    )
 
 
 @_MODELS.register("generator_cmi")
-def _generator_cmi(num_classes: int = 10, in_channels: int = 3, *, z_dim: int = 256, img_size: int = 32,
-                   channels: int | None = None, ngf: int = 64, out: str = "sigmoid") -> nn.Module:
+def _generator_cmi(
+    num_classes: int = 10,
+    in_channels: int = 3,
+    *,
+    z_dim: int = 256,
+    img_size: int = 32,
+    channels: int | None = None,
+    ngf: int = 64,
+    out: str = "sigmoid",
+) -> nn.Module:
     """CMI generator (nz=256, ngf=64: 2ngf-2ngf-ngf channels, bias-free convs, sigmoid output)."""
-    return ConvGenerator(z_dim, img_size, _generator_channels(in_channels, channels), (2 * ngf, 2 * ngf, ngf),
-                         conv_bias=False, out=out)
+    return ConvGenerator(
+        z_dim,
+        img_size,
+        _generator_channels(in_channels, channels),
+        (2 * ngf, 2 * ngf, ngf),
+        conv_bias=False,
+        out=out,
+    )
 
 
 def get_model(name: str, *, num_classes: int = 10, in_channels: int = 3, **kw: Any) -> nn.Module:

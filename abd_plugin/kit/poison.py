@@ -1,8 +1,8 @@
 """Train (poisoned or clean) teachers on offline data; cached by a config hash.
 
-The recipe follows the ABD teachers (docs: triggers-and-eval.md Table 1b) scaled to a CPU: a fixed
-fraction ``poison_ratio`` of the training set is stamped with the trigger and relabelled to the
-target (dirty-label triggers: the first N non-target images of a seeded permutation; clean-label
+The recipe follows how ABD's teachers were poisoned, scaled to a CPU: a fixed fraction
+``poison_ratio`` of the training set is stamped with the trigger and relabelled to the target
+(dirty-label triggers: the first N non-target images of a seeded permutation; clean-label
 triggers ``sig``/``cl``: target-class images only, labels kept). Each epoch re-shuffles; no
 augmentation beyond the poisoning. The result is cached under ``$ABD_CACHE`` (default
 ``~/.cache/abd-plugin``) keyed by a hash of every setting, so benchmarks and the demo reuse it.
@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +33,11 @@ class TeacherSpec:
 
     dataset: str = "mnist5k"
     arch: str = "lenet5"
-    width: Optional[int] = None
+    width: int | None = None
     """``width`` of the architecture when it takes one (cnn5), else ignored."""
-    size: Optional[int] = None
+    size: int | None = None
     """Image side (None: the dataset's default)."""
-    trigger: Optional[str] = "badnet_grid"  # None: a clean teacher
+    trigger: str | None = "badnet_grid"  # None: a clean teacher
     target: int = 0
     poison_ratio: float = 0.1
     epochs: int = 15
@@ -51,13 +52,17 @@ class TeacherSpec:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ABD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "abd-plugin")
+    root = os.environ.get("ABD_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "abd-plugin"
+    )
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def poison_dataset(x: Tensor, y: Tensor, spec: TeacherSpec, model: Optional[nn.Module] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def poison_dataset(
+    x: Tensor, y: Tensor, spec: TeacherSpec, model: nn.Module | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Return (images, labels, poisoned-mask) with ``poison_ratio`` of the set poisoned."""
     if spec.trigger is None or spec.poison_ratio <= 0:
         return x.clone(), y.clone(), torch.zeros(len(y), dtype=torch.bool)
@@ -79,7 +84,13 @@ def poison_dataset(x: Tensor, y: Tensor, spec: TeacherSpec, model: Optional[nn.M
     return x, y, mask
 
 
-def _train(model: nn.Module, x: Tensor, y: Tensor, spec: TeacherSpec, progress: Optional[Callable[[str], None]] = None) -> None:
+def _train(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    spec: TeacherSpec,
+    progress: Callable[[str], None] | None = None,
+) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     steps = spec.epochs * ((len(y) + spec.batch_size - 1) // spec.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -99,14 +110,16 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, spec: TeacherSpec, progress: 
     model.eval()
 
 
-def build_model(arch: str, dataset: str, width: Optional[int] = None) -> nn.Module:
+def build_model(arch: str, dataset: str, width: int | None = None) -> nn.Module:
     """An architecture for ``dataset`` (classes and channels from the dataset's info)."""
     info = dataset_info(dataset)
     kw = {"width": width} if (width is not None and arch.startswith("cnn")) else {}
     return get_model(arch, num_classes=info.num_classes, in_channels=info.channels, **kw)
 
 
-def train_teacher(spec: TeacherSpec, *, cache: bool = True, progress: Optional[Callable[[str], None]] = None) -> Tuple[nn.Module, dict]:
+def train_teacher(
+    spec: TeacherSpec, *, cache: bool = True, progress: Callable[[str], None] | None = None
+) -> tuple[nn.Module, dict]:
     """Train (or load from cache) the teacher of ``spec``; returns (model in eval mode, metrics)."""
     model = build_model(spec.arch, spec.dataset, spec.width)
     path = cache_dir() / f"teacher-{spec.key()}.pt"
@@ -124,9 +137,11 @@ def train_teacher(spec: TeacherSpec, *, cache: bool = True, progress: Optional[C
     xp, yp, _ = poison_dataset(xtr, ytr, spec, helper)
     _train(model, xp, yp, spec, progress)
     xte, yte = load_dataset(spec.dataset, "test", size=spec.size).tensors
-    metrics = {"acc": accuracy(model, xte, yte)}
+    metrics: dict[str, Any] = {"acc": accuracy(model, xte, yte)}
     if spec.trigger is not None:
-        metrics["asr"] = attack_success_rate(model, xte, yte, get_trigger(spec.trigger, seed=spec.seed), spec.target)
+        metrics["asr"] = attack_success_rate(
+            model, xte, yte, get_trigger(spec.trigger, seed=spec.seed), spec.target
+        )
     metrics["spec"] = asdict(spec)
     if cache:
         torch.save(model.state_dict(), path)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -23,7 +24,8 @@ class Registry(Generic[T]):
 
     Args:
         kind: what is registered, e.g. ``"trigger"``; used in error messages.
-        list_hint: how a user lists the known names, e.g. ``"abd_plugin.kit.triggers.list_triggers()"``.
+        list_hint: how a user lists the known names, e.g.
+            ``"abd_plugin.kit.triggers.list_triggers()"``.
 
     Example:
         >>> models = Registry("model")

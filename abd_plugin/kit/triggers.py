@@ -24,7 +24,8 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,21 +40,26 @@ __all__ = ["Trigger", "get_trigger", "list_triggers", "CANVAS"]
 CANVAS = 32  # side of the canvas on which trigger geometry is defined
 _RGB_KEYS = ("value", "delta", "pattern")  # pattern entries that carry RGB channels
 
-_TRIGGERS: Registry["Trigger"] = Registry("trigger", "abd_plugin.kit.triggers.list_triggers()")
+_TRIGGERS: Registry[Trigger] = Registry("trigger", "abd_plugin.kit.triggers.list_triggers()")
 
 
 def _check_images(x: Tensor, name: str) -> tuple[Tensor, bool]:
     """Return ``x`` as (B, C, H, W) and whether a batch dimension was added."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"trigger {name!r} expects a float tensor in [0, 1]; convert with x.float() / 255")
+        raise TypeError(
+            f"trigger {name!r} expects a float tensor in [0, 1]; convert with x.float() / 255"
+        )
     single = x.dim() == 3
     x4 = x.unsqueeze(0) if single else x
     if x4.dim() != 4 or x4.shape[1] not in (1, 3):
-        raise ValueError(f"trigger {name!r} expects images of shape (B, C, H, W) with C in {{1, 3}}, got {tuple(x.shape)}")
+        raise ValueError(
+            f"trigger {name!r} expects images of shape (B, C, H, W) with C in {{1, 3}}, "
+            f"got {tuple(x.shape)}"
+        )
     return x4, single
 
 
-def _uint8(values: Sequence[Any]) -> Tensor:
+def _uint8(values: Sequence[Any] | np.ndarray) -> Tensor:
     """uint8-valued numbers -> float64 tensor in [0, 1]."""
     return torch.as_tensor(np.asarray(values, dtype=np.float64) / 255.0)
 
@@ -65,14 +71,19 @@ def _scale_span(start: int, length: int, size: int) -> tuple[int, int]:
     return lo, hi
 
 
-def _place_patches(height: int, width: int, patches: Sequence[tuple[int, int, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Render (row0, col0, patch (3, h, w)) canvas patches at H x W -> value (3,H,W), mask (1,H,W)."""
+def _place_patches(
+    height: int, width: int, patches: Sequence[tuple[int, int, Tensor]]
+) -> tuple[Tensor, Tensor]:
+    """Render (row0, col0, patch (3, h, w)) canvas patches at H x W -> value (3,H,W),
+    mask (1,H,W)."""
     value = torch.zeros(3, height, width, dtype=torch.float64)
     mask = torch.zeros(1, height, width, dtype=torch.float64)
     for row0, col0, patch in patches:
         r_lo, r_hi = _scale_span(row0, patch.shape[-2], height)
         c_lo, c_hi = _scale_span(col0, patch.shape[-1], width)
-        resized = F.interpolate(patch[None], size=(r_hi - r_lo, c_hi - c_lo), mode="nearest-exact")[0]
+        resized = F.interpolate(patch[None], size=(r_hi - r_lo, c_hi - c_lo), mode="nearest-exact")[
+            0
+        ]
         value[:, r_lo:r_hi, c_lo:c_hi] = resized
         mask[:, r_lo:r_hi, c_lo:c_hi] = 1.0
     return value, mask
@@ -137,10 +148,14 @@ class Trigger:
         """Test-time stamp. ``x``: (B, C, H, W) floats in [0, 1]; returns a new tensor."""
         x4, single = _check_images(x, self.name)
         work = x4 if x4.dtype in (torch.float32, torch.float64) else x4.float()
-        p = self.patterns(work.shape[-2], work.shape[-1], work.shape[1], device=work.device, dtype=work.dtype)
+        p = self.patterns(
+            work.shape[-2], work.shape[-1], work.shape[1], device=work.device, dtype=work.dtype
+        )
         out = self._stamp(work, p).clamp(0.0, 1.0)
         if self.quantize:
-            out = torch.floor(out * 255.0 + 1e-4) / 255.0  # uint8 truncation; 1e-4 absorbs float error
+            out = (
+                torch.floor(out * 255.0 + 1e-4) / 255.0
+            )  # uint8 truncation; 1e-4 absorbs float error
         out = out.to(x.dtype)
         return out[0] if single else out
 
@@ -159,10 +174,23 @@ class Trigger:
 class PatchTrigger(Trigger):
     """Overwrite (``additive=False``) or add (``additive=True``) fixed patches on the canvas."""
 
-    def __init__(self, name: str, patches: Sequence[tuple[int, int, Tensor]], *, additive: bool = False,
-                 seeded: bool = False, clean_label: bool = False, **kw: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        patches: Sequence[tuple[int, int, Tensor]],
+        *,
+        additive: bool = False,
+        seeded: bool = False,
+        clean_label: bool = False,
+        **kw: Any,
+    ) -> None:
         super().__init__(**kw)
-        self.name, self.additive, self.seeded, self.clean_label = name, additive, seeded, clean_label
+        self.name, self.additive, self.seeded, self.clean_label = (
+            name,
+            additive,
+            seeded,
+            clean_label,
+        )
         self._patches = list(patches)
 
     def _build(self, height: int, width: int) -> dict[str, Tensor]:
@@ -176,12 +204,28 @@ class PatchTrigger(Trigger):
 
 
 class CanvasTrigger(Trigger):
-    """A dense pattern: ``mode='add'`` -> x + delta, ``mode='blend'`` -> (1-alpha) x + alpha pattern."""
+    """A dense pattern: ``mode='add'`` -> x + delta, ``mode='blend'`` -> (1-alpha) x +
+    alpha pattern."""
 
-    def __init__(self, name: str, make: Callable[[int, int], Tensor], *, mode: str, alpha: float = 0.2,
-                 seeded: bool = False, clean_label: bool = False, **kw: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        make: Callable[[int, int], Tensor],
+        *,
+        mode: str,
+        alpha: float = 0.2,
+        seeded: bool = False,
+        clean_label: bool = False,
+        **kw: Any,
+    ) -> None:
         super().__init__(**kw)
-        self.name, self.mode, self.alpha, self.seeded, self.clean_label = name, mode, alpha, seeded, clean_label
+        self.name, self.mode, self.alpha, self.seeded, self.clean_label = (
+            name,
+            mode,
+            alpha,
+            seeded,
+            clean_label,
+        )
         self._make = make  # (H, W) -> (3, H, W) float64
 
     def _build(self, height: int, width: int) -> dict[str, Tensor]:
@@ -240,7 +284,8 @@ class CleanLabelTrigger(PatchTrigger):
         if model is None:
             raise ValueError(
                 "trigger 'cl' needs a clean reference model for its train-time PGD step: call "
-                "poison_train(x, y, model=clean_model); test-time stamping is apply(x) and needs no model"
+                "poison_train(x, y, model=clean_model); test-time stamping is apply(x) and needs "
+                "no model"
             )
         return self.apply(self.perturb(x, y, model))
 
@@ -259,7 +304,9 @@ class WaNetTrigger(Trigger):
         self._field = field / field.abs().mean()  # unit mean absolute displacement
 
     def _build(self, height: int, width: int) -> dict[str, Tensor]:
-        noise = F.interpolate(self._field, size=(height, width), mode="bicubic", align_corners=True)[0]
+        noise = F.interpolate(
+            self._field, size=(height, width), mode="bicubic", align_corners=True
+        )[0]
         rows = torch.linspace(-1, 1, height, dtype=torch.float64)
         cols = torch.linspace(-1, 1, width, dtype=torch.float64)
         grid_y, grid_x = torch.meshgrid(rows, cols, indexing="ij")
@@ -275,7 +322,7 @@ class WaNetTrigger(Trigger):
 
 
 # ---------------------------------------------------------------------------------------
-# Pattern makers (canvas geometry from Table 1a of docs/triggers-and-eval.md)
+# Pattern makers (canvas geometry of the ABD code's triggers, zskt/datasets/backdoor.py)
 # ---------------------------------------------------------------------------------------
 _GRID_3X3 = [[0, 0, 255], [0, 255, 0], [255, 0, 255]]  # rows top to bottom, same in every channel
 _L0_INV_RGB = [(0, 0, 0), (255, 0, 255), (0, 0, 255), (255, 255, 0), (255, 255, 255),
@@ -309,13 +356,14 @@ def _trojan_wm(seed: int, strokes: int, height: int, width: int) -> Tensor:
         n = int(math.ceil(max(abs(pr1 - pr0), abs(pc1 - pc0)))) + 1
         rr = np.clip(np.rint(np.linspace(pr0, pr1, n)), 0, height - 1).astype(int)
         cc = np.clip(np.rint(np.linspace(pc0, pc1, n)), 0, width - 1).astype(int)
-        for r, c in zip(rr, cc):
+        for r, c in zip(rr, cc, strict=True):
             out[:, r, c] = torch.maximum(out[:, r, c], colour)
     return out
 
 
 def _l2_inv(seed: int, norm: float, max_value: float, sparsity: float) -> Tensor:
-    """Seeded dense non-negative noise on the canvas: ~sparsity zeros, <= max_value, ||t||_2 = norm."""
+    """Seeded dense non-negative noise on the canvas: ~sparsity zeros, <= max_value,
+    ||t||_2 = norm."""
     rng = np.random.default_rng(seed)
     t = np.abs(rng.normal(0.0, 20.0 / 255.0, size=(3, CANVAS, CANVAS)))
     t[rng.random(t.shape) < sparsity] = 0.0
@@ -325,12 +373,17 @@ def _l2_inv(seed: int, norm: float, max_value: float, sparsity: float) -> Tensor
     return torch.as_tensor(t)
 
 
-def _gaussians(bumps: Sequence[tuple[int, float, float, float, float]], height: int, width: int) -> Tensor:
-    """Sum of isotropic Gaussians (channel, centre_row, centre_col, sigma, peak in uint8) on the canvas."""
+def _gaussians(
+    bumps: Sequence[tuple[int, float, float, float, float]], height: int, width: int
+) -> Tensor:
+    """Sum of isotropic Gaussians (channel, centre_row, centre_col, sigma, peak in uint8) on the
+    canvas."""
     out = torch.zeros(3, height, width, dtype=torch.float64)
     rows, cols = _canvas_coords(height)[:, None], _canvas_coords(width)[None, :]
     for channel, cr, cc, sigma, peak in bumps:
-        out[channel] += peak / 255.0 * torch.exp(-((rows - cr) ** 2 + (cols - cc) ** 2) / (2 * sigma**2))
+        out[channel] += (
+            peak / 255.0 * torch.exp(-((rows - cr) ** 2 + (cols - cc) ** 2) / (2 * sigma**2))
+        )
     return out
 
 
@@ -353,21 +406,27 @@ def _badnet_grid(seed: int = 0, **kw: Any) -> Trigger:
 @_TRIGGERS.register("badnet_sq")
 def _badnet_sq(seed: int = 0, **kw: Any) -> Trigger:
     """White 4x4 square at rows/cols 27-30, overwrite."""
-    return PatchTrigger("badnet_sq", [(27, 27, torch.ones(3, 4, 4, dtype=torch.float64))], seed=seed, **kw)
+    return PatchTrigger(
+        "badnet_sq", [(27, 27, torch.ones(3, 4, 4, dtype=torch.float64))], seed=seed, **kw
+    )
 
 
 @_TRIGGERS.register("trojan_3x3")
 def _trojan_3x3(seed: int = 0, **kw: Any) -> Trigger:
     """Seeded RGB 3x3 patch (values 0-250) at rows/cols 25-27, additive."""
     patch = _uint8(np.random.default_rng(seed).integers(0, 251, size=(3, 3, 3)))
-    return PatchTrigger("trojan_3x3", [(25, 25, patch)], additive=True, seeded=True, seed=seed, **kw)
+    return PatchTrigger(
+        "trojan_3x3", [(25, 25, patch)], additive=True, seeded=True, seed=seed, **kw
+    )
 
 
 @_TRIGGERS.register("trojan_8x8")
 def _trojan_8x8(seed: int = 0, **kw: Any) -> Trigger:
     """Seeded RGB 8x8 patch (values 0-255) at rows/cols 21-28, additive."""
     patch = _uint8(np.random.default_rng(seed).integers(0, 256, size=(3, 8, 8)))
-    return PatchTrigger("trojan_8x8", [(21, 21, patch)], additive=True, seeded=True, seed=seed, **kw)
+    return PatchTrigger(
+        "trojan_8x8", [(21, 21, patch)], additive=True, seeded=True, seed=seed, **kw
+    )
 
 
 @_TRIGGERS.register("trojan_wm")
@@ -380,15 +439,26 @@ def _trojan_wm_trigger(seed: int = 0, strokes: int = 8, **kw: Any) -> Trigger:
 @_TRIGGERS.register("blend")
 def _blend(seed: int = 0, alpha: float = 0.2, bright: bool = False, **kw: Any) -> Trigger:
     """(1-alpha) x + alpha t, t = seeded uint8 noise U{0..255} (U{128..255} if ``bright``)."""
-    noise = _uint8(np.random.default_rng(seed).integers(128 if bright else 0, 256, size=(3, CANVAS, CANVAS)))
-    return CanvasTrigger("blend", lambda h, w: _resize_canvas(noise, h, w), mode="blend", alpha=alpha,
-                         seeded=True, seed=seed, **kw)
+    noise = _uint8(
+        np.random.default_rng(seed).integers(128 if bright else 0, 256, size=(3, CANVAS, CANVAS))
+    )
+    return CanvasTrigger(
+        "blend",
+        lambda h, w: _resize_canvas(noise, h, w),
+        mode="blend",
+        alpha=alpha,
+        seeded=True,
+        seed=seed,
+        **kw,
+    )
 
 
 @_TRIGGERS.register("sig")
 def _sig(seed: int = 0, alpha: float = 0.2, **kw: Any) -> Trigger:
     """ABD's SIG: 0.8 x + 0.2 t, t[:, :, j] = uint8(trunc(20 sin(0.8 j))) (wrapped). Clean label."""
-    return CanvasTrigger("sig", _sig_abd, mode="blend", alpha=alpha, clean_label=True, seed=seed, **kw)
+    return CanvasTrigger(
+        "sig", _sig_abd, mode="blend", alpha=alpha, clean_label=True, seed=seed, **kw
+    )
 
 
 @_TRIGGERS.register("sig_canonical")
@@ -397,7 +467,9 @@ def _sig_canonical(seed: int = 0, delta: float = 20 / 255, freq: float = 6.0, **
 
     def make(height: int, width: int) -> Tensor:
         cols = torch.arange(width, dtype=torch.float64)
-        return (delta * torch.sin(2 * math.pi * cols * freq / width)).expand(3, height, width).clone()
+        return (
+            (delta * torch.sin(2 * math.pi * cols * freq / width)).expand(3, height, width).clone()
+        )
 
     return CanvasTrigger("sig_canonical", make, mode="add", clean_label=True, seed=seed, **kw)
 
@@ -410,20 +482,30 @@ def _l0_inv(seed: int = 0, **kw: Any) -> Trigger:
 
 
 @_TRIGGERS.register("l2_inv")
-def _l2_inv_trigger(seed: int = 0, norm: float = 3.22, max_value: float = 68 / 255, sparsity: float = 0.45,
-                    **kw: Any) -> Trigger:
+def _l2_inv_trigger(
+    seed: int = 0,
+    norm: float = 3.22,
+    max_value: float = 68 / 255,
+    sparsity: float = 0.45,
+    **kw: Any,
+) -> Trigger:
     """Seeded dense non-negative noise (||t||_2 = 3.22 on the 32x32x3 canvas), additive."""
     t = _l2_inv(seed, norm, max_value, sparsity)
-    return CanvasTrigger("l2_inv", lambda h, w: _resize_canvas(t, h, w), mode="add", seeded=True, seed=seed, **kw)
+    return CanvasTrigger(
+        "l2_inv", lambda h, w: _resize_canvas(t, h, w), mode="add", seeded=True, seed=seed, **kw
+    )
 
 
 @_TRIGGERS.register("smooth")
 def _smooth(seed: int = 0, dataset: str = "cifar10", **kw: Any) -> Trigger:
-    """Gaussian bump(s) fitted to ABD's smooth_<dataset>.png, added, then per-image min-max stretch."""
+    """Gaussian bump(s) fitted to ABD's smooth_<dataset>.png, added, then per-image min-max
+    stretch."""
     if dataset not in _SMOOTH_BUMPS:
         raise ValueError(f"smooth: dataset must be one of {sorted(_SMOOTH_BUMPS)}, got {dataset!r}")
     bumps = _SMOOTH_BUMPS[dataset]
-    return SmoothTrigger("smooth", lambda h, w: _gaussians(bumps, h, w), mode="add", seed=seed, **kw)
+    return SmoothTrigger(
+        "smooth", lambda h, w: _gaussians(bumps, h, w), mode="add", seed=seed, **kw
+    )
 
 
 @_TRIGGERS.register("cl")

@@ -95,7 +95,9 @@ def assert_call_order(ev, sr=True):
             nxt = [x for x in ev[i + 1:] if x.startswith(("backward:", "step:"))]
             assert nxt and nxt[0] == "step:S", ev[i:i + 6]
         if e == "sv_in_graph:G":
-            assert ev[i + 1] == "loss:G" and ev[i + 2] == "backward:G" and ev[i + 3] == "step:G", ev[i:i + 4]
+            assert ev[i + 1] == "loss:G" and ev[i + 2] == "backward:G" and ev[i + 3] == "step:G", (
+                ev[i : i + 4]
+            )
             before = [x for x in ev[:i] if x in ("sv", "backward:G")]
             assert before and before[-1] == "sv", ev[max(0, i - 6):i + 1]
 

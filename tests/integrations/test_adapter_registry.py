@@ -16,9 +16,11 @@ def test_list_adapters_names_every_module():
 
 
 def test_package_import_is_light():
-    code = ("import sys, abd_plugin.integrations as i; i.list_adapters(); "
-            "heavy = [m for m in ('torchvision', 'lightning', 'torchdistill', 'datafree', 'solver') "
-            "if m in sys.modules]; print(heavy); assert not heavy")
+    code = (
+        "import sys, abd_plugin.integrations as i; i.list_adapters(); "
+        "heavy = [m for m in ('torchvision', 'lightning', 'torchdistill', 'datafree', 'solver') "
+        "if m in sys.modules]; print(heavy); assert not heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

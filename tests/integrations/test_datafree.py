@@ -25,7 +25,9 @@ def test_call_order_and_restore(method, events, fast_cfg):
     assert_call_order(events)
     # one SV term per generator step (CMI's local view and student=teacher are not vaccinated)
     g_steps = events.count("step:G") - (events.count("step:G") // 2 if method == "cmi" else 0)
-    assert events.count("sv_in_graph:G") == events.count("backward:G") - (1 if method == "generative" else 0)
+    assert events.count("sv_in_graph:G") == events.count("backward:G") - (
+        1 if method == "generative" else 0
+    )
     assert events.count("sv") == events.count("sv_in_graph:G")
     assert events.count("sr") == events.count("step:S") == guard.step == 8
     assert g_steps > 0

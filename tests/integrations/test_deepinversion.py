@@ -27,8 +27,9 @@ def test_cifar_get_images(events, fast_cfg):
     snap = snapshot(host.cifar)
     with adapter.patch_cifar(host.cifar, **fast_cfg):
         inputs = torch.randn(4, 3, 8, 8, requires_grad=True)
-        host.cifar.get_images(net=teacher, bs=4, epochs=2, optimizer=torch.optim.Adam([inputs], 0.1),
-                              inputs=inputs)
+        host.cifar.get_images(
+            net=teacher, bs=4, epochs=2, optimizer=torch.optim.Adam([inputs], 0.1), inputs=inputs
+        )
     assert_call_order(events, sr=False)
     assert events.count("sv_in_graph:G") == 2  # the final no-grad net(best_inputs) adds nothing
     assert_restored(snap)

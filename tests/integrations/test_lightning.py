@@ -47,9 +47,15 @@ class Recorder(pl.Callback):
 
 def _fit(module, cb, steps=4):
     data = torch.utils.data.TensorDataset(torch.randn(16, 3, 8, 8), torch.zeros(16))
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[Recorder(), cb])
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Recorder(), cb],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))

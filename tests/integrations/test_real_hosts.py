@@ -14,7 +14,6 @@ import types
 import pytest
 import torch
 
-from abd_fakes import common
 from conftest import assert_restored, global_hook_counts, module_hooks, snapshot
 
 
@@ -61,13 +60,24 @@ def _stub(name):
 @pytest.mark.parametrize("name", ["FAST_DATAFREE", "CMI"])
 def test_datafree_generative_and_deepinv(name, events, fast_cfg):
     root = _checkout(name)
-    with host_path(root, stubs=("termcolor", "torchvision.models.utils", "kornia", "kornia.augmentation", "kornia.geometry",
-                                "kornia.geometry.transform", "kornia.geometry.transform.affwarp"),
-                   purge=("datafree", "datafree_kd", "registry")):
+    with host_path(
+        root,
+        stubs=(
+            "termcolor",
+            "torchvision.models.utils",
+            "kornia",
+            "kornia.augmentation",
+            "kornia.geometry",
+            "kornia.geometry.transform",
+            "kornia.geometry.transform.affwarp",
+        ),
+        purge=("datafree", "datafree_kd", "registry"),
+    ):
         import datafree
         import datafree_kd
         from datafree.models.classifiers.wresnet import wrn_16_1
         from datafree.models.generator import Generator
+
         from abd_plugin.integrations import datafree as adapter
 
         torch.manual_seed(0)
@@ -90,8 +100,17 @@ def test_datafree_generative_and_deepinv(name, events, fast_cfg):
             synthesis_batch_size=4, sample_batch_size=4, adv=1.0, normalizer=norm,
             save_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "abd_dinv"), device="cpu")
         host_hooks = module_hooks(teacher, student)
-        snap, hooks0 = snapshot(datafree_kd, *[getattr(datafree.synthesis, n) for n in adapter.SYNTHESIZERS
-                                                if hasattr(datafree.synthesis, n)]), global_hook_counts()
+        snap, hooks0 = (
+            snapshot(
+                datafree_kd,
+                *[
+                    getattr(datafree.synthesis, n)
+                    for n in adapter.SYNTHESIZERS
+                    if hasattr(datafree.synthesis, n)
+                ],
+            ),
+            global_hook_counts(),
+        )
         with adapter.patch(datafree_kd, synthesis=datafree.synthesis, **fast_cfg) as h:
             for _ in range(2):  # main_worker's loop: synthesize, then train
                 synth.synthesize()
@@ -113,6 +132,7 @@ def test_zskt_solver(events, fast_cfg):
         import solver
         from models.wresnet import WideResNet
         from utils.loaders import LearnableLoader
+
         from abd_plugin.integrations import zskt as adapter
 
         torch.manual_seed(0)
@@ -144,18 +164,24 @@ def test_zskt_solver(events, fast_cfg):
 
 def test_dfad_mnist(events, fast_cfg):
     root = _checkout("DFAD")
-    with host_path(root, stubs=("visdom", "torchvision.models.utils"), purge=("DFAD_mnist", "network", "dataloader", "utils")):
+    with host_path(
+        root,
+        stubs=("visdom", "torchvision.models.utils"),
+        purge=("DFAD_mnist", "network", "dataloader", "utils"),
+    ):
         import DFAD_mnist
         from network.gan import GeneratorA
         from network.lenet import LeNet5, LeNet5Half
+
         from abd_plugin.integrations import dfad as adapter
 
         torch.manual_seed(0)
         teacher, student = LeNet5().eval(), LeNet5Half()
         events.students.append(student)
         gen = GeneratorA(nz=16, nc=1, img_size=32)
-        args = types.SimpleNamespace(epoch_itrs=1, batch_size=4, nz=16, epochs=1, log_interval=10**9,
-                                     verbose=False)
+        args = types.SimpleNamespace(
+            epoch_itrs=1, batch_size=4, nz=16, epochs=1, log_interval=10**9, verbose=False
+        )
         opt = [torch.optim.SGD(student.parameters(), 0.1), torch.optim.Adam(gen.parameters(), 1e-3)]
         snap, hooks0 = snapshot(DFAD_mnist), global_hook_counts()
         with adapter.patch(DFAD_mnist, **fast_cfg) as h:
@@ -173,6 +199,7 @@ def test_deepinversion_binds(fast_cfg):
     root = _checkout("DEEPINVERSION")
     with host_path(root, purge=("deepinversion", "utils")):
         import deepinversion
+
         from abd_plugin.integrations import deepinversion as adapter
 
         snap = snapshot(deepinversion.DeepInversionClass)
@@ -181,6 +208,7 @@ def test_deepinversion_binds(fast_cfg):
         assert_restored(snap)
     with host_path(os.path.join(root, "cifar10"), purge=("deepinversion_cifar10", "resnet_cifar")):
         import deepinversion_cifar10 as cifar
+
         from abd_plugin.integrations import deepinversion as adapter
 
         snap = snapshot(cifar)

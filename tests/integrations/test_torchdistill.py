@@ -15,20 +15,36 @@ from conftest import global_hook_counts, module_hooks  # noqa: E402
 def _config(post=None):
     cfg = {
         "num_epochs": 1,
-        "train_data_loader": {"dataset_id": "train", "sampler": {"class_or_func": torch.utils.data.SequentialSampler,
-                                                                 "kwargs": {}},
-                              "kwargs": {"batch_size": 4}},
+        "train_data_loader": {
+            "dataset_id": "train",
+            "sampler": {"class_or_func": torch.utils.data.SequentialSampler, "kwargs": {}},
+            "kwargs": {"batch_size": 4},
+        },
         "teacher": {"forward_proc": "forward_batch_only", "sequential": [], "requires_grad": False},
         "student": {"forward_proc": "forward_batch_only", "sequential": [], "requires_grad": True},
         "optimizer": {"key": "SGD", "kwargs": {"lr": 0.01}},
-        "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {
-            "criterion": {"key": "KDLoss", "kwargs": {"temperature": 4.0, "alpha": 1.0,
-                                                      "reduction": "batchmean",
-                                                      "student_module_path": ".",
-                                                      "student_module_io": "output",
-                                                      "teacher_module_path": ".",
-                                                      "teacher_module_io": "output"}},
-            "weight": 1.0}}}},
+        "criterion": {
+            "key": "WeightedSumLoss",
+            "kwargs": {
+                "sub_terms": {
+                    "kd": {
+                        "criterion": {
+                            "key": "KDLoss",
+                            "kwargs": {
+                                "temperature": 4.0,
+                                "alpha": 1.0,
+                                "reduction": "batchmean",
+                                "student_module_path": ".",
+                                "student_module_io": "output",
+                                "teacher_module_path": ".",
+                                "teacher_module_io": "output",
+                            },
+                        },
+                        "weight": 1.0,
+                    }
+                }
+            },
+        },
     }
     if post:
         cfg["post_forward_process"] = post

@@ -25,7 +25,9 @@ def test_mnist5k_split_shapes_and_padding():
     assert x_tr.shape == (4000, 1, 32, 32) and x_te.shape == (1000, 1, 32, 32)
     assert x_tr.dtype == torch.float32 and y_tr.dtype == torch.int64
     assert x_tr.min() == 0 and x_tr.max() == 1
-    assert torch.bincount(y_tr).tolist() == [400] * 10 and torch.bincount(y_te).tolist() == [100] * 10
+    assert (
+        torch.bincount(y_tr).tolist() == [400] * 10 and torch.bincount(y_te).tolist() == [100] * 10
+    )
     border = torch.ones(32, 32, dtype=torch.bool)
     border[2:30, 2:30] = False
     assert x_tr[:, 0][:, border].abs().sum() == 0  # 2-px zero padding on every side
@@ -78,8 +80,12 @@ def test_synthetic_shapes_params_and_seeds():
     x, y = tensors("synthetic", "train", n=120, num_classes=4, channels=1, size=16)
     assert x.shape == (120, 1, 16, 16) and torch.bincount(y).tolist() == [30] * 4
     assert 0 <= x.min() and x.max() <= 1
-    assert torch.equal(x, tensors("synthetic", "train", n=120, num_classes=4, channels=1, size=16)[0])
-    assert not torch.equal(x, tensors("synthetic", "train", n=120, num_classes=4, channels=1, size=16, seed=1)[0])
+    assert torch.equal(
+        x, tensors("synthetic", "train", n=120, num_classes=4, channels=1, size=16)[0]
+    )
+    assert not torch.equal(
+        x, tensors("synthetic", "train", n=120, num_classes=4, channels=1, size=16, seed=1)[0]
+    )
     x_te, _ = tensors("synthetic", "test", n=120, num_classes=4, channels=1, size=16)
     assert not torch.equal(x, x_te)
     assert tensors("synthetic", "train")[0].shape == (2000, 3, 32, 32)
@@ -99,7 +105,9 @@ def test_synthetic_is_class_separable():
     assert (pred == y_te).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("name, layout", [("cifar10", "cifar-10-batches-py"), ("gtsrb", "gtsrb/GTSRB")])
+@pytest.mark.parametrize(
+    "name, layout", [("cifar10", "cifar-10-batches-py"), ("gtsrb", "gtsrb/GTSRB")]
+)
 def test_missing_local_copy_is_a_clear_error(name, layout, tmp_path, monkeypatch):
     monkeypatch.delenv(DATA_ROOT_ENV, raising=False)
     with pytest.raises(FileNotFoundError) as info:

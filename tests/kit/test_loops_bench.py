@@ -30,10 +30,18 @@ def test_every_loop_runs_guarded_and_unguarded(method):
     for abd in (None, ABDConfig(verify=False, sr_start_step=0, sr_inner_rounds=1)):
         student = build_model("cnn5", "mnist5k", 4)
         before = [p.clone() for p in student.parameters()]
-        res = distill(method, teacher, student, img_shape=(1, 16, 16), num_classes=10, config=TINY, abd=abd,
-                      real_data=(x, y))
+        res = distill(
+            method,
+            teacher,
+            student,
+            img_shape=(1, 16, 16),
+            num_classes=10,
+            config=TINY,
+            abd=abd,
+            real_data=(x, y),
+        )
         assert res.student_steps == 6
-        assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+        assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
         if abd is not None:
             assert res.report["sr_steps"] == 6
             assert (res.report["sv_calls"] > 0) == (method not in ("clean",))
@@ -41,7 +49,9 @@ def test_every_loop_runs_guarded_and_unguarded(method):
 
 def test_unknown_loop_names_the_choices():
     with pytest.raises(KeyError, match="zskt"):
-        distill("nope", torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), img_shape=(1, 2, 2), num_classes=2)
+        distill(
+            "nope", torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), img_shape=(1, 2, 2), num_classes=2
+        )
     assert set(list_loops()) >= {"zskt", "dfad", "deepinversion", "cmi", "ood", "clean"}
 
 
@@ -63,7 +73,7 @@ def test_teacher_training_is_cached(monkeypatch):
     monkeypatch.setattr("abd_plugin.kit.poison._train", lambda *a, **k: pytest.fail("retrained"))
     m2, meta2 = train_teacher(spec)
     assert meta1["acc"] == meta2["acc"]
-    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -109,8 +119,11 @@ def test_cli_list_and_distill(capsys, monkeypatch):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "triggers:" in out and "zskt" in out and "abd_paper" in out
-    monkeypatch.setattr(bench_mod, "TeacherSpec", lambda **kw: TeacherSpec(**{**kw, "arch": "cnn5", "width": 4,
-                                                                             "size": 16, "epochs": 1}))
+    monkeypatch.setattr(
+        bench_mod,
+        "TeacherSpec",
+        lambda **kw: TeacherSpec(**{**kw, "arch": "cnn5", "width": 4, "size": 16, "epochs": 1}),
+    )
     monkeypatch.setitem(bench_mod.STUDENTS, "cnn5", "cnn5")
     assert main(["distill", "--arch", "cnn5", "--iterations", "2", "--defense", "none"]) == 0
     row = json.loads(capsys.readouterr().out)

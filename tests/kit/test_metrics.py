@@ -7,8 +7,13 @@ import torch
 from torch import nn
 
 from abd_plugin.kit._utils import _logits
-from abd_plugin.kit.metrics import (accuracy, attack_success_rate, defense_effectiveness_rating,
-                                    predict, robust_accuracy)
+from abd_plugin.kit.metrics import (
+    accuracy,
+    attack_success_rate,
+    defense_effectiveness_rating,
+    predict,
+    robust_accuracy,
+)
 from abd_plugin.kit.triggers import get_trigger
 
 TARGET = 0
@@ -31,7 +36,8 @@ def stamp(x: torch.Tensor) -> torch.Tensor:
 
 
 class LookupModel(nn.Module):
-    """Returns one-hot logits from fixed tables, wrapped as ``kind``; records its mode in forward."""
+    """Returns one-hot logits from fixed tables, wrapped as ``kind``; records its mode in
+    forward."""
 
     def __init__(self, kind: str = "tensor") -> None:
         super().__init__()
@@ -61,14 +67,18 @@ def test_metrics_on_fixed_predictions(kind):
     x = images()
     assert accuracy(model, x, Y) == pytest.approx(75.0)
     assert attack_success_rate(model, x, Y, stamp, TARGET) == pytest.approx(100 * 4 / 6)
-    assert attack_success_rate(model, x, Y, stamp, TARGET, include_target_class=True) == pytest.approx(75.0)
+    assert attack_success_rate(
+        model, x, Y, stamp, TARGET, include_target_class=True
+    ) == pytest.approx(75.0)
     assert robust_accuracy(model, x, Y, stamp, TARGET) == pytest.approx(100 * 2 / 6)
 
 
 def test_batch_size_does_not_change_results():
     model, x = LookupModel(), images()
     for bs in (1, 3, 8, 1000):
-        assert attack_success_rate(model, x, Y, stamp, TARGET, batch_size=bs) == pytest.approx(100 * 4 / 6)
+        assert attack_success_rate(model, x, Y, stamp, TARGET, batch_size=bs) == pytest.approx(
+            100 * 4 / 6
+        )
         assert accuracy(model, x, Y, batch_size=bs) == pytest.approx(75.0)
 
 
@@ -96,7 +106,9 @@ def test_accepts_a_kit_trigger():
     class CornerDetector(nn.Module):
         def forward(self, x):
             hit = (x[:, 0, 31, 31] > 0.99) & (x[:, 0, 29, 29] < 0.01) & (x[:, 0, 30, 30] > 0.99)
-            return torch.stack([hit.float(), (~hit).float()], dim=1)  # class 0 if the grid is present
+            return torch.stack(
+                [hit.float(), (~hit).float()], dim=1
+            )  # class 0 if the grid is present
 
     x = torch.full((6, 3, 32, 32), 0.5)
     y = torch.tensor([0, 1, 1, 1, 1, 1])
@@ -117,7 +129,11 @@ def test_predict_returns_labels():
 
 def test_logits_helper_rejects_unknown_outputs():
     t = torch.ones(2, 3)
-    assert _logits((t, 1)) is t and _logits({"logits": t}) is t and _logits(SimpleNamespace(logits=t)) is t
+    assert (
+        _logits((t, 1)) is t
+        and _logits({"logits": t}) is t
+        and _logits(SimpleNamespace(logits=t)) is t
+    )
     with pytest.raises(TypeError, match="cannot find logits"):
         _logits("not a tensor")
 
@@ -129,4 +145,6 @@ def test_defense_effectiveness_rating():
     assert defense_effectiveness_rating(100, 0, 90, 80) == pytest.approx(0.95)
     # ASR going up and accuracy going up both count as zero change
     assert defense_effectiveness_rating(10, 50, 80, 85) == pytest.approx(0.5)
-    assert defense_effectiveness_rating(1.0, 0.2, 0.9, 0.8, scale=1.0) == pytest.approx((0.8 - 0.1 + 1) / 2)
+    assert defense_effectiveness_rating(1.0, 0.2, 0.9, 0.8, scale=1.0) == pytest.approx(
+        (0.8 - 0.1 + 1) / 2
+    )

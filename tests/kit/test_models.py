@@ -5,7 +5,16 @@ import torch
 
 from abd_plugin.kit.models import get_model, list_models
 
-CLASSIFIERS = ["lenet5", "lenet5_half", "cnn5", "wrn16_1", "wrn16_2", "wrn40_2", "resnet18", "resnet34"]
+CLASSIFIERS = [
+    "lenet5",
+    "lenet5_half",
+    "cnn5",
+    "wrn16_1",
+    "wrn16_2",
+    "wrn40_2",
+    "resnet18",
+    "resnet34",
+]
 GENERATORS = ["generator_zskt", "generator_dfad", "generator_cmi"]
 
 
@@ -22,13 +31,18 @@ SMALL = ["lenet5", "lenet5_half", "cnn5", "wrn16_1"]
 
 @pytest.mark.parametrize(
     "name, in_channels, num_classes",
-    [(n, 3, 10) for n in CLASSIFIERS] + [(n, 1, 7) for n in SMALL],  # big ones once: init is slow on CPU
+    [(n, 3, 10) for n in CLASSIFIERS]
+    + [(n, 1, 7) for n in SMALL],  # big ones once: init is slow on CPU
 )
 def test_classifier_forward_shape(name, in_channels, num_classes):
     torch.manual_seed(0)
     model = get_model(name, num_classes=num_classes, in_channels=in_channels).eval()
     out = model(torch.rand(2, in_channels, 32, 32))
-    assert isinstance(out, torch.Tensor) and out.shape == (2, num_classes) and torch.isfinite(out).all()
+    assert (
+        isinstance(out, torch.Tensor)
+        and out.shape == (2, num_classes)
+        and torch.isfinite(out).all()
+    )
 
 
 @pytest.mark.parametrize("size", [8, 16, 32])
@@ -42,9 +56,16 @@ def test_cnn5_any_size(size):
 
 @pytest.mark.parametrize(
     "name, expected",
-    # standard sizes: LeNet-5 (3-channel input), WRN-16-1 0.17M, WRN-16-2 0.69M, WRN-40-2 2.2M, ResNet-18 11.2M
-    [("lenet5", 62006), ("wrn16_1", 175066), ("wrn16_2", 691674), ("wrn40_2", 2243546), ("resnet18", 11173962),
-     ("resnet34", 21282122)],
+    # standard sizes: LeNet-5 (3-channel input), WRN-16-1 0.17M, WRN-16-2 0.69M, WRN-40-2 2.2M,
+    # ResNet-18 11.2M
+    [
+        ("lenet5", 62006),
+        ("wrn16_1", 175066),
+        ("wrn16_2", 691674),
+        ("wrn40_2", 2243546),
+        ("resnet18", 11173962),
+        ("resnet34", 21282122),
+    ],
 )
 def test_architecture_sizes(name, expected):
     assert n_params(get_model(name)) == expected
@@ -82,7 +103,9 @@ def test_init_is_deterministic_under_manual_seed(name):
     torch.manual_seed(4)
     c = get_model(name).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point() and a[k].numel() > 1)
+    assert any(
+        not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point() and a[k].numel() > 1
+    )
 
 
 def test_wrn_rejects_bad_depth():

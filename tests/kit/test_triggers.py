@@ -40,7 +40,9 @@ def test_dtype_single_image_and_determinism(name):
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     out = get_trigger(name, seed=3).apply(x)
     assert out.dtype == torch.float64
-    assert torch.equal(out, get_trigger(name, seed=3).apply(x))  # fresh object, same seed, same result
+    assert torch.equal(
+        out, get_trigger(name, seed=3).apply(x)
+    )  # fresh object, same seed, same result
     assert torch.allclose(get_trigger(name, seed=3).apply(x[0]), out[0])  # (C, H, W) accepted
 
 
@@ -49,7 +51,9 @@ def test_seed_changes_pattern_only_for_seeded_triggers(name):
     x = torch.full((1, 3, 32, 32), 0.3)
     a, b = get_trigger(name, seed=0).apply(x), get_trigger(name, seed=1).apply(x)
     if name in SEEDED:
-        x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # wanet needs texture
+        x = torch.rand(
+            1, 3, 32, 32, generator=torch.Generator().manual_seed(0)
+        )  # wanet needs texture
         a, b = get_trigger(name, seed=0).apply(x), get_trigger(name, seed=1).apply(x)
         assert not torch.allclose(a, b)
     else:
@@ -120,7 +124,9 @@ def test_sig_canonical_is_additive_sine():
     x = torch.full((1, 1, 32, 32), 0.5)
     out = get_trigger("sig_canonical").apply(x)
     j = torch.arange(32, dtype=torch.float32)
-    assert torch.allclose(out[0, 0], (0.5 + 20 / 255 * torch.sin(2 * math.pi * j * 6 / 32)).expand(32, 32), atol=1e-6)
+    assert torch.allclose(
+        out[0, 0], (0.5 + 20 / 255 * torch.sin(2 * math.pi * j * 6 / 32)).expand(32, 32), atol=1e-6
+    )
 
 
 def test_trojan_patches_are_additive_and_saturate():
@@ -131,10 +137,14 @@ def test_trojan_patches_are_additive_and_saturate():
         assert only_changed(patch, zero, slice(lo, hi), slice(lo, hi))
         assert patch[..., lo:hi, lo:hi].max() > 0.5
         assert torch.allclose(patch * 255, (patch * 255).round(), atol=1e-4)  # uint8 values
-        assert torch.equal(trig.apply(torch.ones(1, 3, 32, 32)), torch.ones(1, 3, 32, 32))  # saturates
+        assert torch.equal(
+            trig.apply(torch.ones(1, 3, 32, 32)), torch.ones(1, 3, 32, 32)
+        )  # saturates
         gray = torch.full((1, 3, 32, 32), 0.25)
         assert torch.allclose(trig.apply(gray), (gray + patch).clamp(0, 1))
-    assert get_trigger("trojan_3x3", seed=5).apply(torch.zeros(1, 3, 32, 32)).max() <= 250 / 255 + 1e-6
+    assert (
+        get_trigger("trojan_3x3", seed=5).apply(torch.zeros(1, 3, 32, 32)).max() <= 250 / 255 + 1e-6
+    )
 
 
 def test_trojan_wm_is_sparse_strokes():
@@ -164,7 +174,12 @@ def test_smooth_renormalises_each_image():
     assert torch.allclose(out.amin(dim=(1, 2, 3)), torch.zeros(4), atol=1e-6)
     assert torch.allclose(out.amax(dim=(1, 2, 3)), torch.ones(4), atol=1e-6)
     bump = get_trigger("smooth").apply(torch.zeros(1, 3, 32, 32))[0]
-    assert bump[1].argmax().item() in {13 * 32 + 13, 13 * 32 + 14, 14 * 32 + 13, 14 * 32 + 14}  # green, centre 13.5
+    assert bump[1].argmax().item() in {
+        13 * 32 + 13,
+        13 * 32 + 14,
+        14 * 32 + 13,
+        14 * 32 + 14,
+    }  # green, centre 13.5
     assert bump[0].max() == 0 and bump[2].max() == 0
     gtsrb = get_trigger("smooth", dataset="gtsrb").apply(torch.zeros(1, 3, 32, 32))[0]
     assert gtsrb[0].max() > 0.9 and gtsrb[2].max() > 0.9 and gtsrb[1].max() == 0
@@ -191,7 +206,9 @@ def test_grayscale_uses_channel_mean():
                 assert torch.allclose(grey[key], rgb[key].mean(0, keepdim=True))
     out = get_trigger("l0_inv").apply(x1)
     assert out[0, 0, 31, 24].item() == pytest.approx(2 / 3)  # (255, 0, 255) -> mean 170/255
-    assert torch.equal(get_trigger("badnet_grid").apply(x1)[0, 0], get_trigger("badnet_grid").apply(x3)[0, 0])
+    assert torch.equal(
+        get_trigger("badnet_grid").apply(x1)[0, 0], get_trigger("badnet_grid").apply(x3)[0, 0]
+    )
 
 
 def test_patches_scale_with_resolution():
@@ -200,7 +217,11 @@ def test_patches_scale_with_resolution():
         lit = out[0, 0] > 0
         assert lit[lo:hi, lo:hi].all() and lit.sum() == (hi - lo) ** 2
     out = get_trigger("badnet_grid").apply(torch.zeros(1, 1, 64, 64))[0, 0]
-    expected = torch.tensor([[0.0, 0, 1], [0, 1, 0], [1, 0, 1]]).repeat_interleave(2, 0).repeat_interleave(2, 1)
+    expected = (
+        torch.tensor([[0.0, 0, 1], [0, 1, 0], [1, 0, 1]])
+        .repeat_interleave(2, 0)
+        .repeat_interleave(2, 1)
+    )
     assert torch.equal(out[58:64, 58:64], expected) and out[:58].sum() == 0
     wide = get_trigger("l0_inv").apply(torch.zeros(1, 3, 32, 64))[0]
     assert wide[:, :31].sum() == 0 and (wide[:, 31, 46:64].amax(0) > 0).sum() > 0

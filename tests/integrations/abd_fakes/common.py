@@ -3,9 +3,9 @@
 The fakes are written here from the call structure in docs/hosts.md (names, signatures, order of
 teacher forward / loss / backward / step); no host code is copied.
 """
-import torch
 import torch.nn.functional as F
 from torch import nn
+
 
 class _Events(list):
     students: list = []

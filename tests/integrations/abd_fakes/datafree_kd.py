@@ -17,11 +17,17 @@ def make_args(**kw):
 def build(method, teacher, student, synthesis=synthesis_module):
     gen = TinyGenerator()
     if method == "cmi":
-        return synthesis.CMISynthesizer(teacher, student, gen, nz=8, num_classes=4, img_size=(3, 8, 8))
+        return synthesis.CMISynthesizer(
+            teacher, student, gen, nz=8, num_classes=4, img_size=(3, 8, 8)
+        )
     if method == "fast":
-        return synthesis.FastSynthesizer(teacher, student, gen, nz=8, num_classes=4, img_size=(3, 8, 8))
+        return synthesis.FastSynthesizer(
+            teacher, student, gen, nz=8, num_classes=4, img_size=(3, 8, 8)
+        )
     if method == "fast_meta":
-        return synthesis.FastMetaSynthesizer(teacher, student, gen, nz=8, num_classes=4, img_size=(3, 8, 8))
+        return synthesis.FastMetaSynthesizer(
+            teacher, student, gen, nz=8, num_classes=4, img_size=(3, 8, 8)
+        )
     if method == "deepinv":
         return synthesis.DeepInvSyntheiszer(teacher, student, num_classes=4, img_size=(3, 8, 8))
     # Fast-Datafree builds the generative synthesizer with student=teacher
@@ -52,7 +58,9 @@ def train(synthesizer, model, criterion, optimizer, args):
         with torch.no_grad():
             t_out, t_feat = teacher(images, return_features=True)
         s_out = student(images.detach())
-        loss_s = F.kl_div(F.log_softmax(s_out, 1), F.softmax(t_out.detach(), 1), reduction="batchmean")
+        loss_s = F.kl_div(
+            F.log_softmax(s_out, 1), F.softmax(t_out.detach(), 1), reduction="batchmean"
+        )
         optimizer.zero_grad()
         trace("loss:S", loss_s)
         loss_s.backward()

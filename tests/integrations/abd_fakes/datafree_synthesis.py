@@ -22,7 +22,13 @@ class CMISynthesizer(BaseSynthesis):
                  synthesis_batch_size=4, adv=0.5, bn=1, oh=1, cr=0.8, device="cpu"):
         super().__init__(teacher, student)
         self.generator, self.nz, self.num_classes = generator, nz, num_classes
-        self.iterations, self.bs, self.adv, self.oh, self.cr = iterations, synthesis_batch_size, adv, oh, cr
+        self.iterations, self.bs, self.adv, self.oh, self.cr = (
+            iterations,
+            synthesis_batch_size,
+            adv,
+            oh,
+            cr,
+        )
         self.head = torch.nn.Linear(6, 4)
         self.optimizer_head = torch.optim.Adam(self.head.parameters(), 1e-3)
         self.feat = None
@@ -34,7 +40,9 @@ class CMISynthesizer(BaseSynthesis):
         self.teacher.eval()
         z = torch.randn(self.bs, self.nz, requires_grad=True)
         targets = torch.arange(self.bs) % self.num_classes
-        optimizer = torch.optim.Adam([{"params": self.generator.parameters()}, {"params": [z]}], 1e-3)
+        optimizer = torch.optim.Adam(
+            [{"params": self.generator.parameters()}, {"params": [z]}], 1e-3
+        )
         for _ in range(self.iterations):
             inputs = self.generator(z)
             global_view, local_view = inputs, inputs.flip(3)
@@ -65,7 +73,13 @@ class GenerativeSynthesizer(BaseSynthesis):
     def __init__(self, teacher, student, generator, nz, img_size, iterations=1,
                  synthesis_batch_size=4, sample_batch_size=4, adv=1.0, device="cpu"):
         super().__init__(teacher, student)
-        self.generator, self.nz, self.iterations, self.bs, self.adv = generator, nz, iterations, synthesis_batch_size, adv
+        self.generator, self.nz, self.iterations, self.bs, self.adv = (
+            generator,
+            nz,
+            iterations,
+            synthesis_batch_size,
+            adv,
+        )
         self.optimizer = torch.optim.Adam(generator.parameters(), 1e-3)
 
     def synthesize(self):
@@ -90,10 +104,26 @@ class GenerativeSynthesizer(BaseSynthesis):
 
 
 class DeepInvSyntheiszer(BaseSynthesis):
-    def __init__(self, teacher, student, num_classes, img_size, iterations=2, synthesis_batch_size=4,
-                 adv=1.0, bn=1, oh=1, device="cpu"):
+    def __init__(
+        self,
+        teacher,
+        student,
+        num_classes,
+        img_size,
+        iterations=2,
+        synthesis_batch_size=4,
+        adv=1.0,
+        bn=1,
+        oh=1,
+        device="cpu",
+    ):
         super().__init__(teacher, student)
-        self.num_classes, self.img, self.iterations, self.bs = num_classes, img_size, iterations, synthesis_batch_size
+        self.num_classes, self.img, self.iterations, self.bs = (
+            num_classes,
+            img_size,
+            iterations,
+            synthesis_batch_size,
+        )
         self.data = None
 
     def synthesize(self, targets=None):

@@ -5,11 +5,13 @@ import torch.nn as nn
 from .common import trace
 
 
-class DeepInversionClass(object):
+class DeepInversionClass:
+    # the host's own signature, defaults included
     def __init__(self, bs=84, use_fp16=True, net_teacher=None, path="./gen_images/",
-                 final_data_path="/gen_images_final/", parameters=dict(), setting_id=0, jitter=30,
-                 criterion=None, coefficients=dict(), network_output_function=lambda x: x,
-                 hook_for_display=None):
+                 final_data_path="/gen_images_final/", parameters=dict(),  # noqa: B006
+                 setting_id=0, jitter=30, criterion=None,
+                 coefficients=dict(),  # noqa: B006
+                 network_output_function=lambda x: x, hook_for_display=None):
         self.bs, self.net_teacher, self.criterion = bs, net_teacher, criterion
         self.network_output_function = network_output_function
         self.loss_r_feature_layers = []

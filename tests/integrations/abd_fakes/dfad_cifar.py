@@ -4,7 +4,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from .common import TinyGenerator, TinyNet, trace
+from .common import TinyGenerator, trace
 
 
 def make_args(**kw):
@@ -18,8 +18,8 @@ def train(args, teacher, student, generator, device, optimizer, epoch):
     student.train()
     generator.train()
     optimizer_S, optimizer_G = optimizer
-    for i in range(args.epoch_itrs):
-        for k in range(5):
+    for _i in range(args.epoch_itrs):
+        for _k in range(5):
             z = torch.randn((args.batch_size, args.nz, 1, 1))
             optimizer_S.zero_grad()
             fake = generator(z).detach()

@@ -28,7 +28,7 @@ class LearnableLoader(torch.nn.Module):
         return self.generator(self.z)
 
 
-class ZeroShotKTSolver(object):
+class ZeroShotKTSolver:
     def __init__(self, args):
         self.args = args
         self.teacher = TinyNet(tuple_out=True)
@@ -74,10 +74,14 @@ class ZeroShotKTSolver(object):
 
     def divergence(self, student_logits, teacher_logits):
         t = self.args.KL_temperature
-        return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1))
+        return F.kl_div(
+            F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1)
+        )
 
     def KT_loss_generator(self, student_logits, teacher_logits):
         return -self.divergence(student_logits, teacher_logits)
 
-    def KT_loss_student(self, student_logits, student_activations, teacher_logits, teacher_activations):
+    def KT_loss_student(
+        self, student_logits, student_activations, teacher_logits, teacher_activations
+    ):
         return self.divergence(student_logits, teacher_logits)
