@@ -19,6 +19,7 @@ from .hooks import DefenseHook, GuardContext
 from .hypergrad import fixed_point_hypergradient
 from .outputs import extract_logits
 from .retrospection import SelfRetrospection
+from .schedule import SRSchedule
 from .vaccine import ShufflingVaccine
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "GuardContext",
     "ShufflingVaccine",
     "SelfRetrospection",
+    "SRSchedule",
     "fixed_point_hypergradient",
     "extract_logits",
     "load_teacher",

@@ -36,8 +36,9 @@ Mixed precision: the SV term enters the backward with gradient 1, so a loss scal
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -125,7 +126,7 @@ class _HookContext:
     def last_student_batch(self) -> Tensor | None:
         return self._guard.last_student_batch
 
-    def suspended(self) -> Any:
+    def suspended(self) -> AbstractContextManager[None]:
         return self._guard.suspended()
 
 
@@ -197,6 +198,9 @@ class ABDGuard:
             self.hooks.append(h)
         self._state_keys = _state_keys(self.hooks)
         self._ctx: GuardContext = _HookContext(self)
+        self._seconds = dict.fromkeys(self._state_keys, 0.0)  # per hook, all its calls
+        self._student_forward_seen = any(
+            type(h).on_student_forward is not DefenseHook.on_student_forward for h in self.hooks)
         self.loss_scale = loss_scale
         self.step = 0
         self.last_student_batch: Tensor | None = None
@@ -232,8 +236,7 @@ class ABDGuard:
             self._handles.append(register_optimizer_step_pre_hook(self._pre_step))
             self._handles.append(register_optimizer_step_post_hook(self._post_step))
             self._attached = True
-            for h in self.hooks:
-                h.on_guard_enter(self._ctx)
+            self._dispatch("on_guard_enter")
         except BaseException:
             self.detach()
             raise
@@ -243,8 +246,7 @@ class ABDGuard:
         """Remove every hook and restore the teacher's ``.grad`` (what ``with`` does on exit)."""
         try:
             if self._attached:
-                for h in self.hooks:
-                    h.on_guard_exit(self._ctx)
+                self._dispatch("on_guard_exit")
         finally:
             for handle in self._handles:
                 handle.remove()
@@ -294,6 +296,32 @@ class ABDGuard:
         return self.sr is not None and self.sr_schedule.active(self.step)
 
     # ------------------------------------------------------------------ hooks
+    def _dispatch(self, event: str, *args: Any) -> list[Any]:
+        """Call ``event`` (a :class:`DefenseHook` callback) on every hook, in registration order,
+        with the hook context and ``args``; return the results. Every event goes through here,
+        which adds each call's wall time to its hook's seconds (``sv_seconds``, ``sr_seconds``
+        in the report). A new event is a method on ``DefenseHook`` plus one call of this."""
+        results = []
+        for key, h in zip(self._state_keys, self.hooks, strict=True):
+            t0 = time.perf_counter()
+            try:
+                results.append(getattr(h, event)(self._ctx, *args))
+            finally:
+                self._seconds[key] += time.perf_counter() - t0
+        return results
+
+    @contextmanager
+    def _explicit(self, hook: DefenseHook) -> Iterator[None]:
+        """A hook's work through the explicit API: hidden from the guard's hooks, timed like a
+        dispatched call."""
+        key = self._state_keys[self.hooks.index(hook)]
+        t0 = time.perf_counter()
+        try:
+            with self.suspended():
+                yield
+        finally:
+            self._seconds[key] += time.perf_counter() - t0
+
     def _teacher_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         if self._suspended or not torch.is_grad_enabled():
             return None
@@ -304,8 +332,7 @@ class ABDGuard:
         logits = extract_logits(output, self.config.logits_fn)
         check_logits(logits, x.shape[0], "teacher logits")
         total: Tensor | None = None
-        for h in self.hooks:
-            term = h.on_teacher_forward(self._ctx, x, logits)
+        for term in self._dispatch("on_teacher_forward", x, logits):
             if term is not None:
                 total = term if total is None else total + term
         if total is None:
@@ -321,21 +348,13 @@ class ABDGuard:
             return
         if module.training and torch.is_floating_point(x):
             self.last_student_batch = x.detach()
-        if any(
-            type(h).on_student_forward is not DefenseHook.on_student_forward for h in self.hooks
-        ):
-            logits = extract_logits(output, self.config.logits_fn)
-            for h in self.hooks:
-                h.on_student_forward(self._ctx, x, logits)
+        if self._student_forward_seen:  # only then are the logits worth extracting
+            self._dispatch("on_student_forward", x, extract_logits(output, self.config.logits_fn))
 
     def updates_student(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether ``optimizer`` holds any of the student's parameters."""
         return any(id(p) in self._student_param_ids
                    for g in optimizer.param_groups for p in g["params"])
-
-    def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for h in self.hooks:
-            h.on_before_student_step(self._ctx, optimizer)
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         if self._suspended or not self.updates_student(optimizer):
@@ -346,13 +365,13 @@ class ABDGuard:
         if closure is None and rest:
             closure = rest[0]
         if closure is None:
-            self._before_step(optimizer)
+            self._dispatch("on_before_student_step", optimizer)
             return None
 
         # step(closure): gradients exist only after the closure ran; add SR terms then
         def wrapped() -> Any:
             loss = closure()
-            self._before_step(optimizer)
+            self._dispatch("on_before_student_step", optimizer)
             return loss
 
         head = (optimizer,) if args and args[0] is optimizer else ()
@@ -364,8 +383,7 @@ class ABDGuard:
         if self._suspended or not self.updates_student(optimizer):
             return
         self.step += 1
-        for h in self.hooks:
-            h.on_after_student_step(self._ctx, optimizer)
+        self._dispatch("on_after_student_step", optimizer)
 
     # ------------------------------------------------------------------ explicit API
     def _need_vaccine(self) -> ShufflingVaccine:
@@ -375,13 +393,15 @@ class ABDGuard:
 
     def vaccine_penalty(self, x: Tensor, teacher_logits: Tensor) -> Tensor:
         """SV loss term for a synthesis batch; add it to the synthesizer's loss."""
-        with self.suspended():
-            return self._need_vaccine().penalty(x, teacher_logits)
+        sv = self._need_vaccine()
+        with self._explicit(sv):
+            return sv.penalty(x, teacher_logits)
 
     def suspicious(self, x: Tensor, teacher_logits: Tensor) -> Tensor:
         """Boolean mask (B,) of samples the shuffled ensemble still classifies like the teacher."""
-        with self.suspended():
-            return self._need_vaccine().suspicious(x, teacher_logits)
+        sv = self._need_vaccine()
+        with self._explicit(sv):
+            return sv.suspicious(x, teacher_logits)
 
     def reweight(self, per_sample_loss: Tensor, mask: Tensor) -> Tensor:
         """Fixed transfer set: ``mean(loss[~mask]) - coef * mean(loss[mask])`` (finite always)."""
@@ -389,8 +409,9 @@ class ABDGuard:
 
     def observe(self, x: Tensor, teacher_logits: Tensor) -> None:
         """Feed a synthetic batch to the vaccine's verification pool."""
-        with self.suspended():
-            self._need_vaccine().observe(x, teacher_logits)
+        sv = self._need_vaccine()
+        with self._explicit(sv):
+            sv.observe(x, teacher_logits)
 
     def retrospect(
         self, x: Tensor | None = None, optimizer: torch.optim.Optimizer | None = None
@@ -405,12 +426,12 @@ class ABDGuard:
         x = self.last_student_batch if x is None else x
         if x is None:
             raise ValueError("no batch: pass x, or run the student on a batch first")
-        with self.suspended():
+        with self._explicit(self.sr):
             return self.sr.retrospect(x)
 
     # ------------------------------------------------------------------ state and report
     #: version of :meth:`state_dict`'s layout (2: hooks keyed by ``state_key``, the vaccine's
-    #: ``stats`` a dict)
+    #: ``stats`` a dict, the hooks' time kept by the guard)
     STATE_VERSION = 2
 
     def state_dict(self) -> dict[str, Any]:
@@ -418,6 +439,7 @@ class ABDGuard:
             "version": self.STATE_VERSION,
             "step": self.step,
             "hooks": {k: h.state_dict() for k, h in zip(self._state_keys, self.hooks, strict=True)},
+            "seconds": dict(self._seconds),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -430,14 +452,20 @@ class ABDGuard:
         for key, h in zip(self._state_keys, self.hooks, strict=True):
             if key in state["hooks"]:
                 h.load_state_dict(state["hooks"][key])
+            self._seconds[key] = float(state.get("seconds", {}).get(key, 0.0))
 
     def report(self) -> GuardReport:
         rep = GuardReport(student_steps=self.step, sr_start=self.sr_schedule.start)
         known = set(GuardReport.__dataclass_fields__)
-        for h in self.hooks:
+        for key, h in zip(self._state_keys, self.hooks, strict=True):
             for k, v in h.report().items():
                 if k in known:
                     setattr(rep, k, v)
                 else:
                     rep.extra[f"{h.name}.{k}"] = v
+            # the time the guard measured: sv_seconds, sr_seconds, else extra["<name>.seconds"]
+            if f"{h.name}_seconds" in known:
+                setattr(rep, f"{h.name}_seconds", self._seconds[key])
+            else:
+                rep.extra[f"{h.name}.seconds"] = self._seconds[key]
         return rep

@@ -2,7 +2,8 @@
 guard hands them.
 
 :class:`ABDGuard` calls every registered hook at fixed points of a distillation loop. The call
-order is a contract (tested in ``tests/test_guard.py``):
+order is a contract (``tests/test_hook_order.py`` checks it with a hook generated from this
+class's ``on_*`` members, so a callback the guard never calls fails there):
 
 1. ``on_guard_enter`` when the guard's block starts, after the guard installed its own hooks.
 2. ``on_teacher_forward`` runs inside the teacher's forward on a *synthesis* batch (the input
@@ -15,8 +16,11 @@ order is a contract (tested in ``tests/test_guard.py``):
 5. ``on_after_student_step`` runs after that step.
 6. ``on_guard_exit`` when the block ends, normally or by an exception.
 
-Hooks hold their own state and expose it through ``state_dict``/``load_state_dict`` so that a
-resumed run continues exactly where it stopped; the guard saves it under :attr:`state_key`.
+The guard calls every callback through one dispatcher (``ABDGuard._dispatch``), which also
+times each hook (``sv_seconds``/``sr_seconds`` in the report): a new event is one method here
+and one dispatch call in the guard. Hooks hold their own state and expose it through
+``state_dict``/``load_state_dict`` so that a resumed run continues exactly where it stopped; the
+guard saves it under :attr:`DefenseHook.state_key`.
 """
 from __future__ import annotations
 

@@ -21,7 +21,6 @@ code lets them drift), and nothing is ever accumulated into the teacher.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -95,7 +94,6 @@ class SelfRetrospection(DefenseHook):
         self._delta_opt_state: dict[str, Any] | None = None
         self._cache: tuple[Tensor, Tensor] | None = None
         self.steps = 0
-        self.seconds = 0.0
         self.last_delta_norm = 0.0
         self.last_outer_loss = 0.0
         self.last_grad_norm = 0.0
@@ -207,7 +205,6 @@ class SelfRetrospection(DefenseHook):
     def retrospect(self, x: Tensor, *, scale: float | None = None) -> dict[str, float]:
         """One SR step on batch ``x``: add the SR gradient to the student's ``.grad``."""
         check_input(x, "student batch")
-        t0 = time.perf_counter()
         x = x.detach()
         student = unwrap_model(self.student)
         with torch.enable_grad(), preserved_buffers(student):
@@ -228,7 +225,6 @@ class SelfRetrospection(DefenseHook):
         self.steps += 1
         self.last_delta_norm = float(delta.norm())
         self.last_grad_norm = total ** 0.5
-        self.seconds += time.perf_counter() - t0
         return {"delta_norm": self.last_delta_norm, "outer_loss": self.last_outer_loss,
                 "grad_norm": self.last_grad_norm}
 
@@ -282,19 +278,18 @@ class SelfRetrospection(DefenseHook):
             self._saved_lrs = None
 
     def report(self) -> dict[str, Any]:
-        return {"sr_steps": self.steps, "sr_seconds": self.seconds,
+        return {"sr_steps": self.steps,
                 "sr_last_delta_norm": self.last_delta_norm,
                 "sr_last_outer_loss": self.last_outer_loss,
                 "sr_last_grad_norm": self.last_grad_norm}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "seconds": self.seconds, "rng": self._gen.get_state(),
+        return {"steps": self.steps, "rng": self._gen.get_state(),
                 "delta": None if self._delta is None else self._delta.detach().cpu().clone(),
                 "delta_opt": self._delta_opt_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
-        self.seconds = float(state["seconds"])
         self._gen.set_state(state["rng"])
         self._delta = state["delta"]
         self._delta_opt_state = state["delta_opt"]

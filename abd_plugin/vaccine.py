@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import enum
 import math
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -65,14 +64,13 @@ def _dist_sum(values: Tensor) -> Tensor:
 
 @dataclass
 class SVStats:
-    """What the vaccine has seen: suspicion masks computed, samples flagged, time spent."""
+    """What the vaccine has seen: suspicion masks computed, samples flagged, the last term."""
 
     calls: int = 0
     sum_suspicious: float = 0.0
     sum_samples: int = 0
     last_fraction: float = float("nan")
     last_penalty: float = 0.0
-    seconds: float = 0.0
 
     def record(self, mask: Tensor) -> None:
         self.calls += 1
@@ -201,32 +199,28 @@ class ShufflingVaccine(DefenseHook):
         """
         check_input(x)
         check_logits(teacher_logits, x.shape[0], "teacher_logits")
-        t0 = time.perf_counter()
-        try:
-            trunk_module = self.ensemble.trunk_module
-            if not self.built:
-                self.build(x)
-            if self.verifying:
-                self.observe(x, teacher_logits)
-            if not self.enabled:
-                return teacher_logits.new_zeros(())
-            if self.ensemble.trunk_module != trunk_module:
-                trunk = None  # built or verified just now: ``trunk`` is another module's input
-            z = self.ensemble_logits(x, trunk)
-            if not self.config.sv_grad_through_ensemble:
-                z = z.detach()
-            d, mask = divergence_and_mask(teacher_logits, z)
-            self.stats.record(mask)
-            n = mask.sum()
-            if int(n) == 0:
-                pen = (d * 0).sum()
-            else:
-                pen = -self.coef * (d * mask).sum() / n
-            self.stats.last_penalty = float(pen.detach())
-            self._adapt(mask)
-            return pen
-        finally:
-            self.stats.seconds += time.perf_counter() - t0
+        trunk_module = self.ensemble.trunk_module
+        if not self.built:
+            self.build(x)
+        if self.verifying:
+            self.observe(x, teacher_logits)
+        if not self.enabled:
+            return teacher_logits.new_zeros(())
+        if self.ensemble.trunk_module != trunk_module:
+            trunk = None  # built or verified just now: ``trunk`` is another module's input
+        z = self.ensemble_logits(x, trunk)
+        if not self.config.sv_grad_through_ensemble:
+            z = z.detach()
+        d, mask = divergence_and_mask(teacher_logits, z)
+        self.stats.record(mask)
+        n = mask.sum()
+        if int(n) == 0:
+            pen = (d * 0).sum()
+        else:
+            pen = -self.coef * (d * mask).sum() / n
+        self.stats.last_penalty = float(pen.detach())
+        self._adapt(mask)
+        return pen
 
     def reweight(self, per_sample_loss: Tensor, mask: Tensor) -> Tensor:
         """Fixed-transfer-set rule: ``mean(kept) - coef * mean(suspicious)``.
@@ -286,7 +280,6 @@ class ShufflingVaccine(DefenseHook):
         """Run the tail-ratio test on the pool (choosing the depth when ``shuffle_layers='auto'``);
         returns the new status, enabled or disabled."""
         cfg, ens = self.config, self.ensemble
-        t0 = time.perf_counter()
         if isinstance(cfg.shuffle_layers, str):  # auto: score every depth once
             best: tuple[float, int, dict[str, Tensor]] | None = None
             for depth in range(1, min(cfg.auto_max_depth, len(ens.candidates)) + 1):
@@ -307,7 +300,6 @@ class ShufflingVaccine(DefenseHook):
             accepted = self._trial() > cfg.tail_ratio_threshold
         self.status = SVStatus.ENABLED if accepted else SVStatus.DISABLED
         self._pool_x, self._pool_t = [], []
-        self.stats.seconds += time.perf_counter() - t0
         return self.status
 
     @property
@@ -364,7 +356,6 @@ class ShufflingVaccine(DefenseHook):
             "last_suspicious_fraction": st.last_fraction,
             "last_penalty": st.last_penalty,
             "sv_calls": st.calls,
-            "sv_seconds": st.seconds,
         }
 
     # ------------------------------------------------------------------ state
