@@ -12,7 +12,7 @@ The core (this package's top-level modules) imports only ``torch`` and ``numpy``
 The evaluation kit (``abd_plugin.kit``) and the host adapters (``abd_plugin.integrations``) build
 on this API; the core never imports them.
 """
-from .checkpoint import UnsafeCheckpointError, load_teacher
+from .checkpoint import CheckpointReadError, UnsafeCheckpointError, load_teacher
 from .config import ABDConfig
 from .guard import ABDGuard, GuardReport
 from .hooks import DefenseHook, GuardContext
@@ -37,5 +37,6 @@ __all__ = [
     "extract_logits",
     "load_teacher",
     "UnsafeCheckpointError",
+    "CheckpointReadError",
     "__version__",
 ]
