@@ -15,7 +15,7 @@ on this API; the core never imports them.
 from .checkpoint import CheckpointReadError, UnsafeCheckpointError, load_teacher
 from .config import ABDConfig
 from .guard import ABDGuard, GuardReport
-from .hooks import DefenseHook, GuardContext
+from .hooks import ABDWarning, DefenseHook, GuardContext
 from .hypergrad import fixed_point_hypergradient
 from .outputs import extract_logits
 from .retrospection import SelfRetrospection
@@ -38,5 +38,6 @@ __all__ = [
     "load_teacher",
     "UnsafeCheckpointError",
     "CheckpointReadError",
+    "ABDWarning",
     "__version__",
 ]

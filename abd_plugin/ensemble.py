@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._amp import as_input_of
 from ._replica import TeacherReplica
 from .config import ABDConfig
 from .outputs import check_logits, extract_logits
@@ -74,6 +75,7 @@ class ShuffledEnsemble:
         self._order: list[str] = []
         self._counts: dict[str, int] = {}
         self._probe: Tensor | None = None
+        self.num_classes: int | None = None  # the teacher's, from the dry run
 
     # ------------------------------------------------------------------ discovery
     def _dry_run(self, x: Tensor) -> tuple[list[str], list[str], dict[str, int]]:
@@ -95,11 +97,13 @@ class ShuffledEnsemble:
             handles.append(mod.register_forward_pre_hook(pre))
         try:
             with torch.no_grad():
-                out = rep(x)
+                out = rep(as_input_of(rep, x))
         finally:
             for h in handles:
                 h.remove()
-        check_logits(extract_logits(out, self.config.logits_fn), x.shape[0], "teacher logits")
+        logits = extract_logits(out, self.config.logits_fn)
+        check_logits(logits, x.shape[0], "teacher logits")
+        self.num_classes = int(logits.shape[1])
         mods = dict(rep.named_modules())
         linear = self.config.shuffle_linear or isinstance(self.config.shuffle_layers, str)
         kinds = _CONV + ((nn.Linear,) if linear else ())
@@ -233,7 +237,7 @@ class ShuffledEnsemble:
         k = self.config.n_shuffle_models
         self._active = True
         try:
-            out = rep(x.repeat(k, *([1] * (x.dim() - 1))))
+            out = rep(as_input_of(rep, x).repeat(k, *([1] * (x.dim() - 1))))
         finally:
             self._active = False
         z = extract_logits(out, self.config.logits_fn)
@@ -249,7 +253,7 @@ class ShuffledEnsemble:
 
         h = mod.register_forward_pre_hook(stop)
         try:
-            rep(x)
+            rep(as_input_of(rep, x))
         except _StopForward as s:
             return s.value
         finally:
@@ -269,7 +273,7 @@ class ShuffledEnsemble:
         h = mod.register_forward_pre_hook(swap)
         self._active = True
         try:
-            out = rep(x[:1])
+            out = rep(as_input_of(rep, x[:1]))
         finally:
             self._active = False
             h.remove()

@@ -16,7 +16,8 @@ What the guard installs while active, and removes on exit (also on an exception)
 * a forward hook on the teacher. When the teacher runs with gradients on an input that requires
   grad (a synthesis batch), every :class:`DefenseHook`'s ``on_teacher_forward`` may return a loss
   term. The returned logits are the teacher's own values; they carry an autograd node that, when
-  the user back-propagates through them, also back-propagates the loss terms once (gradient 1).
+  the user back-propagates through them, also back-propagates the loss terms once (gradient 1):
+  a second ``backward()`` through the same logits (``retain_graph=True``) adds nothing more.
 * whatever the defenses install themselves in ``on_guard_enter`` (the vaccine: a pre-hook that
   reads the input of the teacher module where its ensemble shares the trunk), removed in
   ``on_guard_exit``.
@@ -32,11 +33,21 @@ Explicit mode (no hooks needed): :meth:`vaccine_penalty`, :meth:`suspicious`, :m
 :meth:`observe`, :meth:`retrospect`.
 
 Mixed precision: the SV term enters the backward with gradient 1, so a loss scaled by a
-``GradScaler`` sees it un-scaled; pass ``loss_scale=scaler.get_scale`` to the guard.
+``GradScaler`` sees it un-scaled; pass ``loss_scale=scaler.get_scale`` to the guard. The work done
+at the optimizer step (SR) re-enters the autocast state of the student's last training forward,
+and every extra forward casts its batch to the dtype of the model it runs (a float64 or bfloat16
+teacher with a float32 student).
+
+One guard per student: a second guard attached to a student that an active guard already wraps
+raises ``RuntimeError`` (SR would run twice per step). When a defense cannot do its job (student
+in ``eval()`` mode, SV term never back-propagated, no synthesis batch seen, SR gradient NaN), the
+report says so (``warnings``, ``sr_skipped``) and an :class:`~abd_plugin.hooks.ABDWarning` is
+issued once per guard.
 """
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -45,31 +56,57 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _amp
 from ._replica import TeacherReplica, unwrap_model
 from .config import ABDConfig
-from .hooks import DefenseHook, GuardContext
+from .hooks import DefenseHook, GuardContext, warn_once
 from .outputs import check_input, check_logits, extract_logits, replace_logits
 from .retrospection import SelfRetrospection
 from .schedule import SRSchedule
 from .vaccine import ShufflingVaccine
 
 
+class _TermCounter:
+    """Loss terms attached to teacher logits, and how many of them were back-propagated."""
+
+    __slots__ = ("attached", "fired")
+
+    def __init__(self, attached: int = 0, fired: int = 0) -> None:
+        self.attached, self.fired = attached, fired
+
+
 class _AddLossTerm(torch.autograd.Function):
-    """Identity on ``logits``; back-propagating through it also back-propagates ``term``."""
+    """Identity on ``logits``; the first backward through it also back-propagates ``term`` (with
+    gradient ``scale``) and counts it in ``counter``; later backwards through the same node (a
+    retained graph) pass only the logits' gradient: the term is applied once per forward."""
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, term: Tensor, scale: float) -> Tensor:
+    def forward(ctx: Any, logits: Tensor, term: Tensor, scale: float,
+                counter: _TermCounter) -> Tensor:
         ctx.term_shape = term.shape
+        ctx.term_dtype = term.dtype
         ctx.scale = scale
+        ctx.counter = counter
+        ctx.fired = False
+        counter.attached += 1
         return logits.clone()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Any:
+        if ctx.fired:
+            return grad, None, None, None
+        ctx.fired = True
+        ctx.counter.fired += 1
         return (
             grad,
-            torch.full(ctx.term_shape, ctx.scale, dtype=grad.dtype, device=grad.device),
+            torch.full(ctx.term_shape, ctx.scale, dtype=ctx.term_dtype, device=grad.device),
+            None,
             None,
         )
+
+
+#: students wrapped by an active guard: id(student module) -> that guard (weakly)
+_ACTIVE_STUDENTS: dict[int, weakref.ReferenceType[ABDGuard]] = {}
 
 
 @dataclass
@@ -95,6 +132,13 @@ class GuardReport:
     sr_last_grad_norm: float = 0.0
     student_steps: int = 0
     sr_start: int | None = None
+    #: SV loss terms attached to teacher logits / back-propagated (once each at most)
+    sv_terms_attached: int = 0
+    sv_terms_backpropagated: int = 0
+    #: SR steps that did nothing, by reason (``abd_plugin.retrospection.SKIP_REASONS``)
+    sr_skipped: dict[str, int] = field(default_factory=dict)
+    #: what a defense could not do, in words (each also issued once as an ``ABDWarning``)
+    warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -106,6 +150,7 @@ class GuardReport:
                  f"synthesis batches, SV time {self.sv_seconds:.2f}s",
                  f"SR: {self.sr_steps} steps (window starts at step {self.sr_start}), "
                  f"SR time {self.sr_seconds:.2f}s; student steps {self.student_steps}"]
+        lines += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -204,6 +249,9 @@ class ABDGuard:
         self.loss_scale = loss_scale
         self.step = 0
         self.last_student_batch: Tensor | None = None
+        self._student_amp: _amp.AutocastState | None = None  # autocast of that batch's forward
+        self._terms = _TermCounter()
+        self._plain_teacher_forwards = 0  # grad-enabled teacher forwards on a no-grad input
         self._handles: list[Any] = []
         self._attached = False
         self._suspended = 0
@@ -224,9 +272,18 @@ class ABDGuard:
             raise RuntimeError(
                 "this ABDGuard is already active; a guard cannot be nested in itself"
             )
+        key = id(self._student_core)
+        ref = _ACTIVE_STUDENTS.get(key)
+        other = ref() if ref is not None else None
+        if other is not None and other is not self and other.active:
+            raise RuntimeError(
+                "another ABDGuard is already active on this student; two guards would run SR "
+                "twice per step (and SV twice per synthesis batch). Use one guard, or leave the "
+                "first one's `with` block (guard.detach()) before attaching a second")
         self._teacher_grads = [(p, None if p.grad is None else p.grad.detach().clone())
                                for p in self._teacher_core.parameters()]
         try:
+            _ACTIVE_STUDENTS[key] = weakref.ref(self)
             self._handles.append(self._teacher_core.register_forward_hook(self._teacher_hook))
             self._handles.append(self._student_core.register_forward_hook(self._student_hook))
             from torch.optim.optimizer import (
@@ -246,8 +303,12 @@ class ABDGuard:
         """Remove every hook and restore the teacher's ``.grad`` (what ``with`` does on exit)."""
         try:
             if self._attached:
+                self._check_no_ops(final=True)
                 self._dispatch("on_guard_exit")
         finally:
+            ref = _ACTIVE_STUDENTS.get(id(self._student_core))
+            if ref is not None and ref() in (self, None):
+                del _ACTIVE_STUDENTS[id(self._student_core)]
             for handle in self._handles:
                 handle.remove()
             self._handles = []
@@ -327,6 +388,8 @@ class ABDGuard:
             return None
         x = args[0] if args and isinstance(args[0], Tensor) else None
         if x is None or not x.requires_grad:
+            if x is not None and torch.is_floating_point(x):
+                self._plain_teacher_forwards += 1
             return None
         check_input(x, "teacher input")
         logits = extract_logits(output, self.config.logits_fn)
@@ -338,7 +401,7 @@ class ABDGuard:
         if total is None:
             return None
         scale = float(self.loss_scale()) if self.loss_scale is not None else 1.0
-        return replace_logits(output, _AddLossTerm.apply(logits, total, scale))
+        return replace_logits(output, _AddLossTerm.apply(logits, total, scale, self._terms))
 
     def _student_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._suspended:
@@ -348,6 +411,7 @@ class ABDGuard:
             return
         if module.training and torch.is_floating_point(x):
             self.last_student_batch = x.detach()
+            self._student_amp = _amp.capture(x.device.type)
         if self._student_forward_seen:  # only then are the logits worth extracting
             self._dispatch("on_student_forward", x, extract_logits(output, self.config.logits_fn))
 
@@ -365,13 +429,15 @@ class ABDGuard:
         if closure is None and rest:
             closure = rest[0]
         if closure is None:
-            self._dispatch("on_before_student_step", optimizer)
+            with _amp.replay(self._student_amp):
+                self._dispatch("on_before_student_step", optimizer)
             return None
 
         # step(closure): gradients exist only after the closure ran; add SR terms then
         def wrapped() -> Any:
             loss = closure()
-            self._dispatch("on_before_student_step", optimizer)
+            with _amp.replay(self._student_amp):
+                self._dispatch("on_before_student_step", optimizer)
             return loss
 
         head = (optimizer,) if args and args[0] is optimizer else ()
@@ -383,7 +449,37 @@ class ABDGuard:
         if self._suspended or not self.updates_student(optimizer):
             return
         self.step += 1
-        self._dispatch("on_after_student_step", optimizer)
+        with _amp.replay(self._student_amp):
+            self._dispatch("on_after_student_step", optimizer)
+        self._check_no_ops(final=False)
+
+    # ------------------------------------------------------------------ silent no-ops
+    def _no_ops(self, final: bool) -> dict[str, str]:
+        """What the guard's own bookkeeping shows a defense could not do: {key: message}.
+        ``final``: the run is over (or reported), so one unused SV term, or no synthesis batch
+        at all, is already telling; during the run (after each student step) only two or more
+        SV terms none of which was back-propagated are."""
+        out = {}
+        attached, fired = self._terms.attached, self._terms.fired
+        if fired == 0 and attached >= (1 if final else 2):
+            out["sv_term_never_backpropagated"] = (
+                f"the SV loss term was attached to {attached} teacher forward(s) but none was "
+                "back-propagated: the synthesizer's loss does not go through the teacher's logits "
+                "(teacher(x).detach()?), so SV changed nothing. Keep the teacher's logits in the "
+                "graph, or add guard.vaccine_penalty(x, t) to that loss yourself")
+        sv = self.sv
+        if (final and sv is not None and self._plain_teacher_forwards and sv.stats.calls == 0
+                and sv.observed == 0):
+            out["sv_never_ran"] = (
+                f"SV never ran: the teacher ran {self._plain_teacher_forwards} time(s) with "
+                "gradients on, but never on an input that requires grad, so no synthesis batch "
+                "reached the vaccine (a generator output made under no_grad or detached?). Keep "
+                "the synthesizer's output in the graph, or call guard.vaccine_penalty(x, t)")
+        return out
+
+    def _check_no_ops(self, final: bool) -> None:
+        for key, msg in self._no_ops(final).items():
+            warn_once(self, key, f"abd-plugin: {msg}")
 
     # ------------------------------------------------------------------ explicit API
     def _need_vaccine(self) -> ShufflingVaccine:
@@ -404,7 +500,10 @@ class ABDGuard:
             return sv.suspicious(x, teacher_logits)
 
     def reweight(self, per_sample_loss: Tensor, mask: Tensor) -> Tensor:
-        """Fixed transfer set: ``mean(loss[~mask]) - coef * mean(loss[mask])`` (finite always)."""
+        """Fixed transfer set: ``mean(loss[~mask]) - coef * mean(min(loss[mask], cap))`` with
+        ``cap = config.sv_reweight_cap``: finite always, and ``>= -coef * cap`` for a
+        non-negative loss (the anti-distillation cannot run away; see
+        :meth:`ShufflingVaccine.reweight`)."""
         return self._need_vaccine().reweight(per_sample_loss, mask)
 
     def observe(self, x: Tensor, teacher_logits: Tensor) -> None:
@@ -416,17 +515,27 @@ class ABDGuard:
     def retrospect(
         self, x: Tensor | None = None, optimizer: torch.optim.Optimizer | None = None
     ) -> dict[str, float]:
-        """Add the SR gradient for batch ``x`` (default: the student's last batch) to ``.grad``.
-        ``optimizer`` is accepted for symmetry with hosts; the gradient goes to the student's
-        parameters, which it must hold."""
+        """Add the SR gradient for batch ``x`` (default: the student's last batch, under the
+        autocast state of its forward) to ``.grad``. ``optimizer`` is accepted for symmetry with
+        hosts; the gradient goes to the student's parameters, which it must hold.
+
+        Inside an active guard whose automatic SR window is open at this step, the call does
+        nothing (the automatic SR runs at the optimizer step; SR runs once per step): it returns
+        ``skipped=1.0``, counts ``sr_skipped["explicit_call_in_automatic_window"]`` and warns
+        once. A non-finite ``x`` raises ``ValueError``."""
         if self.sr is None:
             raise RuntimeError("SR is disabled in this guard's config (sr=False)")
         if optimizer is not None and not self.updates_student(optimizer):
             raise ValueError("this optimizer does not hold the student's parameters")
+        amp = self._student_amp if x is None else None
         x = self.last_student_batch if x is None else x
         if x is None:
             raise ValueError("no batch: pass x, or run the student on a batch first")
-        with self._explicit(self.sr):
+        sched = self.sr_schedule
+        if self._attached and sched.auto and sched.active(self.step):
+            self.sr.skip("explicit_call_in_automatic_window")
+            return self.sr.skipped_result()
+        with self._explicit(self.sr), _amp.replay(amp):
             return self.sr.retrospect(x)
 
     # ------------------------------------------------------------------ state and report
@@ -440,6 +549,8 @@ class ABDGuard:
             "step": self.step,
             "hooks": {k: h.state_dict() for k, h in zip(self._state_keys, self.hooks, strict=True)},
             "seconds": dict(self._seconds),
+            "sv_terms": [self._terms.attached, self._terms.fired],
+            "plain_teacher_forwards": self._plain_teacher_forwards,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -449,17 +560,23 @@ class ABDGuard:
                 f"ABDGuard state version {version!r}, expected {self.STATE_VERSION}: saved by "
                 "another abd-plugin release (or not by abd-plugin); resume with that release")
         self.step = int(state["step"])
+        self._terms = _TermCounter(*state.get("sv_terms", (0, 0)))
+        self._plain_teacher_forwards = int(state.get("plain_teacher_forwards", 0))
         for key, h in zip(self._state_keys, self.hooks, strict=True):
             if key in state["hooks"]:
                 h.load_state_dict(state["hooks"][key])
             self._seconds[key] = float(state.get("seconds", {}).get(key, 0.0))
 
     def report(self) -> GuardReport:
-        rep = GuardReport(student_steps=self.step, sr_start=self.sr_schedule.start)
+        rep = GuardReport(student_steps=self.step, sr_start=self.sr_schedule.start,
+                          sv_terms_attached=self._terms.attached,
+                          sv_terms_backpropagated=self._terms.fired)
         known = set(GuardReport.__dataclass_fields__)
         for key, h in zip(self._state_keys, self.hooks, strict=True):
             for k, v in h.report().items():
-                if k in known:
+                if k == "warnings":
+                    rep.warnings += list(v)
+                elif k in known:
                     setattr(rep, k, v)
                 else:
                     rep.extra[f"{h.name}.{k}"] = v
@@ -468,4 +585,8 @@ class ABDGuard:
                 setattr(rep, f"{h.name}_seconds", self._seconds[key])
             else:
                 rep.extra[f"{h.name}.seconds"] = self._seconds[key]
+        no_ops = self._no_ops(final=True)
+        if "sv_term_never_backpropagated" in no_ops:
+            rep.sv_message += " - but its loss term never reached a backward (see warnings)"
+        rep.warnings = list(no_ops.values()) + rep.warnings
         return rep

@@ -24,11 +24,27 @@ guard saves it under :attr:`DefenseHook.state_key`.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+
+class ABDWarning(UserWarning):
+    """A defense could not do what its configuration asks (the report says the same); filter
+    with ``warnings.filterwarnings("ignore", category=ABDWarning)``."""
+
+
+def warn_once(owner: object, key: str, message: str) -> None:
+    """``warnings.warn(message, ABDWarning)`` the first time ``owner`` (a guard or a hook, one
+    per guard) meets ``key``; later calls are silent (the report keeps the counts)."""
+    seen: set[str] = owner.__dict__.setdefault("_abd_warned", set())
+    if key in seen:
+        return
+    seen.add(key)
+    warnings.warn(message, ABDWarning, stacklevel=3)
 
 
 class GuardContext(Protocol):

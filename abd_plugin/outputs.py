@@ -73,7 +73,8 @@ def replace_logits(output: Any, logits: Tensor) -> Any:
 
 
 def check_input(x: Tensor, where: str = "input") -> None:
-    """Reject inputs the defenses cannot differentiate through, with the fix in the message."""
+    """Reject inputs the defenses cannot use (not a tensor, integer, unbatched, NaN/Inf), with the
+    fix in the message."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{where} must be a torch.Tensor, got {type(x).__name__}")
     if not torch.is_floating_point(x):
@@ -83,16 +84,30 @@ def check_input(x: Tensor, where: str = "input") -> None:
         )
     if x.dim() < 2:
         raise ValueError(f"{where} must be batched (batch first), got shape {tuple(x.shape)}")
+    if not torch.isfinite(x.detach()).all():
+        raise ValueError(
+            f"{where} contains NaN or Inf; the defenses refuse non-finite batches (they would "
+            "write NaN into gradients): check the generator / data pipeline that produced it"
+        )
 
 
-def check_logits(logits: Tensor, batch: int | None = None, where: str = "logits") -> None:
-    """Logits must be a finite float (B, C) tensor with C >= 2 and B matching the input."""
+def check_logits(
+    logits: Tensor, batch: int | None = None, where: str = "logits", classes: int | None = None
+) -> None:
+    """Logits must be a finite float (B, C) tensor with C >= 2, B matching the input and C the
+    teacher's number of classes (``classes``, when known)."""
     if not torch.is_floating_point(logits):
         raise TypeError(f"{where} must be floating point, got {logits.dtype}")
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise ValueError(
             f"{where} must have shape (batch, num_classes) with num_classes >= 2, got "
             f"{tuple(logits.shape)}; if the model returns something else pass logits_fn=..."
+        )
+    if classes is not None and logits.shape[1] != classes:
+        raise ValueError(
+            f"{where} have shape {tuple(logits.shape)}: {logits.shape[1]} classes, but the "
+            f"teacher's own output has {classes} (shape ({logits.shape[0]}, {classes})); pass the "
+            "teacher's logits for this batch (the same model the guard wraps)"
         )
     if batch is not None and logits.shape[0] != batch:
         raise ValueError(

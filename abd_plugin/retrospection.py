@@ -16,6 +16,15 @@ One SR step on a student batch ``x`` (B, ...):
 (C) ``sr_scale`` times that gradient is **added** to the student's ``.grad``; the user's KD
     gradient already there is kept, so the optimizer steps on KD + SR, as in the paper.
 
+Precision: every forward runs the batch in the dtype of the model it goes through (a float32
+student batch is cast for a float64 or bfloat16 teacher); inside a guard, SR also re-enters the
+autocast state of the student's last training forward.
+
+Non-finite values: a batch with NaN/Inf raises ``ValueError`` (nothing is written). An SR gradient
+that comes out NaN/Inf (an overflow in the perturbation search or the hypergradient) is *not*
+added: the step is skipped, counted in the report (``sr_skipped["non_finite_gradient"]``) and
+warned about once, and training goes on with the user's own gradient.
+
 The student's BatchNorm running statistics are restored after SR's extra forwards (the official
 code lets them drift), and nothing is ever accumulated into the teacher.
 """
@@ -29,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._amp import as_input_of
 from ._replica import TeacherReplica, unwrap_model
 from .config import ABDConfig
-from .hooks import DefenseHook, GuardContext
+from .hooks import DefenseHook, GuardContext, warn_once
 from .hypergrad import fixed_point_hypergradient
 from .outputs import check_input, extract_logits
 from .schedule import SRSchedule
@@ -40,6 +50,8 @@ from .schedule import SRSchedule
 def _kl(clean_logits: Tensor, pert_logits: Tensor, temperature: float) -> Tensor:
     """``KL(p_clean || p_pert)`` averaged over the batch (sum over classes)."""
     t = temperature
+    if clean_logits.dtype != pert_logits.dtype:  # e.g. a float64 teacher's target, float32 student
+        clean_logits = clean_logits.to(pert_logits.dtype)
     return F.kl_div(
         F.log_softmax(pert_logits / t, dim=1), F.log_softmax(clean_logits / t, dim=1),
         reduction="batchmean", log_target=True,
@@ -56,6 +68,19 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
+
+
+#: why an SR step did nothing (keys of ``report()["sr_skipped"]``) and what to do about it
+SKIP_REASONS = {
+    "student_in_eval_mode": "the student ran in eval() mode, so no training batch was kept "
+    "(call student.train(), or pass the batch: guard.retrospect(x))",
+    "no_student_batch": "no student training forward came before the optimizer step",
+    "non_finite_gradient": "the SR gradient was NaN/Inf (the perturbation search or the "
+    "hypergradient overflowed); nothing was added, the student kept its own gradient",
+    "explicit_call_in_automatic_window": "guard.retrospect() was called while the guard's "
+    "automatic SR window was open; the automatic SR runs at the optimizer step, so the explicit "
+    "call did nothing (SR runs once per step)",
+}
 
 
 class SelfRetrospection(DefenseHook):
@@ -98,6 +123,8 @@ class SelfRetrospection(DefenseHook):
         self.last_outer_loss = 0.0
         self.last_grad_norm = 0.0
         self._saved_lrs: tuple[torch.optim.Optimizer, list[tuple[Any, float]]] | None = None
+        #: SR steps that did not happen, by reason (see :data:`SKIP_REASONS`)
+        self.skipped: dict[str, int] = {}
 
     # ------------------------------------------------------------------ pieces
     def _pert_model(self, x: Tensor) -> nn.Module:
@@ -140,9 +167,9 @@ class SelfRetrospection(DefenseHook):
             eps = cfg.sr_epsilon_rms * delta.numel() ** 0.5
         if cfg.sr_inner_rounds > 0:
             with torch.no_grad():
-                clean = extract_logits(model(x), cfg.logits_fn).detach()
+                clean = extract_logits(model(as_input_of(model, x)), cfg.logits_fn).detach()
             for _ in range(cfg.sr_inner_rounds):
-                pert = extract_logits(model(x + delta), cfg.logits_fn)
+                pert = extract_logits(model(as_input_of(model, x + delta)), cfg.logits_fn)
                 loss = -_kl(clean, pert, cfg.sr_temperature) + cfg.sr_pert_l2 * delta.pow(2).sum()
                 (g,) = torch.autograd.grad(loss, delta)
                 delta.grad = g
@@ -176,7 +203,7 @@ class SelfRetrospection(DefenseHook):
         t = cfg.sr_temperature
 
         def logits(inp: Tensor) -> Tensor:
-            return extract_logits(student(inp), cfg.logits_fn)
+            return extract_logits(student(as_input_of(student, inp)), cfg.logits_fn)
 
         clean = logits(x).detach()
 
@@ -193,7 +220,8 @@ class SelfRetrospection(DefenseHook):
             if self._replica is None:
                 raise ValueError("sr_outer_target='teacher' needs the teacher")
             with torch.no_grad():
-                target = extract_logits(self._replica.to_device_of(x)(x), cfg.logits_fn).detach()
+                rep = self._replica.to_device_of(x)
+                target = extract_logits(rep(as_input_of(rep, x)), cfg.logits_fn).detach()
 
         def outer(inner: list[Tensor], _p: Any) -> Tensor:
             loss = _kl(target, logits(x + mask * inner[0]), t)
@@ -203,20 +231,34 @@ class SelfRetrospection(DefenseHook):
         return fixed_point_hypergradient(params, [delta], fp_map, outer, cfg.sr_fixed_point_iters)
 
     def retrospect(self, x: Tensor, *, scale: float | None = None) -> dict[str, float]:
-        """One SR step on batch ``x``: add the SR gradient to the student's ``.grad``."""
+        """One SR step on batch ``x``: add the SR gradient to the student's ``.grad``.
+
+        Returns ``delta_norm``, ``outer_loss``, ``grad_norm`` and ``skipped`` (1.0 when nothing was
+        added). A non-finite ``x`` raises ``ValueError``; a non-finite SR gradient is skipped
+        and reported (module docstring)."""
         check_input(x, "student batch")
         x = x.detach()
         student = unwrap_model(self.student)
+        outer_before = self.last_outer_loss
         with torch.enable_grad(), preserved_buffers(student):
             delta = self.synthesize(x)
             grads = self.gradients(x, delta)
         grads = self._all_reduce(grads)
         s = self.config.sr_scale if scale is None else scale
         params = [p for p in student.parameters() if p.requires_grad]
+        with torch.no_grad():
+            scaled = [g.to(p.dtype) * s for p, g in zip(params, grads, strict=True)]
+            finite = not scaled or bool(
+                torch.stack([torch.isfinite(g).all() for g in scaled]).all())
+        if not finite:
+            # the same on every DDP rank (the gradients were all-reduced first)
+            self.last_outer_loss = outer_before
+            self._delta = self._delta_opt_state = self._cache = None  # no NaN warm start
+            self.skip("non_finite_gradient")
+            return self.skipped_result()
         total = 0.0
         with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                g = g.to(p.dtype) * s
+            for p, g in zip(params, scaled, strict=True):
                 total += float(g.pow(2).sum())
                 if p.grad is None:
                     p.grad = g.clone()
@@ -226,7 +268,17 @@ class SelfRetrospection(DefenseHook):
         self.last_delta_norm = float(delta.norm())
         self.last_grad_norm = total ** 0.5
         return {"delta_norm": self.last_delta_norm, "outer_loss": self.last_outer_loss,
-                "grad_norm": self.last_grad_norm}
+                "grad_norm": self.last_grad_norm, "skipped": 0.0}
+
+    def skip(self, reason: str) -> None:
+        """Count an SR step that did nothing (``reason``: a key of :data:`SKIP_REASONS`) and warn
+        the first time."""
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        warn_once(self, reason, f"abd-plugin: SR skipped a step: {SKIP_REASONS[reason]}")
+
+    @staticmethod
+    def skipped_result() -> dict[str, float]:
+        return {"delta_norm": 0.0, "outer_loss": 0.0, "grad_norm": 0.0, "skipped": 1.0}
 
     def _all_reduce(self, grads: list[Tensor]) -> list[Tensor]:
         """Average SR gradients over ranks: DDP all-reduces only what ``backward`` produced."""
@@ -258,9 +310,12 @@ class SelfRetrospection(DefenseHook):
             for g in optimizer.param_groups:
                 g["lr"] = sched.lr
         x = ctx.last_student_batch
-        if x is not None:
-            with ctx.suspended():
-                self.retrospect(x)
+        if x is None:
+            training = unwrap_model(self.student).training
+            self.skip("no_student_batch" if training else "student_in_eval_mode")
+            return
+        with ctx.suspended():
+            self.retrospect(x)
 
     def on_after_student_step(
         self, ctx: GuardContext, optimizer: torch.optim.Optimizer | None
@@ -281,15 +336,19 @@ class SelfRetrospection(DefenseHook):
         return {"sr_steps": self.steps,
                 "sr_last_delta_norm": self.last_delta_norm,
                 "sr_last_outer_loss": self.last_outer_loss,
-                "sr_last_grad_norm": self.last_grad_norm}
+                "sr_last_grad_norm": self.last_grad_norm,
+                "sr_skipped": dict(self.skipped),
+                "warnings": [f"SR skipped {n} step(s): {SKIP_REASONS[k]}"
+                             for k, n in self.skipped.items()]}
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "rng": self._gen.get_state(),
                 "delta": None if self._delta is None else self._delta.detach().cpu().clone(),
-                "delta_opt": self._delta_opt_state}
+                "delta_opt": self._delta_opt_state, "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
+        self.skipped = dict(state.get("skipped", {}))
         self._gen.set_state(state["rng"])
         self._delta = state["delta"]
         self._delta_opt_state = state["delta_opt"]

@@ -142,6 +142,7 @@ class ShufflingVaccine(DefenseHook):
         self._pool_t: list[Tensor] = []
         self.stats = SVStats()
         self._tap = TrunkTap(self.ensemble)  # reads the trunk while a guard is active
+        self._seen_shape: tuple[int, ...] | None = None  # first logits given, until built
 
     # ------------------------------------------------------------------ the ensemble
     @property
@@ -160,6 +161,13 @@ class ShufflingVaccine(DefenseHook):
         check_input(x, "teacher input")
         ens = self.ensemble
         ens.discover(x[:2].detach())
+        seen, self._seen_shape = self._seen_shape, None
+        if seen is not None and seen[1] != ens.num_classes:
+            self._pool_x, self._pool_t = [], []  # pooled with the same wrong class count
+            raise ValueError(
+                f"teacher_logits given earlier had shape {seen}: {seen[1]} classes, but the "
+                f"teacher's own output has {ens.num_classes} (shape ({seen[0]}, "
+                f"{ens.num_classes})); pass the logits of the teacher the guard wraps")
         if self._pending_state is not None:
             self.built = True
             self._apply_state(self._pending_state)
@@ -176,10 +184,22 @@ class ShufflingVaccine(DefenseHook):
         return self.ensemble.logits(x, trunk)
 
     # ------------------------------------------------------------------ public API
+    def _check(self, x: Tensor, teacher_logits: Tensor, *, build: bool = True) -> None:
+        """The checks every entry point runs: a float, batched, finite ``x``; finite (B, C)
+        logits whose C is the teacher's. ``build``: build the ensemble now (the caller would
+        next) so that C is known; else the first logits seen stand in until it is built."""
+        check_input(x)
+        if build and not self.built:
+            self.build(x)
+        classes = (self.ensemble.num_classes if self.built
+                   else None if self._seen_shape is None else self._seen_shape[1])
+        check_logits(teacher_logits, x.shape[0], "teacher_logits", classes=classes)
+        if classes is None:
+            self._seen_shape = tuple(teacher_logits.shape)
+
     def suspicious(self, x: Tensor, teacher_logits: Tensor) -> Tensor:
         """Boolean mask (B,): the shuffled ensemble predicts the teacher's class."""
-        check_input(x)
-        check_logits(teacher_logits, x.shape[0], "teacher_logits")
+        self._check(x, teacher_logits)
         with torch.no_grad():
             z = self.ensemble_logits(x.detach())
             _, mask = divergence_and_mask(teacher_logits.detach(), z)
@@ -197,13 +217,10 @@ class ShufflingVaccine(DefenseHook):
                 vaccine and so moves the trunk module.
         Returns a scalar; 0 (no graph) while the vaccine is unverified or disabled.
         """
-        check_input(x)
-        check_logits(teacher_logits, x.shape[0], "teacher_logits")
-        trunk_module = self.ensemble.trunk_module
-        if not self.built:
-            self.build(x)
+        trunk_module = self.ensemble.trunk_module  # before building: see ``trunk`` above
+        self._check(x, teacher_logits)  # builds the ensemble on the first batch
         if self.verifying:
-            self.observe(x, teacher_logits)
+            self._observe(x, teacher_logits)
         if not self.enabled:
             return teacher_logits.new_zeros(())
         if self.ensemble.trunk_module != trunk_module:
@@ -223,25 +240,43 @@ class ShufflingVaccine(DefenseHook):
         return pen
 
     def reweight(self, per_sample_loss: Tensor, mask: Tensor) -> Tensor:
-        """Fixed-transfer-set rule: ``mean(kept) - coef * mean(suspicious)``.
+        """Fixed-transfer-set rule: ``mean(kept) - coef * mean(min(suspicious, cap))`` with
+        ``cap = config.sv_reweight_cap``.
 
-        Finite when no sample or every sample is suspicious (the empty mean counts as 0)."""
+        The anti-distillation term is bounded: each suspicious sample's loss counts up to
+        ``cap`` and gives no gradient beyond it, so the student pushes a suspicious sample away
+        from the teacher until its loss reaches ``cap`` and then stops. Without the cap, a
+        non-negative loss (KL, cross-entropy) on a fixed transfer set is maximised without end
+        (the loss runs to -inf and accuracy collapses, whatever the coefficient). For a
+        non-negative loss the result is therefore ``>= -coef * cap``; below the cap nothing
+        changes. Finite when no sample or every sample is suspicious (the empty mean counts as
+        0); a non-finite per-sample loss raises ``ValueError``."""
         if per_sample_loss.dim() != 1 or mask.shape != per_sample_loss.shape:
             raise ValueError(
                 "reweight needs a per-sample loss of shape (B,) and a mask of the same shape; "
                 "use reduction='none' and sum over classes first"
             )
+        if not torch.is_floating_point(per_sample_loss):
+            raise TypeError(f"per_sample_loss must be floating point, got {per_sample_loss.dtype}")
+        if not torch.isfinite(per_sample_loss.detach()).all():
+            raise ValueError("per_sample_loss contains NaN or Inf; check the KD loss and its "
+                             "inputs before reweighting")
         mask = mask.to(torch.bool)
         keep = ~mask
         zero = per_sample_loss.sum() * 0
         kept = per_sample_loss[keep].mean() if keep.any() else zero
         coef = self.coef if self.status == SVStatus.ENABLED else 0.0
-        susp = per_sample_loss[mask].mean() if mask.any() and coef > 0 else zero
+        susp = (per_sample_loss[mask].clamp(max=self.config.sv_reweight_cap).mean()
+                if mask.any() and coef > 0 else zero)
         return kept - coef * susp
 
     def observe(self, x: Tensor, teacher_logits: Tensor) -> None:
         """Add a synthetic batch to the verification pool (detached, CPU); runs the test once
-        ``verify_batches`` batches are pooled."""
+        ``verify_batches`` batches are pooled. The inputs are checked as in :meth:`penalty`."""
+        self._check(x, teacher_logits, build=False)
+        self._observe(x, teacher_logits)
+
+    def _observe(self, x: Tensor, teacher_logits: Tensor) -> None:
         if not self.verifying:
             return
         self.observed += 1
@@ -269,12 +304,21 @@ class ShufflingVaccine(DefenseHook):
         cnt = _dist_sum(torch.tensor([float(m.numel()), float(m.sum())], dtype=torch.float64))
         return tail_ratio(d, self.config.tail_sigma), float(cnt[1]) / float(cnt[0]), int(cnt[0])
 
-    def _trial(self) -> float:
-        """Score the current shuffle, record the trial; returns its tail ratio."""
+    def _trial(self, kind: str) -> float:
+        """Score the current shuffle, record the trial (``kind``: ``"depth"`` for the automatic
+        depth's scoring, ``"shuffle"`` for the first shuffle, ``"reshuffle"`` for a re-draw);
+        returns its tail ratio."""
         ratio, agree, n = self._score()
-        self.trials.append(
-            {"depth": self.ensemble.depth, "tail_ratio": ratio, "agreement": agree, "n": n})
+        self.trials.append({"depth": self.ensemble.depth, "tail_ratio": ratio, "agreement": agree,
+                            "n": n, "kind": kind})
         return ratio
+
+    @property
+    def shuffles_tried(self) -> int:
+        """Shuffles tried at the chosen depth: the first plus re-draws, what
+        ``max_shuffle_trials`` caps (the automatic depth's best scoring trial is the first)."""
+        kinds = [t.get("kind", "shuffle") for t in self.trials]
+        return kinds.count("shuffle") + kinds.count("reshuffle") + (1 if "depth" in kinds else 0)
 
     def verify(self) -> SVStatus:
         """Run the tail-ratio test on the pool (choosing the depth when ``shuffle_layers='auto'``);
@@ -285,35 +329,44 @@ class ShufflingVaccine(DefenseHook):
             for depth in range(1, min(cfg.auto_max_depth, len(ens.candidates)) + 1):
                 perms = ens.draw(ens.candidates[-depth:])
                 ens.set_layers(depth, perms)
-                ratio = self._trial()
+                ratio = self._trial("depth")
                 if best is None or ratio > best[0]:
                     best = (ratio, depth, perms)
             assert best is not None
             ens.set_layers(best[1], best[2])
             accepted = best[0] > cfg.tail_ratio_threshold
         else:
-            accepted = self._trial() > cfg.tail_ratio_threshold
+            accepted = self._trial("shuffle") > cfg.tail_ratio_threshold
         remaining = cfg.max_shuffle_trials - 1
         while not accepted and remaining > 0:
             remaining -= 1
             ens.set_layers(ens.depth, ens.draw(ens.layers))
-            accepted = self._trial() > cfg.tail_ratio_threshold
+            accepted = self._trial("reshuffle") > cfg.tail_ratio_threshold
         self.status = SVStatus.ENABLED if accepted else SVStatus.DISABLED
         self._pool_x, self._pool_t = [], []
         return self.status
 
     @property
     def message(self) -> str:
+        """What the vaccine did (not what it was configured to do)."""
         if self.verifying:
+            seen = "" if self.observed else "; no synthesis batch seen yet"
             return (f"SV: verifying ({len(self._pool_x)}/{self.config.verify_batches} batches "
-                    "pooled)")
+                    f"pooled{seen})")
         if self.status == SVStatus.ENABLED:
+            if not self.built:
+                return ("SV: enabled but never ran: 0 synthesis batches seen (the teacher never "
+                        "ran with gradients on an input that requires grad, and no explicit "
+                        "call came)")
             ens = self.ensemble
-            return f"SV: on, {ens.depth} shuffled layer(s) {ens.layers}, coef {self.coef:.3g}"
+            return (f"SV: on, {ens.depth} shuffled layer(s) {ens.layers}, coef {self.coef:.3g}, "
+                    f"{self.stats.calls} batch(es) seen")
         best = max((t["tail_ratio"] for t in self.trials), default=float("nan"))
-        return (f"SV: no vaccine found after {len(self.trials)} shuffle(s) (best tail ratio "
-                f"{best:.4f} <= {self.config.tail_ratio_threshold}) - SV is off; SR is still "
-                "available")
+        n_depth = sum(1 for t in self.trials if t.get("kind") == "depth")
+        depths = f", {n_depth} depth(s) scored first" if n_depth else ""
+        return (f"SV: no vaccine found after {self.shuffles_tried} shuffle(s) at depth "
+                f"{self.ensemble.depth}{depths} (best tail ratio {best:.4f} <= "
+                f"{self.config.tail_ratio_threshold}) - SV is off; SR is still available")
 
     # ------------------------------------------------------------------ adaptive coefficient
     def _adapt(self, mask: Tensor) -> None:
@@ -325,7 +378,13 @@ class ShufflingVaccine(DefenseHook):
         frac = float(counts[0] / counts[1])  # the same on every rank: coefficients stay in sync
         lo, hi = cfg.sv_coef_bounds
         step = cfg.sv_adapt_rate * (frac - cfg.sv_target_fraction) / cfg.sv_target_fraction
-        self.coef = float(min(hi, max(lo, self.coef * math.exp(step))))
+        # the clamp decided in log space first: math.exp of a large step would overflow
+        if self.coef <= 0 or step < math.log(lo / self.coef):
+            self.coef = float(lo)
+        elif step > math.log(hi / self.coef):
+            self.coef = float(hi)
+        else:
+            self.coef = float(min(hi, max(lo, self.coef * math.exp(step))))
 
     # ------------------------------------------------------------------ DefenseHook
     def on_guard_enter(self, ctx: GuardContext) -> None:
