@@ -11,17 +11,238 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
+
+from abd_plugin.validation import Int, Num, Spec
 
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# ---------------------------------------------------------------------- argument validation
+# Every bad argument ends as one line on stderr and exit code 2 (no traceback), found before any
+# work starts. A new subcommand gets the same by building its parser with add_subcommand() and
+# its flags with the type helpers below: registered() for names from the kit's registries,
+# number()/number_list() for range-checked numbers (the same Spec objects ABDConfig uses),
+# writable_dir()/writable_file()/existing_file() for paths, abd_config() for --abd JSON; checks
+# across flags go in the subcommand's ``validate`` function (raise UsageError).
+
+
+class UsageError(Exception):
+    """A bad command line: printed as one line on stderr, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage dump) raised as :class:`UsageError`."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _classifiers() -> list[str]:
+    from .models import list_models
+
+    return [m for m in list_models() if not m.startswith("generator")]
+
+
+def _names(kind: str) -> list[str]:
+    """The names the kit knows for ``kind`` (read from its registries at call time)."""
+    if kind == "dataset":
+        from .datasets import list_datasets
+
+        return list_datasets()
+    if kind == "trigger":
+        from .triggers import list_triggers
+
+        return list_triggers()
+    if kind == "arch":
+        return _classifiers()
+    if kind == "method":
+        from .loops import list_loops
+
+        return list_loops()
+    if kind == "defense":
+        from .bench import DEFENSES
+
+        return sorted(DEFENSES)
+    raise KeyError(kind)
+
+
+def registered(kind: str, *, extra: Sequence[str] = (), many: bool = False) -> Callable[[str], Any]:
+    """argparse ``type``: a name (``many``: a comma-separated list of names) known to the kit's
+    ``kind`` registry (dataset, trigger, arch, method, defense), or one of ``extra``."""
+
+    def parse(text: str) -> Any:
+        items = _csv(text) if many else [text.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"needs at least one {kind} name")
+        known = _names(kind) + list(extra)
+        bad = [t for t in items if t not in known]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"unknown {kind} {', '.join(map(repr, bad))}; known: {', '.join(known)}")
+        return ",".join(items) if many else items[0]
+
+    parse.__name__ = kind  # argparse names the type in its messages
+    return parse
+
+
+def number(check: Spec, kind: type = int) -> Callable[[str], Any]:
+    """argparse ``type``: an ``int``/``float`` that ``check`` accepts (abd_plugin.validation)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {check.describe()}, got {text!r}") from None
+        if check.problem(value) is not None:
+            raise argparse.ArgumentTypeError(f"must be {check.describe()}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def number_list(check: Spec, kind: type = int) -> Callable[[str], list[Any]]:
+    """argparse ``type``: a non-empty comma-separated list of numbers that ``check`` accepts."""
+    one = number(check, kind)
+
+    def parse(text: str) -> list[Any]:
+        items = _csv(text)
+        if not items:
+            raise argparse.ArgumentTypeError(f"needs a comma-separated list, got {text!r}")
+        return [one(t) for t in items]
+
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def writable_dir(text: str) -> str:
+    """argparse ``type``: a directory that exists and is writable, or can be created."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    anc = _existing_ancestor(path)
+    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write to {text!r} ({anc} is not a writable "
+                                         "directory)")
+    return text
+
+
+def writable_file(text: str) -> str:
+    """argparse ``type``: a file path that can be written (its directory exists or can be
+    created)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not writable")
+    writable_dir(str(path.parent))
+    return text
+
+
+def existing_file(text: str) -> str:
+    """argparse ``type``: a readable file."""
+    if not Path(text).is_file() or not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"no readable file {text!r}")
+    return text
+
+
+def abd_config(text: str) -> Any:
+    """argparse ``type``: ABDConfig fields as a JSON object, checked by ABDConfig itself."""
+    from abd_plugin import ABDConfig
+
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+    if not isinstance(fields, dict):
+        raise argparse.ArgumentTypeError(
+            f"must be a JSON object of ABDConfig fields, got {type(fields).__name__}")
+    kw = {k: tuple(v) if k == "sv_coef_bounds" and isinstance(v, list) else v
+          for k, v in fields.items()}
+    try:
+        return ABDConfig().replace(**kw)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_subcommand(sub: Any, name: str, help: str, fn: Callable[[argparse.Namespace], int],
+                   validate: Callable[[argparse.Namespace], None] | None = None
+                   ) -> argparse.ArgumentParser:
+    """A subcommand parser whose help shows every flag's default, with ``--dry-run``; ``fn``
+    runs it, ``validate`` (optional) checks across flags before any work (raise
+    :class:`UsageError`)."""
+    q = sub.add_parser(name, help=help, description=help,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--dry-run", action="store_true",
+                   help="check the arguments, print them as JSON and stop")
+    q.set_defaults(fn=fn, validate=validate)
+    return q
+
+
+def _check_target(args: argparse.Namespace) -> None:
+    from .datasets import dataset_info
+
+    classes = dataset_info(args.dataset).num_classes
+    if not 0 <= args.target < classes:
+        raise UsageError(f"argument --target: must be a class of {args.dataset} "
+                         f"(0..{classes - 1}), got {args.target}")
+
+
+def _check_arch_fits(args: argparse.Namespace, *, student: bool = False) -> None:
+    """The architecture (and, with ``student``, its student) runs on the dataset's images: one
+    forward of a zero image, before any training."""
+    from .bench import STUDENTS
+    from .datasets import dataset_info
+    from .poison import build_model
+
+    info = dataset_info(args.dataset)
+    archs = [args.arch] + ([STUDENTS.get(args.arch, args.arch)] if student else [])
+    for arch in dict.fromkeys(archs):
+        try:
+            with torch.no_grad():
+                build_model(arch, args.dataset).eval()(
+                    torch.zeros(1, info.channels, info.size, info.size))
+        except Exception as exc:
+            who = "--arch" if arch == args.arch else f"the student of --arch {args.arch}"
+            raise UsageError(
+                f"{who} {arch} does not fit --dataset {args.dataset} ({info.channels}x"
+                f"{info.size}x{info.size} images): {str(exc).splitlines()[0][:120]}") from None
+
+
+def _check_cell(args: argparse.Namespace) -> None:
+    """distill/bench: local data present, teacher and student fit the dataset."""
+    _check_local_data(args)
+    _check_arch_fits(args, student=True)
+
+
+def _check_local_data(args: argparse.Namespace) -> None:
+    from .datasets import DATA_ROOT_ENV
+
+    if args.dataset in ("cifar10", "gtsrb") and not os.environ.get(DATA_ROOT_ENV):
+        raise UsageError(f"argument --dataset: {args.dataset} needs a local copy (nothing is "
+                         f"downloaded): set {DATA_ROOT_ENV}=<root>")
+
+
+SEED = Int(0, 2**63 - 2)
+ASR_TOOK = 80.0  #: a poisoned teacher whose test ASR (%) is below this did not learn the backdoor
 
 
 class _Bar:
@@ -85,24 +306,29 @@ def cmd_poison(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     model, meta = train_teacher(spec, progress=lambda m: print(m, file=sys.stderr))
-    print(json.dumps({k: v for k, v in meta.items() if k != "spec"}))
+    out = {k: v for k, v in meta.items() if k != "spec"}
+    took = None
+    if spec.trigger is not None:
+        took = float(meta.get("asr", 0.0)) >= ASR_TOOK
+        out["backdoor_took"] = took
+        if not took:
+            out["warning"] = (
+                f"the backdoor did not take: ASR {meta.get('asr', 0.0):.1f} % < {ASR_TOOK:.0f} % "
+                "on triggered test images; this is not a working poisoned teacher (try more "
+                "--epochs or a larger --ratio)")
+            print(f"WARNING: {out['warning']}", file=sys.stderr)
+    print(json.dumps(out))
     if args.out:
         torch.save(model.state_dict(), args.out)
-        print(f"saved state_dict to {args.out} (load it with abd_plugin.load_teacher)")
+        note = " - NOT a working backdoor, see the warning" if took is False else ""
+        print(f"saved state_dict to {args.out} (load it with abd_plugin.load_teacher){note}")
     return 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from abd_plugin import ABDConfig
-
     from .bench import Cell, run_cell
 
-    abd = None
-    if args.abd:  # an explicit configuration, e.g. '{"sr": false, "shuffle_layers": 1}'
-        fields: dict[str, Any] = json.loads(args.abd)
-        kw: dict[str, Any] = {k: tuple(v) if k == "sv_coef_bounds" else v
-                              for k, v in fields.items()}
-        abd = ABDConfig(**kw)
+    abd = args.abd  # an explicit configuration, e.g. '{"sr": false, "shuffle_layers": 1}'
     name = "custom" if abd is not None else args.defense
     cell = Cell(
         args.dataset, args.method, args.trigger, name, args.seed, args.arch, args.iterations
@@ -118,7 +344,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import grid, run_bench
 
     cells = grid(args.dataset, _csv(args.method), _csv(args.trigger), _csv(args.defense),
-                 [int(s) for s in _csv(args.seeds)], arch=args.arch, iterations=args.iterations,
+                 args.seeds, arch=args.arch, iterations=args.iterations,
                  clean_rows=not args.no_clean_rows)
     rows = run_bench(
         cells,
@@ -222,61 +448,126 @@ def _demo_plot(rows: dict, clean: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="abd-plugin", description="ABD: defend data-free KD against backdoored teachers"
+    p = _Parser(
+        prog="abd-plugin", description="ABD: defend data-free KD against backdoored teachers",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="the README's main job (about 5-6 minutes on 2 CPU cores)")
-    d.add_argument("--out", default="out")
-    d.add_argument("--trigger", default="l0_inv")
-    d.add_argument("--defense", default="none,abd_paper,abd")
-    d.add_argument("--iterations", type=int, default=400)
-    d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(fn=cmd_demo)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    iterations = number(Int(1))
+    seed = number(SEED)
+
+    d = add_subcommand(sub, "demo", "the README's main job (about 5-6 minutes on 2 CPU cores)",
+                       cmd_demo)
+    d.add_argument("--out", type=writable_dir, default="out",
+                   help="directory for demo.txt, demo.json and demo.png")
+    d.add_argument("--trigger", type=registered("trigger"), default="l0_inv",
+                   help="backdoor trigger of the poisoned teacher (abd-plugin list)")
+    d.add_argument("--defense", type=registered("defense", many=True),
+                   default="none,abd_paper,abd", help="comma-separated defense presets")
+    d.add_argument("--iterations", type=iterations, default=400,
+                   help="distillation iterations (x 5 student steps)")
+    d.add_argument("--seed", type=seed, default=0, help="seed of the distillation runs")
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--dataset", default="mnist5k")
-        q.add_argument("--arch", default="lenet5")
-        q.add_argument("--iterations", type=int, default=400)
+        q.add_argument("--dataset", type=registered("dataset"), default="mnist5k",
+                       help="dataset of the teacher (abd-plugin list)")
+        q.add_argument("--arch", type=registered("arch"), default="lenet5",
+                       help="teacher architecture; the student is its standard pair")
+        q.add_argument("--iterations", type=iterations, default=400,
+                       help="distillation iterations (x 5 student steps)")
 
-    b = sub.add_parser("bench", help="grid of methods x triggers x defenses x seeds (resumable)")
+    b = add_subcommand(sub, "bench", "grid of methods x triggers x defenses x seeds (resumable)",
+                       cmd_bench, _check_cell)
     common(b)
-    b.add_argument("--method", default="zskt")
-    b.add_argument("--trigger", default="badnet_grid")
-    b.add_argument("--defense", default="none,abd_paper,abd")
-    b.add_argument("--seeds", default="0")
-    b.add_argument("--out", default="runs/bench")
+    b.add_argument("--method", type=registered("method", many=True), default="zskt",
+                   help="comma-separated distillation loops")
+    b.add_argument("--trigger", type=registered("trigger", extra=("none",), many=True),
+                   default="badnet_grid", help="comma-separated triggers ('none': clean teacher)")
+    b.add_argument("--defense", type=registered("defense", many=True),
+                   default="none,abd_paper,abd", help="comma-separated defense presets")
+    b.add_argument("--seeds", type=number_list(SEED), default="0",
+                   help="comma-separated integer seeds")
+    b.add_argument("--out", type=writable_dir, default="runs/bench",
+                   help="results directory (cells.jsonl, results.csv/json, table.md, plot.png)")
     b.add_argument(
         "--no-clean-rows", action="store_true", help="skip clean-KD and clean-teacher rows"
     )
-    b.set_defaults(fn=cmd_bench)
-    po = sub.add_parser("poison", help="train (or load from cache) a poisoned teacher")
-    po.add_argument("--dataset", default="mnist5k")
-    po.add_argument("--arch", default="lenet5")
-    po.add_argument("--trigger", default="badnet_grid")
-    po.add_argument("--target", type=int, default=0)
-    po.add_argument("--ratio", type=float, default=0.1)
-    po.add_argument("--epochs", type=int, default=15)
-    po.add_argument("--seed", type=int, default=0)
-    po.add_argument("--out", default=None)
-    po.set_defaults(fn=cmd_poison)
-    di = sub.add_parser("distill", help="one distillation cell")
+
+    def check_poison(args: argparse.Namespace) -> None:
+        _check_local_data(args)
+        _check_target(args)
+        _check_arch_fits(args)
+
+    po = add_subcommand(sub, "poison", "train (or load from cache) a poisoned teacher",
+                        cmd_poison, check_poison)
+    po.add_argument("--dataset", type=registered("dataset"), default="mnist5k",
+                    help="training data (abd-plugin list)")
+    po.add_argument("--arch", type=registered("arch"), default="lenet5",
+                    help="teacher architecture")
+    po.add_argument("--trigger", type=registered("trigger", extra=("none",)),
+                    default="badnet_grid", help="backdoor trigger ('none': a clean teacher)")
+    po.add_argument("--target", type=number(Int(0)), default=0,
+                    help="target class of the backdoor (below the number of classes)")
+    po.add_argument("--ratio", type=number(Num(0, 1, lo_open=True, hi_open=True), float),
+                    default=0.1, help="fraction of the training set poisoned, in (0, 1)")
+    po.add_argument("--epochs", type=number(Int(1)), default=15, help="training epochs")
+    po.add_argument("--seed", type=seed, default=0, help="training seed")
+    po.add_argument("--out", type=writable_file, default=None,
+                    help="write the teacher's state_dict here (None: only the cache)")
+
+    di = add_subcommand(sub, "distill", "one distillation cell", cmd_distill, _check_cell)
     common(di)
-    di.add_argument("--method", default="zskt")
-    di.add_argument("--trigger", default="badnet_grid")
-    di.add_argument("--defense", default="abd")
-    di.add_argument("--seed", type=int, default=0)
-    di.add_argument("--abd", default=None, help="ABDConfig fields as JSON (overrides --defense)")
-    di.set_defaults(fn=cmd_distill)
-    sub.add_parser(
-        "list", help="datasets, triggers, models, methods, defenses, adapters"
-    ).set_defaults(fn=cmd_list)
+    di.add_argument("--method", type=registered("method"), default="zskt",
+                    help="distillation loop")
+    di.add_argument("--trigger", type=registered("trigger", extra=("none",)),
+                    default="badnet_grid", help="trigger of the teacher ('none': clean teacher)")
+    di.add_argument("--defense", type=registered("defense"), default="abd",
+                    help="defense preset")
+    di.add_argument("--seed", type=seed, default=0, help="seed of the distillation")
+    di.add_argument("--abd", type=abd_config, default=None,
+                    help="ABDConfig fields as a JSON object (overrides --defense)")
+    add_subcommand(sub, "list", "datasets, triggers, models, methods, defenses, adapters",
+                   cmd_list)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check ``argv`` (every flag, then the checks across flags); raises
+    :class:`UsageError` for a bad command line. Nothing runs."""
     args = build_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    if args.validate is not None:
+        try:
+            args.validate(args)
+        except UsageError as err:
+            raise UsageError(f"abd-plugin {args.cmd}: {err}") from None
+    return args
+
+
+def _jsonable(v: Any) -> Any:
+    import dataclasses
+
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)
+                if f.name != "logits_fn"}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``abd-plugin`` command. Returns the exit code: 0, or 2 for a bad command line (one
+    line on stderr)."""
+    try:
+        args = parse_args(argv)
+        if args.dry_run:
+            print(json.dumps({k: _jsonable(v) for k, v in vars(args).items()
+                              if k not in ("fn", "validate", "dry_run")}))
+            return 0
+        return int(args.fn(args) or 0)
+    except UsageError as err:
+        msg = str(err)
+        print(msg if msg.startswith("abd-plugin") else f"abd-plugin: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
