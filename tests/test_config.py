@@ -1,15 +1,33 @@
 """ABDConfig: every field is declared with a spec (what it accepts) and a meaning (what help()
-shows); bad values raise a TypeError/ValueError naming the field and its range."""
+shows); bad values raise a TypeError/ValueError naming the field and its range; and, property
+based, any mix of field values either is refused that way or gives a run with finite numbers."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import pydoc
 from dataclasses import dataclass
 
 import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
-from abd_plugin import ABDConfig
-from abd_plugin.validation import Int, field_specs, spec
+from abd_plugin import ABDConfig, ABDGuard
+from abd_plugin.config import Layers
+from abd_plugin.validation import (
+    Bool,
+    Choice,
+    Int,
+    IsCallable,
+    Num,
+    NumPair,
+    Optional,
+    Spec,
+    field_specs,
+    spec,
+)
+from abd_testutils import TinyGenerator, make_pair
 
 SPECS = field_specs(ABDConfig)
 
@@ -74,3 +92,111 @@ def test_valid_edge_values_and_the_recipes_pass():
     import numpy as np
 
     assert ABDConfig(n_shuffle_models=np.int64(2), sv_coef=np.float32(0.5)).n_shuffle_models == 2
+
+
+# ------------------------------------------------------------------ property-based
+GARBAGE = [float("nan"), float("inf"), -float("inf"), -1, -1.5, 0, 0.0, 2.5, 10**12, 1e300, "abc",
+           "", None, True, False, [], [1], (1, 2, 3), {}, object()]
+
+
+def _valid(check: Spec) -> st.SearchStrategy:
+    """Values ``check`` accepts, small enough for a CI run, edges included."""
+    if isinstance(check, Bool):
+        return st.booleans()
+    if isinstance(check, Optional):
+        return st.one_of(st.none(), _valid(check.inner))
+    if isinstance(check, Choice):
+        return st.sampled_from(check.values)
+    if isinstance(check, IsCallable):
+        return st.just(lambda out: out)
+    if isinstance(check, Layers):
+        return st.sampled_from(["auto", 1, 2, 7, ["conv3"], ("conv2", "fc")])
+    if isinstance(check, NumPair):
+        return st.tuples(st.floats(1e-3, 10.0), st.floats(0, 100.0)).map(
+            lambda t: (t[0], t[0] + t[1]))
+    if isinstance(check, Int):
+        lo = check.lo if check.lo is not None else 0
+        edges = [lo] + ([check.hi] if check.hi is not None and check.hi <= 1024 else [])
+        return st.one_of(st.sampled_from(edges), st.integers(lo, lo + 3))
+    if isinstance(check, Num):
+        lo = check.lo if check.lo is not None else -1e3
+        hi = check.hi if check.hi is not None else lo + 1e3
+        edges = ([] if check.lo_open else [lo]) + ([] if check.hi_open else [hi])
+        inner = st.floats(lo, min(hi, lo + 2.0), exclude_min=check.lo_open,
+                          exclude_max=check.hi_open or hi <= lo + 2.0 and check.hi_open)
+        return st.one_of(st.sampled_from(edges), inner) if edges else inner
+    raise AssertionError(f"no strategy for {check!r}")
+
+
+def _value(name: str) -> st.SearchStrategy:
+    return st.one_of(_valid(SPECS[name][0]), st.sampled_from(GARBAGE))
+
+
+@st.composite
+def config_kwargs(draw):
+    names = draw(st.permutations(sorted(SPECS)))[: draw(st.integers(1, 6))]
+    return {n: draw(_value(n)) for n in names}
+
+
+def _finite(v) -> bool:
+    return not isinstance(v, float) or math.isfinite(v)
+
+
+def _tiny_run(cfg: ABDConfig) -> dict:
+    """Two ZSKT-style iterations (generator step, student step) under the guard."""
+    torch.manual_seed(0)
+    teacher, student = make_pair()
+    gen = TinyGenerator()
+    og = torch.optim.Adam(gen.parameters(), 1e-2)
+    os_ = torch.optim.Adam(student.parameters(), 1e-2)
+
+    def kl(t, s):
+        return torch.nn.functional.kl_div(torch.log_softmax(s, 1), torch.log_softmax(t, 1),
+                                          reduction="batchmean", log_target=True)
+
+    with ABDGuard(teacher, student, config=cfg.replace(total_steps=cfg.total_steps or 2)) as g:
+        for _ in range(2):
+            z = torch.randn(8, gen.z_dim)
+            x = gen(z)
+            loss_g = -kl(teacher(x), student(x))
+            og.zero_grad()
+            loss_g.backward()
+            og.step()
+            xs = gen(z).detach()
+            with torch.no_grad():
+                t = teacher(xs)
+            loss_s = kl(t, student(xs))
+            os_.zero_grad()
+            loss_s.backward()
+            os_.step()
+            assert math.isfinite(loss_g.item()) and math.isfinite(loss_s.item())
+    for p in list(student.parameters()) + list(gen.parameters()):
+        assert torch.isfinite(p).all()
+    rep = g.report().as_dict()
+    for k, v in rep.items():
+        if k == "suspicious_fraction" and rep["sv_calls"] == 0:
+            continue  # NaN means "no data" there, by contract
+        if k != "last_suspicious_fraction":
+            assert _finite(v), (k, v)
+    return rep
+
+
+#: the drawn fields go on top of a config where SV and SR both act within two iterations
+BUSY = dict(verify=False, shuffle_layers=1, sr_start_step=0, sr_inner_rounds=2)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kw=config_kwargs())
+def test_any_field_values_give_a_clean_error_or_a_finite_run(kw):
+    try:
+        cfg = ABDConfig(**{**BUSY, **kw})
+    except (TypeError, ValueError) as err:
+        msg = str(err)
+        named = [n for n in kw if f"ABDConfig.{n} " in msg or n in msg]
+        assert named, (kw, msg)
+        assert "must be" in msg or "not both" in msg, msg
+        event(f"config refused: {type(err).__name__}")
+        return
+    rep = _tiny_run(cfg)
+    event(f"config accepted: ran (SV {'on' if rep['sv_calls'] else 'off'}, SR "
+          f"{'on' if rep['sr_steps'] else 'off'})")
