@@ -57,10 +57,86 @@ class ABDConfig:
     declarations (``help(ABDConfig)`` shows it).
     """
 
+    # ------------------------------------------------------------ teacher audit (data-free)
+    audit: bool = spec(
+        True, Bool(),
+        """Audit the teacher for a backdoor, without data, at the first teacher forward inside
+        the guard (:func:`~abd_plugin.audit.audit`: per-class maximum-margin statistic, Gamma
+        null, verdict ``poisoned``/``unsure``/``clean`` and the suspected target class). The
+        verdict gates the trigger eraser; the report shows it. About a second for a LeNet-5 on a
+        CPU.""")
+    input_range: tuple[float, float] | None = spec(
+        None, Optional(NumPair(-1e9, 1e9)),
+        """``(low, high)`` of valid teacher inputs, in the units the teacher receives (after
+        your normalisation). ``None``: read it off the first batch the teacher is fed (values
+        in [0, 1] -> (0, 1), in [-1, 1] -> (-1, 1), else the batch's range widened by a
+        quarter), see :func:`~abd_plugin.audit.infer_input_range`.""")
+    audit_starts: int = spec(
+        10, Int(1, 10_000),
+        """Random starts per class of the audit's margin search.""")
+    audit_steps: int = spec(
+        100, Int(1, 100_000),
+        """Adam steps per start of the audit's margin search.""")
+    audit_alpha: float = spec(
+        0.05, Num(0, 1, lo_open=True, hi_open=True),
+        """The audit calls the teacher ``poisoned`` when the largest statistic's p-value is below
+        this.""")
+    audit_clean_alpha: float = spec(
+        0.2, Num(0, 1, lo_open=True),
+        """... and ``clean`` when it is at least this (``unsure`` in between; must be >=
+        ``audit_alpha``).""")
+    target: int | None = spec(
+        None, Optional(Int(0)),
+        """The backdoor's target class if you know it: the eraser then runs for this class
+        whatever the audit says (the audit still runs and is reported when ``audit`` is on).""")
+
+    # ------------------------------------------------------------ trigger eraser (default)
+    erase: bool = spec(
+        True, Bool(),
+        """Run the trigger eraser (:class:`~abd_plugin.eraser.TriggerEraser`) when the audit
+        flags the teacher (``erase_on``): a soft pixel mask, learned online on the batches the
+        teacher already sees, that erases from every teacher input the region which sends the
+        teacher's samples to the target class; the teacher then sees erased inputs everywhere in
+        the loop (student targets and generator loss alike).""")
+    erase_on: str = spec(
+        "flagged", Choice("poisoned", "flagged", "always"),
+        """When the eraser runs: ``"poisoned"`` (audit verdict poisoned), ``"flagged"``
+        (poisoned or unsure), ``"always"`` (for the audit's suspect class whatever the verdict;
+        measures what a false alarm costs). A ``target`` makes it run regardless.""")
+    erase_price: float = spec(
+        5.0, Num(0, 1e6),
+        """Price of erasing the whole input, in units of 'one target-class sample flipped':
+        the mask objective is ``mean p_t(erased target samples) + erase_price * mean(mask) +
+        erase_keep * KL(other samples)``. Lower: larger masks (spread triggers), more accuracy
+        cost.""")
+    erase_keep: float = spec(
+        1.0, Num(0, 1e6),
+        """Weight of keeping the teacher's predictions on the samples it does not call the
+        target (KL between the erased and the original teacher).""")
+    erase_steps: int = spec(
+        2, Int(1, 1000),
+        """Adam steps on the mask per update.""")
+    erase_every: int = spec(
+        2, Int(1, 1_000_000),
+        """The mask is updated on every ``erase_every``-th distinct teacher batch (a batch fed
+        several times in a row, as ZSKT's student steps do, counts once).""")
+    erase_lr: float = spec(
+        0.1, Num(0, 1e3, lo_open=True),
+        """Adam learning rate of the mask's logits.""")
+    erase_fill: float = spec(
+        0.0, Num(-1e9, 1e9),
+        """Value erased pixels take, in the teacher's input units (0: black for [0, 1] images,
+        the data mean for normalised inputs).""")
+    erase_only_target: bool = spec(
+        False, Bool(),
+        """Erase only the inputs the teacher calls the target class (one extra teacher forward
+        on those rows); the others reach the teacher unchanged.""")
+
     # ------------------------------------------------------------------ Shuffling Vaccine (SV)
     sv: bool = spec(
-        True, Bool(),
-        """Enable the Shuffling Vaccine.""")
+        False, Bool(),
+        """Enable the Shuffling Vaccine (off by default: on the benchmark it did not cut the
+        backdoor; ``ABDConfig.paper()`` and ``ABDConfig.classic()`` turn it on).""")
     sv_coef: float = spec(
         0.1, Num(0, 1e4),
         """Weight of the SV loss term ``-coef * mean_{suspicious} KL(p_T || p_shuffled) / C``
@@ -132,8 +208,9 @@ class ABDConfig:
 
     # ------------------------------------------------------------------ Self-Retrospection (SR)
     sr: bool = spec(
-        True, Bool(),
-        """Enable Self-Retrospection. It only runs inside its window (below).""")
+        False, Bool(),
+        """Enable Self-Retrospection. It only runs inside its window (below). Off by default (on
+        the benchmark it traded accuracy for ASR); ``paper()`` and ``classic()`` turn it on.""")
     sr_start_step: int | None = spec(
         None, Optional(Int(0)),
         """First student optimizer step (0-based, counted by the guard) at which SR runs.""")
@@ -223,6 +300,13 @@ class ABDConfig:
         validate_fields(self, _SPECS)  # every field against its spec (the table above)
         if self.sr_epsilon is not None and self.sr_epsilon_rms is not None:
             raise ValueError("ABDConfig: give sr_epsilon or sr_epsilon_rms, not both")
+        if self.audit_clean_alpha < self.audit_alpha:
+            raise ValueError(
+                f"ABDConfig.audit_clean_alpha ({self.audit_clean_alpha}) must be >= audit_alpha "
+                f"({self.audit_alpha})")
+        if self.input_range is not None and not self.input_range[0] < self.input_range[1]:
+            raise ValueError(f"ABDConfig.input_range must be (low, high) with low < high, got "
+                             f"{self.input_range}")
 
     def replace(self, **changes: Any) -> ABDConfig:
         """A copy with some fields changed (unknown names raise a clear error)."""
@@ -241,21 +325,32 @@ class ABDConfig:
         return SRSchedule.from_config(self).start
 
     @classmethod
+    def classic(cls, **overrides: Any) -> ABDConfig:
+        """ABD as published, with this project's implementation defaults: SV (automatic depth,
+        verified) and SR (in its window), no audit and no eraser."""
+        base: dict = dict(sv=True, sr=True, audit=False, erase=False)
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
     def paper(cls, **overrides: Any) -> ABDConfig:
         """The official code's recipe: 5 shuffled convs, coefficient 0.1, verification on, SR
-        with 10 rounds at the student learning rate 5e-4 it resumes with (``sup_resume_lr``)."""
-        base: dict = dict(shuffle_layers=5, sr_lr=5e-4)
+        with 10 rounds at the student learning rate 5e-4 it resumes with (``sup_resume_lr``);
+        no audit, no eraser."""
+        base: dict = dict(sv=True, sr=True, audit=False, erase=False, shuffle_layers=5,
+                          sr_lr=5e-4)
         base.update(overrides)
         return cls(**base)
 
     @classmethod
     def tuned(cls, **overrides: Any) -> ABDConfig:
-        """The recipe measured to work best in this project (README, "Results"): SV with the
+        """The previous release's recipe for SV and SR (README, "Results"): SV with the
         automatic depth (verified, so it stays off where no vaccine separates), and SR over the
         last 10 % of student steps at learning rate 1e-3 with a quarter of each batch carrying an
         L2-bounded perturbation."""
-        base: dict = dict(shuffle_layers="auto", sr_start_fraction=0.9, sr_lr=1e-3,
-                          sr_outer_portion=0.25, sr_epsilon_rms=0.3)
+        base: dict = dict(sv=True, sr=True, audit=False, erase=False, shuffle_layers="auto",
+                          sr_start_fraction=0.9, sr_lr=1e-3, sr_outer_portion=0.25,
+                          sr_epsilon_rms=0.3)
         base.update(overrides)
         return cls(**base)
 

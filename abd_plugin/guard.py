@@ -58,7 +58,10 @@ from torch import Tensor, nn
 
 from . import _amp
 from ._replica import TeacherReplica, unwrap_model
+from .audit import AuditReport, AuditSettings, ensemble_favourite, infer_input_range
+from .audit import audit as run_audit
 from .config import ABDConfig
+from .eraser import TriggerEraser
 from .hooks import DefenseHook, GuardContext, warn_once
 from .outputs import check_input, check_logits, extract_logits, replace_logits
 from .retrospection import SelfRetrospection
@@ -111,8 +114,31 @@ _ACTIVE_STUDENTS: dict[int, weakref.ReferenceType[ABDGuard]] = {}
 
 @dataclass
 class GuardReport:
-    """What the guard did (a plain, printable record)."""
+    """What the guard did (a plain, printable record; ``print(report)`` says it in words)."""
 
+    #: the data-free teacher audit (:class:`~abd_plugin.audit.AuditReport` as a dict), or None
+    audit: dict[str, Any] | None = None
+    audit_verdict: str = "not run"
+    audit_target: int | None = None
+    audit_p_value: float = float("nan")
+    audit_seconds: float = 0.0
+    #: the class a channel-shuffled teacher ensemble predicts most on recent teacher inputs
+    ensemble_class: int | None = None
+    erase_status: str = "off"
+    erase_reason: str = "erase=False"
+    erase_target: int | None = None
+    #: mask positions above 0.5, the mask's sum, and its mean over the input
+    erase_pixels: int = 0
+    erase_mass: float = 0.0
+    erase_fraction: float = 0.0
+    erase_updates: int = 0
+    erase_batches: int = 0
+    #: at the last update: target-class samples the erased teacher moves off the target, other
+    #: samples whose class it keeps, and the fraction the teacher called the target
+    erase_flip: float = float("nan")
+    erase_keep: float = float("nan")
+    erase_target_fraction: float = float("nan")
+    erase_seconds: float = 0.0
     sv_status: str = "off"
     sv_message: str = "SV: off"
     sv_coef: float = 0.0
@@ -145,12 +171,51 @@ class GuardReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        lines = [self.sv_message,
-                 f"suspicious fraction {self.suspicious_fraction:.3f} over {self.sv_calls} "
-                 f"synthesis batches, SV time {self.sv_seconds:.2f}s",
-                 f"SR: {self.sr_steps} steps (window starts at step {self.sr_start}), "
-                 f"SR time {self.sr_seconds:.2f}s; student steps {self.student_steps}"]
-        lines += [f"WARNING: {w}" for w in self.warnings]
+        lines = ["abd-plugin guard report"]
+        a = self.audit
+        if a is None:
+            lines.append("  Teacher audit: not run" + (" (audit=False)" if self.audit_verdict ==
+                                                        "off" else " (no teacher batch seen)"))
+        else:
+            s = a["suspect"]
+            stat = (f"class {s}'s maximum margin {a['statistic'][s]:.3g}, p = {a['p_value']:.2g}, "
+                    f"robust z = {a['z_score']:.1f}; {a['seconds']:.1f}s")
+            word = {"poisoned": f"the teacher looks BACKDOORED towards class {s}",
+                    "unsure": f"the teacher MAY be backdoored towards class {s} (not significant)",
+                    "clean": "no backdoor found"}[a["verdict"]]
+            lines.append(f"  Teacher audit: {word} ({stat}).")
+            if self.ensemble_class is not None:
+                agree = "agrees" if self.ensemble_class == s else "does not agree"
+                lines.append(f"    The shuffled-teacher ensemble favours class "
+                             f"{self.ensemble_class} on the inputs seen ({agree}).")
+        if self.erase_status == "on":
+            pct = 100 * self.erase_fraction
+            lines.append(
+                f"  Trigger eraser: ON for class {self.erase_target} ({self.erase_reason}). The "
+                f"teacher saw every input with {self.erase_pixels} position(s) erased (mask "
+                f"{pct:.1f} % of the input), learned in {self.erase_updates} update(s), "
+                f"{self.erase_seconds:.1f}s.")
+            if self.erase_updates:
+                lines.append(
+                    f"    At the last update the erasure moved {100 * self.erase_flip:.0f} % of "
+                    f"the samples the teacher called class {self.erase_target} "
+                    f"({100 * self.erase_target_fraction:.0f} % of the batch) to other classes "
+                    f"and kept {100 * self.erase_keep:.0f} % of the others' classes.")
+        else:
+            lines.append(f"  Trigger eraser: off ({self.erase_reason}).")
+        if self.sv_status != "off" or self.sv_calls:
+            lines.append(f"  {self.sv_message}; suspicious fraction "
+                         f"{self.suspicious_fraction:.3f} over {self.sv_calls} synthesis "
+                         f"batches, {self.sv_seconds:.2f}s")
+        else:
+            lines.append("  Shuffling Vaccine: off.")
+        if self.sr_steps or self.sr_start is not None or self.sr_seconds:
+            lines.append(f"  Self-Retrospection: {self.sr_steps} step(s) (window starts at "
+                         f"step {self.sr_start}), {self.sr_seconds:.2f}s.")
+        else:
+            lines.append("  Self-Retrospection: did not run.")
+        lines.append(f"  Student optimizer steps seen: {self.student_steps}.")
+        lines += [f"  WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -173,6 +238,10 @@ class _HookContext:
 
     def suspended(self) -> AbstractContextManager[None]:
         return self._guard.suspended()
+
+    @property
+    def audit(self) -> AuditReport | None:
+        return self._guard.audit_report
 
 
 def _state_keys(hooks: Sequence[DefenseHook]) -> list[str]:
@@ -229,12 +298,15 @@ class ABDGuard:
         #: when SR runs; :meth:`set_schedule` updates it (``self.config`` keeps the values the
         #: guard was built with)
         self.sr_schedule = SRSchedule.from_config(cfg)
+        self.eraser: TriggerEraser | None = (
+            TriggerEraser(teacher, cfg, replica=self._replica) if cfg.erase else None)
         self.sv: ShufflingVaccine | None = (
             ShufflingVaccine(teacher, cfg, replica=self._replica) if cfg.sv else None)
         self.sr: SelfRetrospection | None = (
             SelfRetrospection(student, teacher, cfg, replica=self._replica,
                               schedule=self.sr_schedule) if cfg.sr else None)
-        self.hooks: list[DefenseHook] = [h for h in (self.sv, self.sr) if h is not None]
+        self.hooks: list[DefenseHook] = [
+            h for h in (self.eraser, self.sv, self.sr) if h is not None]
         for h in hooks:
             if not isinstance(h, DefenseHook):
                 raise TypeError(f"hooks must be DefenseHook instances, got {type(h).__name__}")
@@ -248,6 +320,10 @@ class ABDGuard:
             type(h).on_student_forward is not DefenseHook.on_student_forward for h in self.hooks)
         self.loss_scale = loss_scale
         self.step = 0
+        #: the data-free audit of the teacher (runs at the first teacher batch; None before)
+        self.audit_report: AuditReport | None = None
+        self._recent_inputs: Tensor | None = None  # a few teacher inputs, for the report
+        self._teacher_batches = 0
         self.last_student_batch: Tensor | None = None
         self._student_amp: _amp.AutocastState | None = None  # autocast of that batch's forward
         self._terms = _TermCounter()
@@ -284,6 +360,8 @@ class ABDGuard:
                                for p in self._teacher_core.parameters()]
         try:
             _ACTIVE_STUDENTS[key] = weakref.ref(self)
+            self._handles.append(
+                self._teacher_core.register_forward_pre_hook(self._teacher_pre_hook))
             self._handles.append(self._teacher_core.register_forward_hook(self._teacher_hook))
             self._handles.append(self._student_core.register_forward_hook(self._student_hook))
             from torch.optim.optimizer import (
@@ -362,14 +440,16 @@ class ABDGuard:
         with the hook context and ``args``; return the results. Every event goes through here,
         which adds each call's wall time to its hook's seconds (``sv_seconds``, ``sr_seconds``
         in the report). A new event is a method on ``DefenseHook`` plus one call of this."""
-        results = []
-        for key, h in zip(self._state_keys, self.hooks, strict=True):
-            t0 = time.perf_counter()
-            try:
-                results.append(getattr(h, event)(self._ctx, *args))
-            finally:
-                self._seconds[key] += time.perf_counter() - t0
-        return results
+        return [self._call(key, h, event, *args)
+                for key, h in zip(self._state_keys, self.hooks, strict=True)]
+
+    def _call(self, key: str, hook: DefenseHook, event: str, *args: Any) -> Any:
+        """One hook's callback, timed into its seconds."""
+        t0 = time.perf_counter()
+        try:
+            return getattr(hook, event)(self._ctx, *args)
+        finally:
+            self._seconds[key] += time.perf_counter() - t0
 
     @contextmanager
     def _explicit(self, hook: DefenseHook) -> Iterator[None]:
@@ -382,6 +462,52 @@ class ABDGuard:
                 yield
         finally:
             self._seconds[key] += time.perf_counter() - t0
+
+    def _run_audit(self, x: Tensor) -> None:
+        """The data-free audit, on the first float batch the teacher is fed (its shape and,
+        unless ``input_range`` is given, its value range say where inputs live)."""
+        cfg = self.config
+        rng = cfg.input_range if cfg.input_range is not None else infer_input_range(x)
+        settings = AuditSettings(starts=cfg.audit_starts, steps=cfg.audit_steps,
+                                 alpha=cfg.audit_alpha, clean_alpha=cfg.audit_clean_alpha,
+                                 seed=cfg.seed)
+        self._replica.to_device_of(x)
+        with self.suspended():
+            try:
+                self.audit_report = run_audit(self.teacher, tuple(x.shape[1:]), input_range=rng,
+                                              settings=settings, logits_fn=cfg.logits_fn,
+                                              replica=self._replica)
+            except Exception as e:
+                raise RuntimeError(
+                    f"abd-plugin: the data-free teacher audit failed on inputs of shape "
+                    f"{tuple(x.shape[1:])} ({type(e).__name__}: {e}); pass input_range=(low, high) "
+                    "if the range read off the first batch is wrong, or audit=False (then name "
+                    "the backdoor's target=... for the eraser)") from e
+
+    def _teacher_pre_hook(self, module: nn.Module, args: Any) -> Any:
+        if self._suspended:
+            return None
+        x = args[0] if args and isinstance(args[0], Tensor) else None
+        if x is None or not torch.is_floating_point(x) or x.dim() < 2:
+            return None
+        if self.config.audit and self.audit_report is None:
+            self._run_audit(x)
+        self._teacher_batches += 1
+        if self._teacher_batches % 20 == 1:  # a few inputs for the report's ensemble check
+            self._recent_inputs = x.detach()[:128].to("cpu", copy=True)
+        new = x
+        for key, h in zip(self._state_keys, self.hooks, strict=True):
+            out = self._call(key, h, "on_teacher_input", new)
+            if out is not None:
+                if not isinstance(out, Tensor) or out.shape != new.shape:
+                    raise RuntimeError(
+                        f"{type(h).__name__}.on_teacher_input returned "
+                        f"{getattr(out, 'shape', type(out).__name__)} for an input of shape "
+                        f"{tuple(new.shape)}; return a tensor of the same shape or None")
+                new = out
+        if new is x:
+            return None
+        return (new,) + tuple(args[1:])
 
     def _teacher_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         if self._suspended or not torch.is_grad_enabled():
@@ -538,6 +664,20 @@ class ABDGuard:
         with self._explicit(self.sr), _amp.replay(amp):
             return self.sr.retrospect(x)
 
+    def _ensemble_class(self) -> int | None:
+        """The shuffled-teacher ensemble's favourite class on recent teacher inputs (a second
+        hint of the target; None when it cannot be computed for this teacher)."""
+        x = self._recent_inputs
+        if x is None:
+            return None
+        try:
+            with self.suspended():
+                model = self._replica.to_device_of(x)
+                return ensemble_favourite(self._replica, _amp.as_input_of(model, x),
+                                          logits_fn=self.config.logits_fn, seed=self.config.seed)
+        except (ValueError, TypeError, RuntimeError):
+            return None
+
     # ------------------------------------------------------------------ state and report
     #: version of :meth:`state_dict`'s layout (2: hooks keyed by ``state_key``, the vaccine's
     #: ``stats`` a dict, the hooks' time kept by the guard)
@@ -551,6 +691,7 @@ class ABDGuard:
             "seconds": dict(self._seconds),
             "sv_terms": [self._terms.attached, self._terms.fired],
             "plain_teacher_forwards": self._plain_teacher_forwards,
+            "audit": None if self.audit_report is None else asdict(self.audit_report),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -562,6 +703,8 @@ class ABDGuard:
         self.step = int(state["step"])
         self._terms = _TermCounter(*state.get("sv_terms", (0, 0)))
         self._plain_teacher_forwards = int(state.get("plain_teacher_forwards", 0))
+        audit = state.get("audit")
+        self.audit_report = None if audit is None else AuditReport(**audit)
         for key, h in zip(self._state_keys, self.hooks, strict=True):
             if key in state["hooks"]:
                 h.load_state_dict(state["hooks"][key])
@@ -571,6 +714,17 @@ class ABDGuard:
         rep = GuardReport(student_steps=self.step, sr_start=self.sr_schedule.start,
                           sv_terms_attached=self._terms.attached,
                           sv_terms_backpropagated=self._terms.fired)
+        a = self.audit_report
+        if a is not None:
+            rep.audit = a.as_dict()
+            rep.audit_verdict, rep.audit_target = a.verdict, a.target
+            rep.audit_p_value, rep.audit_seconds = a.p_value, a.seconds
+            rep.ensemble_class = self._ensemble_class()
+            if rep.ensemble_class is not None:
+                rep.audit["ensemble_class"] = rep.ensemble_class
+                rep.audit["agree"] = rep.ensemble_class == a.suspect
+        elif not self.config.audit:
+            rep.audit_verdict = "off"
         known = set(GuardReport.__dataclass_fields__)
         for key, h in zip(self._state_keys, self.hooks, strict=True):
             for k, v in h.report().items():

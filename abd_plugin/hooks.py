@@ -6,15 +6,18 @@ order is a contract (``tests/test_hook_order.py`` checks it with a hook generate
 class's ``on_*`` members, so a callback the guard never calls fails there):
 
 1. ``on_guard_enter`` when the guard's block starts, after the guard installed its own hooks.
-2. ``on_teacher_forward`` runs inside the teacher's forward on a *synthesis* batch (the input
+2. ``on_teacher_input`` runs before every teacher forward inside the guard (the guard's data-free
+   audit has run by then, ``ctx.audit``); a returned tensor replaces the teacher's input (the
+   trigger eraser's repair).
+3. ``on_teacher_forward`` runs inside the teacher's forward on a *synthesis* batch (the input
    carries gradient back to a generator or to optimised pixels). A returned scalar is a **loss
    term**: its gradient is added, once, to whatever loss the user back-propagates through the
    teacher's output. Nothing else about the user's objective changes.
-3. ``on_student_forward`` sees every student forward (the guard keeps the last training batch).
-4. ``on_before_student_step`` runs between the user's ``backward()`` and the optimizer's
+4. ``on_student_forward`` sees every student forward (the guard keeps the last training batch).
+5. ``on_before_student_step`` runs between the user's ``backward()`` and the optimizer's
    ``step()`` for optimizers that update the student; a hook adds **gradient terms** to ``.grad``.
-5. ``on_after_student_step`` runs after that step.
-6. ``on_guard_exit`` when the block ends, normally or by an exception.
+6. ``on_after_student_step`` runs after that step.
+7. ``on_guard_exit`` when the block ends, normally or by an exception.
 
 The guard calls every callback through one dispatcher (``ABDGuard._dispatch``), which also
 times each hook (``sv_seconds``/``sr_seconds`` in the report): a new event is one method here
@@ -26,10 +29,13 @@ from __future__ import annotations
 
 import warnings
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .audit import AuditReport
 
 
 class ABDWarning(UserWarning):
@@ -62,6 +68,11 @@ class GuardContext(Protocol):
         """A block whose forwards and optimizer steps the guard's hooks do not see (use it for a
         hook's own extra forwards)."""
 
+    @property
+    def audit(self) -> AuditReport | None:
+        """The data-free teacher audit, once it ran (at the first teacher batch); None before,
+        or when ``audit=False``."""
+
 
 class DefenseHook:
     """Base class of a defense plugged into :class:`~abd_plugin.ABDGuard`. All callbacks are
@@ -83,6 +94,12 @@ class DefenseHook:
 
     def on_guard_exit(self, ctx: GuardContext) -> None:
         """The guard's block ends, normally or by exception."""
+
+    def on_teacher_input(self, ctx: GuardContext, x: Tensor) -> Tensor | None:
+        """The teacher is about to run on ``x`` (B, ...), any forward inside the guard (with or
+        without gradients). Return a tensor of the same shape to make the teacher run on it
+        instead (the trigger eraser's repair), or ``None``. Hooks chain in registration order."""
+        return None
 
     def on_teacher_forward(
         self, ctx: GuardContext, x: Tensor, teacher_logits: Tensor

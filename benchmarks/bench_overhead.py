@@ -22,8 +22,12 @@ What is timed (random inputs; the numbers are speed, not accuracy):
   ``--n-student-iter`` (ZSKT: 10), is what a ZSKT SR step costs on average.
 * whole run (``run/*``): ``--run-iters`` ZSKT pseudo batches (1 generator + 10 student steps each),
   vanilla vs ABD with SV on from the first step (the paper's CIFAR-10 sweeps skip verification)
-  and SR in the last ``--sr-fraction`` of the student steps (paper: the last 0.5-0.75 %).
+  and SR in the last ``--sr-fraction`` of the student steps (paper: the last 0.5-0.75 %), and vs
+  the default guard's trigger eraser (``run/eraser``: armed from the first batch, ``target=0``;
+  the audit's one-off seconds are timed separately, ``audit_seconds``).
   The ratio is also projected to a full 80k-pseudo-batch ZSKT run from the per-step medians.
+
+SV and SR are off in the default ``ABDConfig()``; their cases use ``ABDConfig.classic()``.
 
 Every case owns its own copy of the models, so guards never see another case's forwards. Cases
 of a group are warmed up, then timed round-robin; ratios are medians of the same run. Results go
@@ -49,7 +53,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import device_name, median, peak_memory_mib, time_once, time_round_robin  # noqa: E402
 from zskt import ZSKTLoop  # noqa: E402
 
-from abd_plugin import ABDGuard  # noqa: E402
+from abd_plugin import ABDConfig, ABDGuard  # noqa: E402
+from abd_plugin.audit import audit  # noqa: E402
+
+#: SV + SR as published (off in the default config, which is the audit + the trigger eraser)
+CLASSIC = ABDConfig.classic()
 from abd_plugin.kit.models import get_model  # noqa: E402
 
 # (teacher, student, image side, batch sizes)
@@ -65,7 +73,7 @@ CPU_PAIRS = [
     ("resnet34", "resnet18", 32, [8]),
 ]
 TINY_PAIRS = [("cnn5:8", "cnn5:4", 16, [8])]
-TARGETS = {"sv_gen_step": 1.15, "sr_vs_official": 0.5, "whole_run": 1.02}
+TARGETS = {"sv_gen_step": 1.15, "sr_vs_official": 0.5, "whole_run": 1.02, "eraser_run": 1.3}
 PAPER_ZSKT_ITERS = 80_000  # ZSKT CIFAR-10 pseudo batches (the ABD code's default)
 
 
@@ -149,7 +157,8 @@ def bench_generator(pair: Pair, args: argparse.Namespace, official: Any) -> dict
     cases["gen/vanilla"] = v.generator_step
     for k in args.sv_layers:
         lp = pair.loop()
-        g = ABDGuard(lp.teacher, lp.student, verify=False, shuffle_layers=k, sr=False).attach()
+        g = ABDGuard(lp.teacher, lp.student, config=CLASSIC, verify=False, shuffle_layers=k,
+                     sr=False).attach()
         guards[f"gen/sv_k{k}"] = g
         cases[f"gen/sv_k{k}"] = lp.generator_step
     if official is not None:
@@ -193,13 +202,14 @@ def bench_student(pair: Pair, args: argparse.Namespace, official: Any) -> dict[s
     variants = {"student/sr": {}, "student/sr_tuned": {"sr_warm_start": True, "sr_inner_rounds": 5}}
     for name, kw in variants.items():
         lp = pair.loop()
-        guards[name] = ABDGuard(lp.teacher, lp.student, sv=False, sr_start_step=0, **kw).attach()
+        guards[name] = ABDGuard(lp.teacher, lp.student, config=CLASSIC, sv=False, sr_start_step=0,
+                                **kw).attach()
         nxt = pair.fresh_batches(n_calls)
         cases[name] = lambda lp=lp, nxt=nxt: lp.student_step(nxt())
     # the same batch on every call: the other n - 1 steps of a pseudo batch (cache hits)
     lp = pair.loop()
     guards["student/sr_repeat"] = ABDGuard(
-        lp.teacher, lp.student, sv=False, sr_start_step=0
+        lp.teacher, lp.student, config=CLASSIC, sv=False, sr_start_step=0
     ).attach()
     cases["student/sr_repeat"] = lambda lp=lp: lp.student_step(x)
     cases["student/sr_repeat"]()  # fill the cache off the clock, whatever --warmup is
@@ -241,9 +251,11 @@ def bench_run(pair: Pair, args: argparse.Namespace) -> dict[str, Any]:
     total = n_iter * pair.n_student_iter
     sr_start = min(total - 1, int(round((1.0 - args.sr_fraction) * total)))
     settings = {
-        "run/abd": dict(verify=False, shuffle_layers=5, sr_start_step=sr_start),
-        "run/abd_tuned": dict(verify=False, shuffle_layers=1, sr_start_step=sr_start,
-                              sr_warm_start=True, sr_inner_rounds=5),
+        "run/abd": dict(config=CLASSIC, verify=False, shuffle_layers=5, sr_start_step=sr_start),
+        "run/abd_tuned": dict(config=CLASSIC, verify=False, shuffle_layers=1,
+                              sr_start_step=sr_start, sr_warm_start=True, sr_inner_rounds=5),
+        # the default guard once the audit has flagged the teacher: the eraser from batch one
+        "run/eraser": dict(audit=False, target=0),
     }
     times: dict[str, list[float]] = {"run/vanilla": [], **{k: [] for k in settings}}
     sr_steps: dict[str, int] = {}
@@ -264,12 +276,17 @@ def bench_run(pair: Pair, args: argparse.Namespace) -> dict[str, Any]:
                 if guard is not None:
                     sr_steps[name] = guard.report().sr_steps
                     guard.detach()
+    lp = pair.loop()  # the default guard's one-off audit of this teacher (its own clock)
+    x = pair.x
+    audit_s = time_once(lambda: audit(lp.teacher, tuple(x.shape[1:])), pair.device)
     return {
         "iters": n_iter,
         "student_steps": total,
         "sr_start_step": sr_start,
         "sr_steps": sr_steps,
-        "settings": {k: {kk: vv for kk, vv in v.items()} for k, v in settings.items()},
+        "audit_seconds": audit_s,
+        "settings": {k: {kk: (repr(vv) if kk == "config" else vv) for kk, vv in v.items()}
+                     for k, v in settings.items()},
         "cases": _summ(times, {}),
     }
 
@@ -389,7 +406,9 @@ def to_markdown(report: dict[str, Any]) -> str:
                 "",
                 f"Whole run: {rr['iters']} pseudo batches = {rr['student_steps']} student steps; "
                 "SR from step "
-                f"{rr['sr_start_step']} ({rr['sr_steps']} SR steps).",
+                f"{rr['sr_start_step']} ({rr['sr_steps']} SR steps). The default guard's "
+                f"one-off audit of this teacher: {rr.get('audit_seconds', float('nan')):.2f}s "
+                "(not in run/eraser, which arms the eraser from the first batch).",
             ]
         lines.append("")
     lines += ["## Targets", "", "| target | limit | measured | met |", "|---|---:|---:|---|"]
@@ -448,6 +467,11 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "run/abd_tuned / run/vanilla (measured)",
                 TARGETS["whole_run"],
                 "whole run ABD tuned (k=1, SR warm 5 rounds) / vanilla, measured",
+            ),
+            (
+                "run/eraser / run/vanilla (measured)",
+                TARGETS["eraser_run"],
+                "whole run, default guard's trigger eraser / vanilla, measured (audit apart)",
             ),
             (
                 f"run/abd_tuned / run/vanilla (projected {PAPER_ZSKT_ITERS} iters)",

@@ -173,16 +173,24 @@ def _tiny_run(cfg: ABDConfig) -> dict:
     for p in list(student.parameters()) + list(gen.parameters()):
         assert torch.isfinite(p).all()
     rep = g.report().as_dict()
+    no_data = {  # NaN means "no data" there, by contract
+        "suspicious_fraction": rep["sv_calls"] == 0,
+        "audit_p_value": rep["audit"] is None,
+        "erase_flip": rep["erase_updates"] == 0, "erase_keep": rep["erase_updates"] == 0,
+        "erase_target_fraction": rep["erase_status"] != "on",
+    }
     for k, v in rep.items():
-        if k == "suspicious_fraction" and rep["sv_calls"] == 0:
-            continue  # NaN means "no data" there, by contract
+        if no_data.get(k):
+            continue
         if k != "last_suspicious_fraction":
             assert _finite(v), (k, v)
     return rep
 
 
-#: the drawn fields go on top of a config where SV and SR both act within two iterations
-BUSY = dict(verify=False, shuffle_layers=1, sr_start_step=0, sr_inner_rounds=2)
+#: the drawn fields go on top of a config where SV, SR, the audit and (when the audit flags the
+#: tiny teacher, or a target is drawn) the eraser all act within two iterations
+BUSY = dict(sv=True, sr=True, verify=False, shuffle_layers=1, sr_start_step=0, sr_inner_rounds=2,
+            audit_steps=3, audit_starts=2)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -35,7 +35,7 @@ def _worker(out_dir: str) -> None:
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from abd_plugin import ABDGuard
+    from abd_plugin import ABDConfig, ABDGuard
     from abd_plugin.kit.models import get_model
 
     torch.set_num_threads(1)
@@ -53,6 +53,7 @@ def _worker(out_dir: str) -> None:
         guard = ABDGuard(
             teacher,
             student,
+            config=ABDConfig.classic(),  # SV + SR: the default audit + eraser is off here
             verify=True,
             verify_skip=1,
             verify_batches=3,

@@ -12,6 +12,9 @@ from torch import nn
 from abd_plugin import ABDConfig, ABDGuard, DefenseHook
 from abd_testutils import TinyGenerator, make_pair
 
+#: SV + SR as published (the suite's SV/SR tests; the default is the audit + eraser)
+CLASSIC = ABDConfig.classic()
+
 
 def kl(t, s):
     from abd_plugin import extract_logits
@@ -86,7 +89,7 @@ def test_call_order_contract():
     teacher, student = make_pair()
     gen = TinyGenerator()
     rec = Recorder(student)
-    with ABDGuard(teacher, student, hooks=[rec], sv=False, sr=False) as guard:
+    with ABDGuard(teacher, student, config=CLASSIC, hooks=[rec], sv=False, sr=False) as guard:
         zskt_loop(teacher, student, gen, iterations=2, n_student=2)
     per_iter = (["teacher_forward", "student_forward"]            # generator step
                 + ["student_forward", "before_step", "after_step"] * 2)  # student steps
@@ -100,7 +103,8 @@ def test_sv_term_is_in_the_graph_before_backward_and_sr_lands_between_backward_a
     teacher, student = make_pair()
     gen = TinyGenerator()
     order = []
-    guard = ABDGuard(teacher, student, verify=False, shuffle_layers=1, sv_coef=1.0, sr_start_step=0)
+    guard = ABDGuard(teacher, student, config=CLASSIC,
+                     verify=False, shuffle_layers=1, sv_coef=1.0, sr_start_step=0)
     sv_pen = guard.sv.penalty
 
     def spy_pen(x, t, **kw):
@@ -134,7 +138,8 @@ def test_sv_term_is_in_the_graph_before_backward_and_sr_lands_between_backward_a
 def test_sv_gradient_reaches_the_generator_exactly_once():
     teacher, student = make_pair()
     gen = TinyGenerator()
-    guard = ABDGuard(teacher, student, verify=False, shuffle_layers=1, sv_coef=2.0, sr=False)
+    guard = ABDGuard(teacher, student, config=CLASSIC,
+                     verify=False, shuffle_layers=1, sv_coef=2.0, sr=False)
     z = torch.randn(8, gen.z_dim)
     with guard:
         x = gen(z)
@@ -147,7 +152,8 @@ def test_sv_gradient_reaches_the_generator_exactly_once():
         p.grad = None
     x = gen(z)
     t = teacher(x)
-    guard2 = ABDGuard(teacher, student, verify=False, shuffle_layers=1, sv_coef=2.0, sr=False)
+    guard2 = ABDGuard(teacher, student, config=CLASSIC,
+                      verify=False, shuffle_layers=1, sv_coef=2.0, sr=False)
     (-kl(t, student(x)) + guard2.vaccine_penalty(x, t)).backward()
     for a, p in zip(got, gen.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad)
@@ -158,7 +164,8 @@ def test_teacher_is_bit_identical_after_a_guarded_run():
     before = copy.deepcopy(teacher.state_dict())
     flags = [p.requires_grad for p in teacher.parameters()]
     modes = [m.training for m in teacher.modules()]
-    with ABDGuard(teacher, student, verify=False, shuffle_layers=1, sv_coef=1.0, sr_start_step=2,
+    with ABDGuard(teacher, student, config=CLASSIC,
+                  verify=False, shuffle_layers=1, sv_coef=1.0, sr_start_step=2,
                   sr_inner_rounds=2):
         zskt_loop(teacher, student, TinyGenerator(), iterations=3)
     for k, v in teacher.state_dict().items():
@@ -174,7 +181,7 @@ def test_disabled_guard_gives_a_bit_identical_student():
         teacher, student = make_pair(seed=1)
         gen = TinyGenerator()
         if guarded:
-            with ABDGuard(teacher, student, sv=False, sr=False):
+            with ABDGuard(teacher, student, config=CLASSIC, sv=False, sr=False):
                 zskt_loop(teacher, student, gen, seed=3)
         else:
             zskt_loop(teacher, student, gen, seed=3)
@@ -190,7 +197,7 @@ def test_sv_on_but_unverified_changes_nothing_either():
         teacher, student = make_pair(seed=1)
         gen = TinyGenerator()
         if guarded:
-            with ABDGuard(teacher, student, sr=False, verify_batches=1000):
+            with ABDGuard(teacher, student, config=CLASSIC, sr=False, verify_batches=1000):
                 zskt_loop(teacher, student, gen, seed=3)
         else:
             zskt_loop(teacher, student, gen, seed=3)
@@ -216,7 +223,8 @@ def test_hooks_are_removed_after_an_exception():
     )
     grads_before = [None for _ in teacher.parameters()]
     with pytest.raises(RuntimeError, match="boom"):
-        with ABDGuard(teacher, student, verify=False, shuffle_layers=1, sr_start_step=0):
+        with ABDGuard(teacher, student, config=CLASSIC,
+                      verify=False, shuffle_layers=1, sr_start_step=0):
             zskt_loop(teacher, student, TinyGenerator(), iterations=1)
             raise RuntimeError("boom")
     assert _hook_count(teacher, student) == 0
@@ -229,7 +237,8 @@ def test_hooks_are_removed_after_an_exception():
 def test_tuple_and_dict_outputs(mode):
     teacher, student = make_pair(mode=mode)
     gen = TinyGenerator()
-    with ABDGuard(teacher, student, verify=False, shuffle_layers=1, sv_coef=1.0, sr_start_step=0,
+    with ABDGuard(teacher, student, config=CLASSIC,
+                  verify=False, shuffle_layers=1, sv_coef=1.0, sr_start_step=0,
                   sr_inner_rounds=1) as guard:
         x = gen(torch.randn(4, gen.z_dim))
         out = teacher(x)
@@ -251,7 +260,7 @@ def test_closure_steps_get_sr_after_the_closure_ran():
         def on_before_student_step(self, guard, optimizer):
             seen.append(all(p.grad is not None for p in student.parameters()))
 
-    with ABDGuard(teacher, student, sv=False, sr=False, hooks=[Probe()]):
+    with ABDGuard(teacher, student, config=CLASSIC, sv=False, sr=False, hooks=[Probe()]):
         def closure():
             opt.zero_grad()
             with torch.no_grad():
@@ -267,7 +276,8 @@ def test_closure_steps_get_sr_after_the_closure_ran():
 def test_optimizers_of_other_models_are_ignored():
     teacher, student = make_pair()
     gen = TinyGenerator()
-    with ABDGuard(teacher, student, sv=False, sr_start_step=0, sr_inner_rounds=1) as guard:
+    with ABDGuard(teacher, student, config=CLASSIC,
+                  sv=False, sr_start_step=0, sr_inner_rounds=1) as guard:
         og = torch.optim.SGD(gen.parameters(), lr=0.1)
         gen(torch.randn(2, gen.z_dim)).sum().backward()
         og.step()
@@ -278,7 +288,7 @@ def test_retrospection_block_opens_the_window():
     teacher, student = make_pair()
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     x = torch.rand(8, 1, 8, 8)
-    with ABDGuard(teacher, student, sv=False, sr_inner_rounds=1) as guard:
+    with ABDGuard(teacher, student, config=CLASSIC, sv=False, sr_inner_rounds=1) as guard:
         for i in range(3):
             opt.zero_grad()
             kl(teacher(x), student(x)).backward()
@@ -293,14 +303,14 @@ def test_retrospection_block_opens_the_window():
 def test_bad_configuration_errors():
     teacher, student = make_pair()
     with pytest.raises(ValueError, match="total_steps"):
-        ABDGuard(teacher, student, sr_start_fraction=0.9)
+        ABDGuard(teacher, student, config=CLASSIC, sr_start_fraction=0.9)
     with pytest.raises(TypeError, match="unknown ABDConfig field"):
-        ABDGuard(teacher, student, not_a_field=1)
+        ABDGuard(teacher, student, config=CLASSIC, not_a_field=1)
     with pytest.raises(ValueError, match="same module"):
-        ABDGuard(teacher, teacher)
+        ABDGuard(teacher, teacher, config=CLASSIC)
     with pytest.raises(ValueError, match="sr_pert_model"):
         ABDConfig(sr_pert_model="nobody")
-    guard = ABDGuard(teacher, student, sv=False, sr=False)
+    guard = ABDGuard(teacher, student, config=CLASSIC, sv=False, sr=False)
     with pytest.raises(RuntimeError, match="sv=False"):
         guard.vaccine_penalty(torch.rand(2, 1, 8, 8), torch.rand(2, 10))
     with guard:
@@ -312,7 +322,7 @@ def test_integer_input_to_teacher_in_guard_is_left_alone():
     # integer inputs cannot carry gradient: they are not synthesis batches, the guard ignores them
     teacher = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3)).eval()
     student = nn.Sequential(nn.Embedding(10, 2), nn.Flatten(), nn.Linear(4, 3))
-    with ABDGuard(teacher, student, verify=False):
+    with ABDGuard(teacher, student, config=CLASSIC, verify=False):
         assert teacher(torch.tensor([[1, 2]])).shape == (1, 3)
 
 
@@ -326,7 +336,8 @@ def test_sr_lr_applies_inside_the_window_and_is_restored():
         def on_before_student_step(self, guard, optimizer):
             seen.append(optimizer.param_groups[0]["lr"])
 
-    with ABDGuard(teacher, student, sv=False, sr_start_step=1, sr_inner_rounds=1, sr_lr=0.01,
+    with ABDGuard(teacher, student, config=CLASSIC,
+                  sv=False, sr_start_step=1, sr_inner_rounds=1, sr_lr=0.01,
                   hooks=[Probe()]):
         for _ in range(3):
             before = [p.detach().clone() for p in student.parameters()]
@@ -366,7 +377,7 @@ def test_depth_change_at_verification_inside_a_teacher_forward(monkeypatch):
 
     monkeypatch.setattr(ShuffledEnsemble, "tail", spy_tail)
     with ABDGuard(
-        teacher, student, verify_batches=2, verify_skip=0, sv_coef=1.0, sr=False
+        teacher, student, config=CLASSIC, verify_batches=2, verify_skip=0, sv_coef=1.0, sr=False
     ) as guard:
         zskt_loop(teacher, student, gen, iterations=4, n_student=1)
     assert guard.sv.status == "enabled" and guard.sv.ensemble.depth == 2
@@ -376,7 +387,7 @@ def test_depth_change_at_verification_inside_a_teacher_forward(monkeypatch):
 
 def test_one_schedule_object_answers_guard_and_sr():
     teacher, student = make_pair()
-    guard = ABDGuard(teacher, student, sv=False, sr_every=2)
+    guard = ABDGuard(teacher, student, config=CLASSIC, sv=False, sr_every=2)
     assert guard.sr.schedule is guard.sr_schedule and guard.sr_schedule.start is None
     guard.set_schedule(10, sr_start_fraction=0.5)  # what an adapter does once the host runs
     assert guard.report().sr_start == 5

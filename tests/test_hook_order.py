@@ -36,6 +36,10 @@ def _kl(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def _respond(event: str, log: Log, ctx: Any, args: tuple[Any, ...]) -> Any:
     """What the recording hook does beyond recording, for callbacks whose contract says more
     than "called here": a loss term, and the gradients and parameters around the step."""
+    if event == "on_teacher_input":
+        log.append(("input_grad", bool(args[0].requires_grad)))
+        log.append(("audit_seen", ctx.audit is not None))
+        return None
     if event == "on_teacher_forward":
         x, logits = args
         assert x.requires_grad and logits.requires_grad  # both still in the graph
@@ -91,6 +95,7 @@ def _loop(teacher: torch.nn.Module, student: torch.nn.Module, log: Log) -> None:
         log.append(("step_g", None))
         for _ in range(2):
             xs = gen(z).detach()
+            log.append(("call_teacher_nograd", None))
             with torch.no_grad():
                 t = teacher(xs)
             log.append(("call_student", None))
@@ -103,7 +108,7 @@ def _loop(teacher: torch.nn.Module, student: torch.nn.Module, log: Log) -> None:
 
 
 def _names(log: Log) -> list[str]:
-    return [e for e, _ in log if e != "params_before_step"]
+    return [e for e, _ in log if e not in ("params_before_step", "input_grad", "audit_seen")]
 
 
 def _enter(log: Log) -> None:
@@ -125,8 +130,20 @@ def _teacher_forward(log: Log) -> None:
     assert names.count("term_backward") == len(starts)  # exactly once per forward
     for i in starts:
         after = names[i:]
-        assert after[1] == "on_teacher_forward"
+        assert after[1:3] == ["on_teacher_input", "on_teacher_forward"]
         assert after.index("term_backward") < after.index("backward_g")
+
+
+def _teacher_input(log: Log) -> None:
+    # before every teacher forward, with gradients or not, and before on_teacher_forward
+    names = _names(log)
+    calls = [i for i, e in enumerate(names) if e in ("call_teacher", "call_teacher_nograd")]
+    assert names.count("on_teacher_input") == len(calls) == 6
+    assert all(names[i + 1] == "on_teacher_input" for i in calls)
+    grads = [g for e, g in log if e == "input_grad"]
+    assert grads == [True, False, False] * 2
+    # the guard's audit ran before the first teacher batch reached any hook
+    assert all(seen for e, seen in log if e == "audit_seen")
 
 
 def _student_forward(log: Log) -> None:
@@ -155,6 +172,7 @@ def _student_step(log: Log) -> None:
 #: every DefenseHook callback and the check of where the guard calls it
 CONTRACT: dict[str, Callable[[Log], None]] = {
     "on_guard_enter": _enter,
+    "on_teacher_input": _teacher_input,
     "on_teacher_forward": _teacher_forward,
     "on_student_forward": _student_forward,
     "on_before_student_step": _student_step,
@@ -168,7 +186,8 @@ def check_contract() -> None:
     assert events, "DefenseHook has no on_* callbacks?"
     teacher, student = make_pair()
     log: Log = []
-    with ABDGuard(teacher, student, hooks=[recording_hook(log)], sv=False, sr=False):
+    with ABDGuard(teacher, student, hooks=[recording_hook(log)], sv=False, sr=False,
+                  erase=False, audit_steps=2, audit_starts=2):
         _loop(teacher, student, log)
     called = {e for e, _ in log}
     missing = [e for e in events if e not in called]
@@ -193,7 +212,8 @@ def test_dispatch_times_every_hook():
     teacher, student = make_pair()
     log: Log = []
     with ABDGuard(teacher, student, hooks=[recording_hook(log)], verify=False, shuffle_layers=1,
-                  sr_start_step=0, sr_inner_rounds=1) as guard:
+                  sr_start_step=0, sr_inner_rounds=1, sv=True, sr=True, audit=False,
+                  erase=False) as guard:
         _loop(teacher, student, log)
     rep = guard.report()
     assert rep.sv_seconds > 0 and rep.sr_seconds > 0 and rep.extra["defense.seconds"] > 0

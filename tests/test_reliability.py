@@ -12,6 +12,9 @@ from torch import nn
 from abd_plugin import ABDConfig, ABDGuard, ABDWarning, DefenseHook, ShufflingVaccine
 from abd_testutils import TinyCNN, TinyGenerator, make_pair, stamp
 
+#: SV + SR as published (the suite's SV/SR tests; the default is the audit + eraser)
+CLASSIC = ABDConfig.classic()
+
 
 def _kl(t, s):
     return F.kl_div(F.log_softmax(s.float(), 1), F.log_softmax(t.float(), 1),
@@ -44,7 +47,8 @@ def _mixed_loop(teacher, student, *, autocast: bool, steps: int = 2, **cfg):
     probe = _AmpProbe()
     amp = (torch.autocast("cpu", dtype=torch.bfloat16) if autocast
            else torch.autocast("cpu", enabled=False))
-    with ABDGuard(teacher, student, hooks=[probe], verify=False, shuffle_layers=1, sv_coef=1.0,
+    with ABDGuard(teacher, student, config=CLASSIC,
+                  hooks=[probe], verify=False, shuffle_layers=1, sv_coef=1.0,
                   sr_start_step=0, sr_inner_rounds=2, **cfg) as guard:
         for _ in range(steps):
             z = torch.randn(8, gen.z_dim)
@@ -85,7 +89,7 @@ def test_sr_and_sv_run_in_the_dtype_and_autocast_of_the_users_forward(case):
 def test_explicit_sv_calls_take_a_batch_in_another_dtype_than_the_teacher():
     teacher, student = make_pair()
     teacher = teacher.double()
-    guard = ABDGuard(teacher, student, verify=True, verify_batches=1, verify_skip=0,
+    guard = ABDGuard(teacher, student, config=CLASSIC, verify=True, verify_batches=1, verify_skip=0,
                      shuffle_layers=1, tail_ratio_threshold=-1.0, sr=False)
     x = torch.rand(8, 1, 8, 8, requires_grad=True)  # float32, the student's dtype
     t = teacher(x.double())
@@ -104,7 +108,8 @@ def _digits_task(teacher, x, y, *, coef, cap=None, steps=300):
     g = torch.Generator().manual_seed(0)
     kw = {} if cap is None else {"sv_reweight_cap": cap}
     losses = []
-    with ABDGuard(teacher, student, verify=False, shuffle_layers=1, sv_coef=coef, sr=False,
+    with ABDGuard(teacher, student, config=CLASSIC,
+                  verify=False, shuffle_layers=1, sv_coef=coef, sr=False,
                   **kw) as guard:
         for _ in range(steps):
             b = x[torch.randint(len(x), (64,), generator=g)].clone()
@@ -152,7 +157,7 @@ def test_reweight_changes_only_where_the_cap_is_hit():
 
 def test_non_finite_batch_to_retrospect_is_refused_and_writes_nothing():
     teacher, student = make_pair()
-    guard = ABDGuard(teacher, student, sv=False, sr_inner_rounds=1)
+    guard = ABDGuard(teacher, student, config=CLASSIC, sv=False, sr_inner_rounds=1)
     for p in student.parameters():
         p.grad = torch.zeros_like(p)
     x = torch.rand(4, 1, 8, 8)
@@ -169,7 +174,8 @@ def test_non_finite_sr_gradient_is_skipped_and_reported_once(monkeypatch):
     teacher, student = make_pair()
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     x = torch.rand(8, 1, 8, 8)
-    with ABDGuard(teacher, student, sv=False, sr_start_step=0, sr_inner_rounds=1) as guard:
+    with ABDGuard(teacher, student, config=CLASSIC,
+                  sv=False, sr_start_step=0, sr_inner_rounds=1) as guard:
         real = guard.sr.gradients
         monkeypatch.setattr(guard.sr, "gradients", lambda xb, d=None: [
             torch.full_like(g, float("nan")) for g in real(xb, d)])
@@ -198,7 +204,8 @@ def test_student_in_eval_mode_is_reported_not_silent():
     x = torch.rand(8, 1, 8, 8)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        with ABDGuard(teacher, student, sv=False, sr_start_step=0, sr_inner_rounds=1) as guard:
+        with ABDGuard(teacher, student, config=CLASSIC,
+                      sv=False, sr_start_step=0, sr_inner_rounds=1) as guard:
             for _ in range(4):
                 opt.zero_grad()
                 _kl(teacher(x), student(x)).backward()
@@ -216,7 +223,7 @@ def _dfad_like(detach: bool, steps: int = 3):
     os_ = torch.optim.Adam(student.parameters(), 1e-2)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        with ABDGuard(teacher, student, verify=False, shuffle_layers=1, sv_coef=1.0,
+        with ABDGuard(teacher, student, config=CLASSIC, verify=False, shuffle_layers=1, sv_coef=1.0,
                       sr=False) as guard:
             for _ in range(steps):
                 z = torch.randn(8, gen.z_dim)
@@ -251,7 +258,7 @@ def test_generator_output_without_grad_reports_that_sv_never_ran():
     gen = TinyGenerator()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        with ABDGuard(teacher, student, verify=False, sr=False) as guard:
+        with ABDGuard(teacher, student, config=CLASSIC, verify=False, sr=False) as guard:
             for _ in range(3):
                 x = gen(torch.randn(8, gen.z_dim)).detach()  # not in the graph
                 (-_kl(teacher(x), student(x))).backward()
@@ -264,8 +271,9 @@ def test_generator_output_without_grad_reports_that_sv_never_ran():
 
 def test_a_second_active_guard_on_the_same_student_is_refused():
     teacher, student = make_pair()
-    first = ABDGuard(teacher, student, sv=False, sr=False)
-    second = ABDGuard(teacher, nn.DataParallel(student), sv=False, sr=False)  # same student
+    first = ABDGuard(teacher, student, config=CLASSIC, sv=False, sr=False)
+    second = ABDGuard(teacher, nn.DataParallel(student), config=CLASSIC,
+                      sv=False, sr=False)  # same student
     with first:
         with pytest.raises(RuntimeError, match="another ABDGuard is already active"):
             second.attach()
@@ -278,7 +286,7 @@ def test_a_second_active_guard_on_the_same_student_is_refused():
     with second:  # the registry was cleaned after the exception too
         assert second.active
     other_teacher, other_student = make_pair(seed=1)
-    with first, ABDGuard(other_teacher, other_student, sv=False, sr=False):
+    with first, ABDGuard(other_teacher, other_student, config=CLASSIC, sv=False, sr=False):
         pass  # guards on different students coexist
 
 
@@ -288,7 +296,8 @@ def test_explicit_retrospect_inside_the_automatic_window_is_a_no_op_with_a_warni
     x = torch.rand(8, 1, 8, 8)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        with ABDGuard(teacher, student, sv=False, sr_start_step=2, sr_inner_rounds=1) as guard:
+        with ABDGuard(teacher, student, config=CLASSIC,
+                      sv=False, sr_start_step=2, sr_inner_rounds=1) as guard:
             results = []
             for _ in range(4):
                 opt.zero_grad()
@@ -316,7 +325,7 @@ def test_backward_twice_through_the_same_teacher_logits_applies_sv_once(poisoned
             p.grad = None
         return out
 
-    guard = ABDGuard(teacher, student, **cfg)
+    guard = ABDGuard(teacher, student, config=CLASSIC, **cfg)
     with guard:
         x = gen(z)
         loss = -_kl(teacher(x), student(x))
@@ -328,7 +337,7 @@ def test_backward_twice_through_the_same_teacher_logits_applies_sv_once(poisoned
     (-_kl(teacher(x), student(x))).backward()
     user = gen_grad()
     x = gen(z)
-    ABDGuard(teacher, student, **cfg).vaccine_penalty(x, teacher(x)).backward()
+    ABDGuard(teacher, student, config=CLASSIC, **cfg).vaccine_penalty(x, teacher(x)).backward()
     sv = gen_grad()
     assert sv.norm() > 0.05
     torch.testing.assert_close(got, 2 * user + sv)  # the user's loss twice, the SV term once
@@ -353,7 +362,7 @@ def test_the_report_counts_shuffles_as_max_shuffle_trials_does():
 # ------------------------------------------------------------------ shapes and entry checks
 def test_logits_with_the_wrong_number_of_classes_name_both_shapes():
     teacher, student = make_pair()  # 10 classes
-    guard = ABDGuard(teacher, student, verify=False, shuffle_layers=1, sr=False)
+    guard = ABDGuard(teacher, student, config=CLASSIC, verify=False, shuffle_layers=1, sr=False)
     x = torch.rand(8, 1, 8, 8)
     with pytest.raises(ValueError, match=r"\(8, 5\).*10"):
         guard.suspicious(x, torch.randn(8, 5))
@@ -371,7 +380,7 @@ def test_logits_with_the_wrong_number_of_classes_name_both_shapes():
 
 def test_observe_checks_its_inputs_like_the_other_entry_points():
     teacher, student = make_pair()
-    guard = ABDGuard(teacher, student, sr=False)
+    guard = ABDGuard(teacher, student, config=CLASSIC, sr=False)
     x = torch.rand(8, 1, 8, 8)
     t = teacher(x).detach()
     bad = t.clone()

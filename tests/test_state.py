@@ -6,9 +6,12 @@ import io
 import pytest
 import torch
 
-from abd_plugin import ABDGuard, DefenseHook
+from abd_plugin import ABDConfig, ABDGuard, DefenseHook
 from abd_testutils import TinyGenerator, make_pair
 from test_guard import kl
+
+#: SV + SR as published (the suite's SV/SR tests; the default is the audit + eraser)
+CLASSIC = ABDConfig.classic()
 
 CFG = dict(verify_batches=3, verify_skip=1, sv_coef=1.0, sr_start_step=4, sr_inner_rounds=2,
            sr_warm_start=True, tail_ratio_threshold=-1.0)  # always accept
@@ -45,12 +48,12 @@ def test_state_round_trip_equals_uninterrupted_run():
     zs = [torch.randn(8, 8, generator=torch.Generator().manual_seed(i)) for i in range(10)]
     # uninterrupted
     teacher, student, gen, og, os_ = _fresh()
-    with ABDGuard(teacher, student, **CFG) as guard:
+    with ABDGuard(teacher, student, config=CLASSIC, **CFG) as guard:
         ref = [_iteration(teacher, student, gen, og, os_, z) for z in zs]
     assert guard.sv.status == "enabled" and guard.sr.steps == 6
     # interrupted after 5 iterations (mid-verification is done by then; SR has started)
     teacher, student, gen, og, os_ = _fresh()
-    with ABDGuard(teacher, student, **CFG) as guard:
+    with ABDGuard(teacher, student, config=CLASSIC, **CFG) as guard:
         first = [_iteration(teacher, student, gen, og, os_, z) for z in zs[:5]]
         buf = io.BytesIO()
         torch.save(
@@ -70,7 +73,7 @@ def test_state_round_trip_equals_uninterrupted_run():
     gen.load_state_dict(ck["gen"])
     og.load_state_dict(ck["og"])
     os_.load_state_dict(ck["os"])
-    guard = ABDGuard(teacher, student, **CFG)
+    guard = ABDGuard(teacher, student, config=CLASSIC, **CFG)
     guard.load_state_dict(ck["guard"])
     with guard:
         second = [_iteration(teacher, student, gen, og, os_, z) for z in zs[5:]]
@@ -83,11 +86,11 @@ def test_state_round_trip_equals_uninterrupted_run():
 def test_state_round_trip_while_still_collecting():
     teacher, student, gen, og, os_ = _fresh()
     cfg = dict(CFG, verify_batches=50)
-    with ABDGuard(teacher, student, **cfg) as guard:
+    with ABDGuard(teacher, student, config=CLASSIC, **cfg) as guard:
         _iteration(teacher, student, gen, og, os_, torch.randn(8, 8))
         _iteration(teacher, student, gen, og, os_, torch.randn(8, 8))
         state = guard.state_dict()
-    g2 = ABDGuard(teacher, student, **cfg)
+    g2 = ABDGuard(teacher, student, config=CLASSIC, **cfg)
     g2.load_state_dict(state)
     assert g2.sv.status == "collecting" and g2.sv.observed == 2 and len(g2.sv._pool_x) == 1
 
@@ -112,13 +115,13 @@ def test_state_is_keyed_per_hook_instance():
     teacher, student = make_pair()
     a, b = Counter(), Counter()
     a.n, b.n = 3, 7
-    state = ABDGuard(teacher, student, hooks=[a, b]).state_dict()
+    state = ABDGuard(teacher, student, config=CLASSIC, hooks=[a, b]).state_dict()
     assert list(state["hooks"]) == ["ShufflingVaccine", "SelfRetrospection", "Counter",
                                     "Counter[1]"]
     c, d = Counter(), Counter()
-    ABDGuard(teacher, student, hooks=[c, d]).load_state_dict(state)
+    ABDGuard(teacher, student, config=CLASSIC, hooks=[c, d]).load_state_dict(state)
     assert (c.n, d.n) == (3, 7)  # two hooks of one class no longer overwrite each other
     with pytest.raises(ValueError, match="registered twice"):
-        ABDGuard(teacher, student, hooks=[a, a])
+        ABDGuard(teacher, student, config=CLASSIC, hooks=[a, a])
     with pytest.raises(ValueError, match="state version"):
-        ABDGuard(teacher, student).load_state_dict(dict(state, version=1))
+        ABDGuard(teacher, student, config=CLASSIC).load_state_dict(dict(state, version=1))

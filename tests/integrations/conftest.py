@@ -10,9 +10,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from abd_fakes import common  # noqa: E402
 from abd_plugin import SelfRetrospection, ShufflingVaccine  # noqa: E402
 
-#: small, fast ABD settings: SV on from the first batch, SR from the first student step
-FAST = dict(verify=False, shuffle_layers=1, n_shuffle_models=2, sr_start_step=0,
-            sr_inner_rounds=1, sr_fixed_point_iters=1)
+#: small, fast ABD settings: SV on from the first batch, SR from the first student step (the
+#: adapters' call-order contract is about SV and SR; the default audit + eraser is off here)
+FAST = dict(sv=True, sr=True, audit=False, erase=False, verify=False, shuffle_layers=1,
+            n_shuffle_models=2, sr_start_step=0, sr_inner_rounds=1, sr_fixed_point_iters=1)
 
 
 @pytest.fixture

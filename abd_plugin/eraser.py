@@ -1,0 +1,279 @@
+"""Trigger eraser: the default defense. Once the audit names a target class, learn which input
+region makes the teacher's samples go to that class, and erase it from every input the teacher
+sees inside the guard.
+
+Shape of the defense
+--------------------
+* **A soft mask, learned online.** ``m = sigmoid(a)`` has one value per input position (shared by
+  the channels). Erasing sets ``x_e = (1 - m) * x + m * fill``. On every ``erase_every``-th
+  distinct batch the teacher is fed (a generator's samples, inverted pixels, a transfer set), the
+  mask takes ``erase_steps`` Adam steps on a frozen copy of the teacher:
+
+      L(m) = mean_{i: T(x_i) = t} p_t(T(x_e,i))              flip the target-class samples
+           + erase_price * mean(m)                            with as little area as possible
+           + erase_keep * KL(T(x_j) || T(x_e,j)), T(x_j) != t  and leave the other samples alone
+
+  A backdoor's trigger is a small region that sends any input to ``t``: erasing it flips most
+  target samples at little price and changes no other class, so the mask converges onto the
+  region where the teacher reacts to the trigger. A natural target-class sample needs a large,
+  class-specific region to flip, which the price and the keep term make too expensive.
+* **The teacher sees erased inputs everywhere in the loop.** A forward pre-hook on the teacher
+  (event ``on_teacher_input``) replaces each input by its erased version, so the student's
+  targets and the generator's loss come from the same repaired teacher: an adversarial generator
+  has no gap between two teachers to chase, and the student learns that the erased region does
+  not decide the class. The erasure is one multiply-add per input; the cost is the mask's own
+  updates. Gradients still reach a generator through the pixels that are not erased.
+* **Gated by the audit.** The eraser runs only when the guard's audit flags the teacher
+  (``erase_on``), or when the user names the ``target``. A teacher the audit calls clean gets
+  nothing: the pre-hook returns the input untouched and no update ever runs.
+* ``erase_only_target=True`` erases only the inputs the teacher calls the target (one extra
+  forward of the frozen copy per batch to find them).
+
+The teacher itself is never modified: the pre-hook changes what this forward receives, the mask
+is learned on a frozen copy, and every hook is removed when the guard exits.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _amp
+from ._replica import TeacherReplica
+from .audit import AuditReport
+from .config import ABDConfig
+from .hooks import DefenseHook, GuardContext
+from .outputs import check_logits, extract_logits
+
+
+class EraserStatus(str, enum.Enum):
+    """Where the eraser stands."""
+
+    WAITING = "waiting"  # no teacher batch (hence no audit) yet
+    ON = "on"  # erasing
+    OFF_CLEAN = "off-clean"  # the audit found no backdoor (or not enough evidence for erase_on)
+    OFF_NO_AUDIT = "off-no-audit"  # audit disabled and no target given
+
+
+class TriggerEraser(DefenseHook):
+    """Learn and erase the trigger region of the target class (see the module docstring).
+
+    Args:
+        teacher: the (possibly poisoned) teacher; never modified.
+        config: reads the ``erase_*`` fields, ``target`` and ``logits_fn``.
+        replica: share the guard's frozen copy of the teacher.
+
+    Standalone use (without a guard) is possible: call :meth:`arm` with the target, then
+    :meth:`learn` on batches and :meth:`erase` on the teacher's inputs.
+    """
+
+    name = "erase"
+
+    def __init__(self, teacher: nn.Module, config: ABDConfig | None = None, *,
+                 replica: TeacherReplica | None = None) -> None:
+        self.config = config or ABDConfig()
+        self._replica = replica or TeacherReplica(teacher)
+        self.status = EraserStatus.WAITING
+        self.target: int | None = None
+        self.reason = "no teacher batch seen yet"
+        self._logits: Tensor | None = None  # the mask's logits, (1, 1, *spatial) or (1, F)
+        self._opt: torch.optim.Adam | None = None
+        self._opt_state: dict[str, Any] | None = None  # loaded before the mask exists
+        self._last_key: tuple[Any, ...] | None = None
+        self.distinct_batches = 0
+        self.updates = 0
+        self.erased_batches = 0
+        self.last_flip = float("nan")  # target samples the erased teacher moves off the target
+        self.last_keep = float("nan")  # other samples whose class the erasure keeps
+        self.last_target_fraction = float("nan")  # samples the teacher calls the target
+
+    # ------------------------------------------------------------------ gating
+    def arm(self, target: int, reason: str = "") -> None:
+        """Start erasing for class ``target``."""
+        self.target = int(target)
+        self.status = EraserStatus.ON
+        self.reason = reason or f"target class {self.target} given"
+
+    def decide(self, audit: AuditReport | None) -> None:
+        """Arm or stay off from the audit's verdict (and ``config.target`` / ``erase_on``)."""
+        cfg = self.config
+        if cfg.target is not None:
+            self.arm(cfg.target, f"target class {cfg.target} given in the config")
+            return
+        if audit is None:
+            self.status = EraserStatus.OFF_NO_AUDIT
+            self.reason = "no audit ran (audit=False) and no target was given"
+            return
+        flagged = {"poisoned": audit.verdict == "poisoned",
+                   "flagged": audit.verdict in ("poisoned", "unsure"),
+                   "always": True}[cfg.erase_on]
+        if flagged:
+            self.arm(audit.suspect, f"audit verdict {audit.verdict} (erase_on={cfg.erase_on!r})")
+        else:
+            self.status = EraserStatus.OFF_CLEAN
+            self.reason = f"audit verdict {audit.verdict} (erase_on={cfg.erase_on!r})"
+
+    # ------------------------------------------------------------------ the mask
+    def _ensure_mask(self, x: Tensor) -> Tensor:
+        shape = (1, 1) + tuple(x.shape[2:]) if x.dim() >= 3 else (1,) + tuple(x.shape[1:])
+        if self._logits is None or tuple(self._logits.shape) != shape:
+            if self._logits is not None:
+                raise ValueError(
+                    f"the trigger eraser learned a mask of shape {tuple(self._logits.shape)} but "
+                    f"the teacher now gets inputs of shape {tuple(x.shape[1:])}; one guard "
+                    "serves one input size (use a guard per resolution)")
+            self._logits = torch.full(shape, -4.0, device=x.device).requires_grad_(True)
+            self._opt = torch.optim.Adam([self._logits], lr=self.config.erase_lr)
+            if self._opt_state is not None:
+                self._opt.load_state_dict(self._opt_state)
+                self._opt_state = None
+        elif self._logits.device != x.device:
+            with torch.no_grad():
+                moved = self._logits.detach().to(x.device).requires_grad_(True)
+            state = self._opt.state_dict() if self._opt is not None else None
+            self._logits = moved
+            self._opt = torch.optim.Adam([self._logits], lr=self.config.erase_lr)
+            if state is not None:
+                self._opt.load_state_dict(state)
+        return self._logits
+
+    def mask(self) -> Tensor | None:
+        """The current soft mask in [0, 1] (detached), or None before the first batch."""
+        return None if self._logits is None else torch.sigmoid(self._logits.detach())
+
+    def erase(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``(1 - m) * x + m * fill`` with the current mask (differentiable in ``x``)."""
+        m = self.mask() if mask is None else mask
+        if m is None:
+            return x
+        m = m.to(device=x.device, dtype=x.dtype)
+        return x * (1 - m) + self.config.erase_fill * m
+
+    # ------------------------------------------------------------------ learning
+    def learn(self, x: Tensor) -> None:
+        """``erase_steps`` Adam steps of the mask on batch ``x`` (detached; frozen teacher)."""
+        assert self.target is not None, "arm() first"
+        cfg = self.config
+        logits_param = self._ensure_mask(x)
+        model = self._replica.to_device_of(x)
+        xd = _amp.as_input_of(model, x.detach())
+        t = self.target
+        with torch.enable_grad(), torch.autocast(xd.device.type, enabled=False):
+            with torch.no_grad():
+                z0 = extract_logits(model(xd), cfg.logits_fn)
+            check_logits(z0, xd.shape[0], "teacher logits")
+            if not 0 <= t < z0.shape[1]:
+                raise ValueError(f"target class {t} is out of range for a teacher with "
+                                 f"{z0.shape[1]} classes")
+            pred = z0.argmax(1)
+            tgt = pred == t
+            self.last_target_fraction = float(tgt.float().mean())
+            if not bool(tgt.any()):
+                return
+            other = ~tgt
+            logp0 = F.log_softmax(z0.float(), dim=1)
+            assert self._opt is not None
+            for _ in range(cfg.erase_steps):
+                m = torch.sigmoid(logits_param).to(xd.dtype)
+                z = extract_logits(model(xd * (1 - m) + cfg.erase_fill * m), cfg.logits_fn).float()
+                loss = F.softmax(z[tgt], dim=1)[:, t].mean() + cfg.erase_price * m.float().mean()
+                if bool(other.any()) and cfg.erase_keep > 0:
+                    loss = loss + cfg.erase_keep * F.kl_div(
+                        F.log_softmax(z[other], dim=1), logp0[other], log_target=True,
+                        reduction="batchmean")
+                self._opt.zero_grad(set_to_none=True)
+                (g,) = torch.autograd.grad(loss, [logits_param])
+                logits_param.grad = g
+                self._opt.step()
+                logits_param.grad = None
+            with torch.no_grad():  # the last step's outputs, one step behind: no extra forward
+                pz = z.argmax(1)
+                self.last_flip = float((pz[tgt] != t).float().mean())
+                self.last_keep = (float((pz[other] == pred[other]).float().mean())
+                                  if bool(other.any()) else 1.0)
+        self.updates += 1
+
+    def _new_batch(self, x: Tensor) -> bool:
+        key = (x.data_ptr(), x._version, tuple(x.shape), x.device)
+        if key == self._last_key:
+            return False
+        self._last_key = key
+        return True
+
+    # ------------------------------------------------------------------ DefenseHook
+    def on_teacher_input(self, ctx: GuardContext, x: Tensor) -> Tensor | None:
+        if self.status is EraserStatus.WAITING:
+            self.decide(ctx.audit)
+        if self.status is not EraserStatus.ON:
+            return None
+        if self._new_batch(x):
+            self.distinct_batches += 1
+            if (self.distinct_batches - 1) % self.config.erase_every == 0:
+                with ctx.suspended():
+                    self.learn(x)
+        self._ensure_mask(x)
+        self.erased_batches += 1
+        if not self.config.erase_only_target:
+            return self.erase(x)
+        assert self.target is not None
+        with ctx.suspended(), torch.no_grad():
+            model = self._replica.to_device_of(x)
+            pred = extract_logits(model(_amp.as_input_of(model, x.detach())),
+                                  self.config.logits_fn).argmax(1)
+        rows = pred.eq(self.target).view((-1,) + (1,) * (x.dim() - 1))
+        return torch.where(rows, self.erase(x), x)
+
+    def on_guard_exit(self, ctx: GuardContext) -> None:
+        self._last_key = None
+
+    # ------------------------------------------------------------------ report and state
+    def report(self) -> dict[str, Any]:
+        m = self.mask()
+        return {
+            "erase_status": self.status.value,
+            "erase_reason": self.reason,
+            "erase_target": self.target,
+            "erase_pixels": 0 if m is None else int((m > 0.5).sum()),
+            "erase_mass": 0.0 if m is None else float(m.sum()),
+            "erase_fraction": 0.0 if m is None else float(m.mean()),
+            "erase_updates": self.updates,
+            "erase_batches": self.erased_batches,
+            "erase_flip": self.last_flip,
+            "erase_keep": self.last_keep,
+            "erase_target_fraction": self.last_target_fraction,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status.value, "target": self.target, "reason": self.reason,
+            "mask_logits": None if self._logits is None else self._logits.detach().cpu().clone(),
+            "optimizer": None if self._opt is None else self._opt.state_dict(),
+            "counters": {"distinct_batches": self.distinct_batches, "updates": self.updates,
+                         "erased_batches": self.erased_batches, "last_flip": self.last_flip,
+                         "last_keep": self.last_keep,
+                         "last_target_fraction": self.last_target_fraction},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.status = EraserStatus(state["status"])
+        self.target = state["target"]
+        self.reason = state["reason"]
+        logits = state["mask_logits"]
+        self._logits = None if logits is None else logits.clone().requires_grad_(True)
+        self._opt = None
+        self._opt_state = state["optimizer"]
+        if self._logits is not None:
+            self._opt = torch.optim.Adam([self._logits], lr=self.config.erase_lr)
+            if self._opt_state is not None:
+                self._opt.load_state_dict(self._opt_state)
+                self._opt_state = None
+        c = state["counters"]
+        self.distinct_batches, self.updates = int(c["distinct_batches"]), int(c["updates"])
+        self.erased_batches = int(c["erased_batches"])
+        self.last_flip, self.last_keep = float(c["last_flip"]), float(c["last_keep"])
+        self.last_target_fraction = float(c["last_target_fraction"])
+        self._last_key = None

@@ -1,0 +1,200 @@
+"""The trigger eraser: it finds the trigger region, runs inside the teacher's forward, never touches
+the teacher, leaves a clean teacher's run bit-identical, and resumes exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from abd_plugin import ABDConfig, ABDGuard
+from abd_plugin.eraser import TriggerEraser
+from abd_testutils import TinyGenerator, make_pair
+
+#: a guard whose audit always says "clean" (any p-value is >= 1e-12): the eraser must stay off
+CLEAN_GATE = dict(audit_alpha=1e-12, audit_clean_alpha=1e-12, audit_steps=5, audit_starts=2)
+
+
+def _kit(trigger: str | None):
+    from abd_plugin.kit.datasets import load_dataset
+    from abd_plugin.kit.poison import TeacherSpec, train_teacher
+
+    torch.set_num_threads(1)
+    teacher, _ = train_teacher(TeacherSpec(dataset="mnist5k", arch="lenet5", trigger=trigger))
+    xtr, _ = load_dataset("mnist5k", "train").tensors
+    xte, yte = load_dataset("mnist5k", "test").tensors
+    return teacher, xtr, xte, yte
+
+
+def test_eraser_learns_the_trigger_region_of_a_poisoned_teacher():
+    from abd_plugin.kit.metrics import accuracy, attack_success_rate
+    from abd_plugin.kit.triggers import get_trigger
+
+    teacher, xtr, xte, yte = _kit("badnet_grid")
+    trig = get_trigger("badnet_grid")
+    er = TriggerEraser(teacher, ABDConfig())
+    er.arm(0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):  # batches in which the trigger turns up, as a generator's samples do
+        x = xtr[torch.randint(len(xtr), (64,), generator=g)]
+        x[:32] = trig.apply(x[:32])
+        er.learn(x)
+    m = er.mask()
+    assert m is not None
+    # the trigger's white pixels are erased (its black ones already equal the fill value 0:
+    # erasing them changes nothing, so the mask is free to leave them), and little else
+    white = trig.apply(torch.zeros(1, 1, 32, 32))[0, 0] > 0.5
+    assert int(white.sum()) == 4 and bool((m[0, 0][white] > 0.5).all())
+    assert int((m > 0.5).sum()) <= 64  # 6 % of the image
+    erased = nn.Sequential()  # the teacher as the student would see it: erased inputs
+    erased.forward = lambda x: teacher(er.erase(x))  # type: ignore[method-assign]
+    assert attack_success_rate(erased, xte, yte, trig, 0) < 10.0  # teacher: 99 %
+    assert accuracy(erased, xte, yte) >= accuracy(teacher, xte, yte) - 2.0
+    assert er.last_flip > 0.8 and er.updates == 60
+
+
+def _loop(teacher: nn.Module, student: nn.Module, steps: int = 3) -> nn.Module:
+    gen = TinyGenerator()
+    opt_g = torch.optim.Adam(gen.parameters(), 1e-2)
+    opt_s = torch.optim.Adam(student.parameters(), 1e-2)
+    for _ in range(steps):
+        z = torch.randn(16, gen.z_dim)
+        loss_g = -F.l1_loss(student(gen(z)), teacher(gen(z)))
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        x = gen(z).detach()
+        with torch.no_grad():
+            t = teacher(x)
+        loss_s = F.l1_loss(student(x), t)
+        opt_s.zero_grad()
+        loss_s.backward()
+        opt_s.step()
+    return student
+
+
+def test_a_teacher_the_audit_calls_clean_gets_nothing():
+    # the student's trajectory is bit-identical to the unguarded run: the audit uses its own RNG
+    # and a frozen copy, and the eraser never arms
+    teacher, student = make_pair()
+    _, twin = make_pair()  # the same initial weights
+    ref = [p.detach().clone() for p in student.parameters()]
+    torch.manual_seed(1)
+    plain = _loop(teacher, twin)
+    torch.manual_seed(1)
+    with ABDGuard(teacher, student, **CLEAN_GATE) as guard:
+        guarded = _loop(teacher, student)
+    assert any(not torch.equal(a, p) for a, p in zip(ref, guarded.parameters(), strict=True))
+    for a, b in zip(plain.parameters(), guarded.parameters(), strict=True):
+        assert torch.equal(a, b)
+    rep = guard.report()
+    assert rep.audit_verdict == "clean" and rep.erase_status == "off-clean"
+    assert rep.erase_updates == 0 and rep.erase_batches == 0
+    assert "no backdoor found" in str(rep) and "Trigger eraser: off" in str(rep)
+
+
+def test_the_eraser_runs_inside_the_teachers_forward_and_never_touches_the_teacher():
+    teacher, student = make_pair()
+    before = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+    gen = TinyGenerator()
+    with ABDGuard(teacher, student, target=0, audit=False) as guard:
+        x = gen(torch.randn(16, gen.z_dim))
+        y = teacher(x)  # the forward inside the guard: erased input
+        er = guard.eraser
+        assert er is not None and er.distinct_batches == 1 and er.mask() is not None
+        with guard.suspended():
+            expected = teacher(er.erase(x))
+        assert torch.allclose(y, expected)
+        y.sum().backward()  # the generator still gets gradients (through unerased pixels)
+        assert all(p.grad is not None for p in gen.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher._forward_pre_hooks and not teacher._forward_hooks
+    rep = guard.report()
+    assert rep.erase_status == "on" and rep.erase_target == 0
+    assert "Trigger eraser: ON for class 0" in str(rep)
+
+
+def test_erase_only_target_erases_only_the_target_rows():
+    teacher, student = make_pair()
+    x = torch.rand(32, 1, 8, 8)
+    with torch.no_grad():
+        pred = teacher(x).argmax(1)
+    t = int(pred.mode().values)
+    with ABDGuard(teacher, student, target=t, audit=False, erase_only_target=True) as guard:
+        seen = []
+        h = teacher.conv1.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+        with torch.no_grad():
+            teacher(x)
+        h.remove()
+    inp = seen[-1]
+    rows = pred == t
+    assert torch.equal(inp[~rows], x[~rows])  # the others reach the teacher unchanged
+    assert guard.eraser is not None
+    assert torch.allclose(inp[rows], guard.eraser.erase(x[rows]))
+
+
+def test_eraser_state_round_trip_equals_an_uninterrupted_run():
+    def run(split: bool) -> torch.Tensor:
+        teacher, student = make_pair()
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.rand(16, 1, 8, 8, generator=g) for _ in range(6)]
+        with torch.no_grad():  # the class this random teacher gives most: every batch has some
+            target = int(teacher(torch.cat(batches)).argmax(1).mode().values)
+        cfg = ABDConfig(target=target, audit=False, erase_every=1)
+        guard = ABDGuard(teacher, student, config=cfg)
+        with guard, torch.no_grad():
+            for x in batches[:3]:
+                teacher(x)
+        if split:  # resume in a new guard from the saved state
+            state = guard.state_dict()
+            guard = ABDGuard(teacher, student, config=cfg)
+            guard.load_state_dict(state)
+        with guard, torch.no_grad():
+            for x in batches[3:]:
+                teacher(x)
+        assert guard.eraser is not None and guard.eraser.updates == 6
+        m = guard.eraser.mask()
+        assert m is not None
+        return m
+
+    assert torch.equal(run(False), run(True))
+
+
+def test_a_batch_fed_twice_counts_once():
+    teacher, student = make_pair()
+    with ABDGuard(teacher, student, target=0, audit=False, erase_every=1) as guard, \
+            torch.no_grad():
+        x = torch.rand(8, 1, 8, 8)
+        for _ in range(5):  # ZSKT's student steps feed the same batch again and again
+            teacher(x)
+        teacher(torch.rand(8, 1, 8, 8))
+    assert guard.eraser is not None
+    assert guard.eraser.distinct_batches == 2 and guard.eraser.erased_batches == 6
+
+
+def test_no_audit_and_no_target_leaves_the_eraser_off():
+    teacher, student = make_pair()
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        plain = teacher(x)
+    with ABDGuard(teacher, student, audit=False) as guard, torch.no_grad():
+        assert torch.equal(teacher(x), plain)
+    rep = guard.report()
+    assert rep.erase_status == "off-no-audit" and rep.audit_verdict == "off"
+
+
+def test_a_new_input_size_is_refused_clearly():
+    teacher, student = make_pair()
+    with ABDGuard(teacher, student, target=0, audit=False) as guard, torch.no_grad():
+        teacher(torch.rand(4, 1, 8, 8))
+        with pytest.raises(ValueError, match="one input size"):
+            teacher(torch.rand(4, 1, 12, 12))
+    assert guard.eraser is not None
+
+
+def test_target_out_of_range_is_refused():
+    teacher, student = make_pair()
+    with ABDGuard(teacher, student, target=12, audit=False), torch.no_grad():
+        with pytest.raises(ValueError, match="out of range"):
+            teacher(torch.rand(4, 1, 8, 8))
