@@ -1,18 +1,24 @@
 """The ACC/ASR benchmark: poisoned teacher -> data-free KD with and without ABD -> metrics.
 
-A *cell* is (dataset, method, trigger, defense, seed). ``run_bench`` runs a grid of cells,
-appending one JSON line per finished cell to ``DIR/cells.jsonl`` (so an interrupted run resumes
-where it stopped), and then writes ``results.csv``, ``results.json``, ``table.md`` and
-``plot.png``. Rows added automatically: ``clean`` (KD on real training data, the reference) and
-clean-teacher rows (``trigger=none``) with and without ABD, which measure ABD's false-positive
-cost.
+A *cell* is (dataset, method, trigger, defense, seed, arch, iterations, teacher_seed).
+``run_bench`` runs a grid of cells, appending one JSON line per finished cell to
+``DIR/cells.jsonl`` (so an interrupted run resumes where it stopped), and then writes
+``results.csv``, ``results.json``, ``table.md`` (with a cost table) and ``plot.png``. Rows added
+automatically: ``clean`` (KD on real training data, the reference) and clean-teacher rows
+(``trigger=none``, one clean teacher per seed) with and without the defenses, which measure what a
+defense costs when there is no backdoor; with ``default`` in the grid also ``erase_forced`` on
+the clean teachers (what a false alarm of the audit would cost).
 
 Defense presets (:data:`DEFENSES`):
 
 * ``none``: vanilla KD.
+* ``default``: ``ABDConfig()``, what ``with ABDGuard(teacher, student):`` runs: the data-free
+  audit, and the trigger eraser when the audit flags the teacher (``abd`` is the same).
+* ``erase_forced``: the default with the eraser run whatever the audit says (``erase_on="always"``).
 * ``sv_paper``, ``sr_paper``, ``abd_paper``: the official code's recipe (5 shuffled convs,
   coefficient 0.1, verification on, SR with 10 rounds in the last 0.5 % of student steps).
-* ``sv``, ``sr``, ``abd``: this project's tuned recipe (:meth:`ABDConfig.tuned`).
+* ``sv_tuned``, ``sr_tuned``, ``abd_tuned``: the previous release's SV/SR recipe
+  (:meth:`ABDConfig.tuned`).
 """
 from __future__ import annotations
 
@@ -44,17 +50,20 @@ def _paper(**kw: Any) -> ABDConfig:
 
 DEFENSES: dict[str, Callable[[], ABDConfig | None]] = {
     "none": lambda: None,
+    "default": lambda: ABDConfig(),
+    "abd": lambda: ABDConfig(),
+    "erase_forced": lambda: ABDConfig(erase_on="always"),
     "sv_paper": lambda: _paper(sr=False),
     "sr_paper": lambda: _paper(sv=False),
     "abd_paper": lambda: _paper(),
-    "sv": lambda: ABDConfig.tuned(sr=False),
-    "sr": lambda: ABDConfig.tuned(sv=False),
-    "abd": lambda: ABDConfig.tuned(),
+    "sv_tuned": lambda: ABDConfig.tuned(sr=False),
+    "sr_tuned": lambda: ABDConfig.tuned(sv=False),
+    "abd_tuned": lambda: ABDConfig.tuned(),
 }
 
 #: the student trained against each teacher architecture (the standard data-free KD pairs)
-STUDENTS = {"lenet5": "lenet5_half", "cnn5": "cnn5", "wrn16_2": "wrn16_1", "wrn40_2": "wrn16_1",
-            "resnet34": "resnet18"}
+STUDENTS = {"lenet5": "lenet5_half", "lenet5_bn": "lenet5_half", "cnn5": "cnn5",
+            "wrn16_2": "wrn16_1", "wrn40_2": "wrn16_1", "resnet34": "resnet18"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class Cell:
     seed: int = 0
     arch: str = "lenet5"
     iterations: int = 400
+    teacher_seed: int = 0  # the teacher's training seed (clean-teacher rows vary it)
 
     def key(self) -> str:
         return "|".join(str(v) for v in asdict(self).values())
@@ -83,7 +93,8 @@ def run_cell(cell: Cell, *, progress: Callable[[int, int, str], None] | None = N
     """Run one cell and return its metrics (ACC/ASR/RA in percent). ``abd`` overrides the
     cell's named defense with an explicit configuration."""
     trig_name = None if cell.trigger == "none" else cell.trigger
-    spec = TeacherSpec(dataset=cell.dataset, arch=cell.arch, trigger=trig_name, seed=0)
+    spec = TeacherSpec(dataset=cell.dataset, arch=cell.arch, trigger=trig_name,
+                       seed=cell.teacher_seed)
     teacher, tmeta = train_teacher(spec)
     info = dataset_info(cell.dataset)
     xte, yte = load_dataset(cell.dataset, "test", size=spec.size).tensors
@@ -128,6 +139,20 @@ def run_cell(cell: Cell, *, progress: Callable[[int, int, str], None] | None = N
     if result.report is not None:
         rep = result.report
         row.update(
+            audit_verdict=rep["audit_verdict"],
+            audit_suspect=None if rep["audit"] is None else rep["audit"]["suspect"],
+            audit_p_value=rep["audit_p_value"],
+            audit_seconds=round(rep["audit_seconds"], 2),
+            ensemble_class=rep["ensemble_class"],
+            erase_status=rep["erase_status"],
+            erase_target=rep["erase_target"],
+            erase_pixels=rep["erase_pixels"],
+            erase_flip=rep["erase_flip"],
+            erase_keep=rep["erase_keep"],
+            erase_seconds=round(rep["erase_seconds"], 1),
+            seconds_without_audit=round(seconds - rep["audit_seconds"], 1),
+        )
+        row.update(
             sv_status=rep["sv_status"],
             shuffle_depth=rep["shuffle_depth"],
             shuffled_layers=rep["shuffled_layers"],
@@ -160,11 +185,13 @@ def grid(
     ]
     if clean_rows:
         for t in triggers:  # clean KD on real data: the reference the targets compare against
-            cells += [Cell(dataset, "clean", t, "none", s, arch, iterations) for s in seeds]
-        for m in methods:  # clean teacher: what ABD costs when there is no backdoor
+            if t != "none":
+                cells += [Cell(dataset, "clean", t, "none", s, arch, iterations) for s in seeds]
+        extra = ["erase_forced"] if "default" in defenses else []
+        for m in methods:  # clean teachers (one per seed): what a defense costs without backdoor
             cells += [
-                Cell(dataset, m, "none", d, s, arch, iterations)
-                for d in dict.fromkeys(["none", *defenses])
+                Cell(dataset, m, "none", d, s, arch, iterations, teacher_seed=s)
+                for d in dict.fromkeys(["none", *defenses, *extra])
                 for s in seeds
             ]
     return list(dict.fromkeys(cells))
@@ -180,7 +207,8 @@ def run_bench(cells: Iterable[Cell], out: Path, *, log: Callable[[str], None] = 
         for line in done_path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                rows[Cell(**{k: r[k] for k in Cell.__dataclass_fields__}).key()] = r
+                known = {k: r[k] for k in Cell.__dataclass_fields__ if k in r}
+                rows[Cell(**known).key()] = r
     cells = list(cells)
     for i, cell in enumerate(cells):
         if cell.key() in rows:
@@ -206,15 +234,30 @@ def _mean_std(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
 
 
+def _verdicts(rs: list[dict[str, Any]]) -> str:
+    """Audit verdicts of a group's cells, e.g. ``poisoned->0 x3`` (verdict -> suspect class)."""
+    seen: dict[str, int] = {}
+    for r in rs:
+        if "audit_verdict" not in r:
+            continue
+        v = r["audit_verdict"]
+        k = f"{v}->{r['audit_suspect']}" if r.get("audit_suspect") is not None else v
+        seen[k] = seen.get(k, 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in seen.items()) or "-"
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["method"], r["trigger"], r["defense"]), []).append(r)
+        key = (r["dataset"], r.get("arch", "lenet5"), r["method"], r["trigger"], r["defense"])
+        groups.setdefault(key, []).append(r)
     out = []
-    for (ds, m, t, d), rs in groups.items():
+    for (ds, arch, m, t, d), rs in groups.items():
+        erased = [r["erase_pixels"] for r in rs if r.get("erase_status") == "on"]
         out.append(
             {
                 "dataset": ds,
+                "arch": arch,
                 "method": m,
                 "trigger": t,
                 "defense": d,
@@ -224,11 +267,32 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "ra": statistics.mean(r["ra"] for r in rs),
                 "acc_txt": _mean_std([r["acc"] for r in rs]),
                 "asr_txt": _mean_std([r["asr"] for r in rs]),
-                "teacher": f"{rs[0]['teacher_acc']:.1f}/{rs[0]['teacher_asr']:.1f}",
+                "teacher": "; ".join(dict.fromkeys(
+                    f"{r['teacher_acc']:.1f}/{r['teacher_asr']:.1f}" for r in rs)),
                 "sv_status": ",".join(sorted({str(r.get("sv_status", "-")) for r in rs})),
+                "audit": _verdicts(rs),
+                "eraser": (f"on x{len(erased)}, {statistics.mean(erased):.0f} px" if erased
+                           else "-"),
                 "seconds": statistics.mean(r["seconds"] for r in rs),
             }
         )
+    return out
+
+
+def cost_rows(rows: list[dict[str, Any]], defense: str = "default") -> list[dict[str, Any]]:
+    """Run time of ``defense`` over the undefended run of the same cell (same arch, method,
+    trigger, seed, teacher), without the audit's one-off seconds, which are given beside it."""
+    base = {(r.get("arch"), r["method"], r["trigger"], r["seed"], r.get("teacher_seed", 0)):
+            r for r in rows if r["defense"] == "none" and r["method"] != "clean"}
+    out = []
+    for r in rows:
+        k = (r.get("arch"), r["method"], r["trigger"], r["seed"], r.get("teacher_seed", 0))
+        if r["defense"] != defense or k not in base or "seconds_without_audit" not in r:
+            continue
+        out.append({"arch": k[0], "method": k[1], "trigger": k[2], "seed": k[3],
+                    "ratio": r["seconds_without_audit"] / max(base[k]["seconds"], 1e-9),
+                    "audit_seconds": r["audit_seconds"], "erase": r.get("erase_status"),
+                    "none_seconds": base[k]["seconds"], "seconds": r["seconds"]})
     return out
 
 
@@ -243,16 +307,31 @@ def write_summary(rows: list[dict[str, Any]], out: Path) -> None:
             w.writerows(flat)
     summ = summarize(rows)
     lines = [
-        "| dataset | method | trigger | defense | seeds | teacher ACC/ASR | ACC | ASR | RA "
-        "| SV status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arch | method | trigger | defense | seeds | teacher ACC/ASR | ACC | ASR | RA "
+        "| audit (verdict->suspect) | eraser |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summ:
         lines.append(
-            f"| {s['dataset']} | {s['method']} | {s['trigger']} | {s['defense']} | {s['n']} "
-            f"| {s['teacher']} "
-            f"| {s['acc_txt']} | {s['asr_txt']} | {s['ra']:.1f} | {s['sv_status']} |"
+            f"| {s['arch']} | {s['method']} | {s['trigger']} | {s['defense']} | {s['n']} "
+            f"| {s['teacher']} | {s['acc_txt']} | {s['asr_txt']} | {s['ra']:.1f} "
+            f"| {s['audit']} | {s['eraser']} |"
         )
+    cost = cost_rows(rows)
+    if cost:
+        lines += ["", "Run time of the default guard over the undefended run (same cell), "
+                  "without the audit's one-off seconds:", "",
+                  "| arch | method | cells | time ratio | audit seconds | eraser on in |",
+                  "|---|---|---|---|---|---|"]
+        by: dict[tuple, list[dict[str, Any]]] = {}
+        for c in cost:
+            by.setdefault((c["arch"], c["method"]), []).append(c)
+        for (arch, m), cs in by.items():
+            ratios = [c["ratio"] for c in cs]
+            on = [c for c in cs if c["erase"] == "on"]
+            lines.append(f"| {arch} | {m} | {len(cs)} | {_mean_std(ratios)} (on: "
+                         f"{_mean_std([c['ratio'] for c in on]) if on else '-'}) "
+                         f"| {_mean_std([c['audit_seconds'] for c in cs])} | {len(on)} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     try:
         plot_summary(summ, out / "plot.png")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -325,6 +326,60 @@ def cmd_poison(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace) -> Any:
+    from abd_plugin.audit import AuditSettings
+
+    return AuditSettings(starts=args.starts, steps=args.steps, alpha=args.alpha,
+                         clean_alpha=args.clean_alpha, seed=args.seed)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Audit one teacher file without data: verdict, per-class table, bar plot."""
+    from .auditing import audit_teacher_file, plot_audit
+
+    torch.set_num_threads(1)  # a LeNet-sized audit gains nothing from threads
+    rep = audit_teacher_file(args.teacher, args.arch, args.dataset, input_range=args.input_range,
+                             settings=_settings(args))
+    print(rep)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "audit.json").write_text(json.dumps(rep.as_dict(), indent=1))
+    try:
+        plot_audit(rep, out / "audit.png", title=f"{Path(args.teacher).name} ({args.arch}): "
+                   f"{rep.verdict}, suspect class {rep.suspect}, p = {rep.p_value:.2g}")
+        print(f"wrote {out / 'audit.png'} and {out / 'audit.json'}")
+    except ImportError:
+        print(f"wrote {out / 'audit.json'} (no plot: pip install 'abd-plugin[bench]')")
+    return 0
+
+
+def cmd_audit_table(args: argparse.Namespace) -> int:
+    """Audit every kit teacher of a grid (training the ones not cached): the audit's own table."""
+    from .auditing import audit_table
+
+    torch.set_num_threads(1)
+    audit_table(_csv(args.arch), _csv(args.trigger), args.seeds, dataset=args.dataset,
+                settings=_settings(args), out=Path(args.out),
+                log=lambda m: print(m, file=sys.stderr))
+    print((Path(args.out) / "audit.md").read_text())
+    return 0
+
+
+def _range_pair(text: str) -> tuple[float, float]:
+    """argparse ``type``: ``low,high`` (finite, low < high)."""
+    parts = _csv(text)
+    try:
+        lo, hi = (float(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be two numbers low,high, got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise argparse.ArgumentTypeError(f"needs finite low < high, got {text!r}")
+    return lo, hi
+
+
+_range_pair.__name__ = "range"
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from .bench import Cell, run_cell
 
@@ -343,6 +398,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import grid, run_bench
 
+    # LeNet-sized cells gain nothing from threads; one thread makes runs repeatable on a machine
+    # and lets two benches share two cores (the bench resumes, so grids can run side by side)
+    torch.set_num_threads(1)
     cells = grid(args.dataset, _csv(args.method), _csv(args.trigger), _csv(args.defense),
                  args.seeds, arch=args.arch, iterations=args.iterations,
                  clean_rows=not args.no_clean_rows)
@@ -526,6 +584,57 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--seed", type=seed, default=0, help="seed of the distillation")
     di.add_argument("--abd", type=abd_config, default=None,
                     help="ABDConfig fields as a JSON object (overrides --defense)")
+    def audit_flags(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--starts", type=number(Int(1, 10_000)), default=10,
+                       help="random starts per class of the margin search")
+        q.add_argument("--steps", type=number(Int(1, 100_000)), default=100,
+                       help="Adam steps per start")
+        q.add_argument("--alpha", type=number(Num(0, 1, lo_open=True, hi_open=True), float),
+                       default=0.05, help="p-value below which the teacher is called poisoned")
+        q.add_argument("--clean-alpha", type=number(Num(0, 1, lo_open=True), float),
+                       default=0.2, help="p-value from which it is called clean (unsure between)")
+        q.add_argument("--seed", type=seed, default=0, help="seed of the random starts")
+
+    def check_audit(args: argparse.Namespace) -> None:
+        _check_arch_fits(args)
+        if args.clean_alpha < args.alpha:
+            raise UsageError("argument --clean-alpha: must be >= --alpha")
+
+    au = add_subcommand(sub, "audit", "data-free backdoor audit of one teacher file: verdict, "
+                        "per-class table, bar plot", cmd_audit, check_audit)
+    au.add_argument("--teacher", type=existing_file, required=True,
+                    help="the teacher's weights (a state_dict file, e.g. from abd-plugin poison "
+                    "--out; torch.save or safetensors)")
+    au.add_argument("--arch", type=registered("arch"), required=True,
+                    help="the teacher's architecture (abd-plugin list)")
+    au.add_argument("--dataset", type=registered("dataset"), default="mnist5k",
+                    help="what the teacher classifies (input shape and classes)")
+    au.add_argument("--input-range", type=_range_pair, default=(0.0, 1.0),
+                    help="low,high of valid inputs as the teacher receives them")
+    audit_flags(au)
+    au.add_argument("--out", type=writable_dir, default="out",
+                    help="where audit.png and audit.json go")
+
+    def check_audit_table(args: argparse.Namespace) -> None:
+        if args.clean_alpha < args.alpha:
+            raise UsageError("argument --clean-alpha: must be >= --alpha")
+
+    at = add_subcommand(sub, "audit-table", "audit every kit teacher of a grid (trains the ones "
+                        "not cached): target found, false alarms, seconds", cmd_audit_table,
+                        check_audit_table)
+    at.add_argument("--dataset", type=registered("dataset"), default="mnist5k",
+                    help="training data of the teachers")
+    at.add_argument("--arch", type=registered("arch", many=True), default="lenet5,lenet5_bn",
+                    help="comma-separated teacher architectures")
+    at.add_argument("--trigger", type=registered("trigger", extra=("none",), many=True),
+                    default="none,badnet_grid,l0_inv,trojan_wm,square_in",
+                    help="comma-separated triggers ('none': clean teachers)")
+    at.add_argument("--seeds", type=number_list(SEED), default=[0, 1, 2],
+                    help="comma-separated teacher training seeds")
+    audit_flags(at)
+    at.add_argument("--out", type=writable_dir, default="runs/audit",
+                    help="where audit.md and audit.json go")
+
     add_subcommand(sub, "list", "datasets, triggers, models, methods, defenses, adapters",
                    cmd_list)
     return p

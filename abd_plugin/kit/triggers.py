@@ -411,6 +411,15 @@ def _badnet_sq(seed: int = 0, **kw: Any) -> Trigger:
     )
 
 
+@_TRIGGERS.register("square_in")
+def _square_in(seed: int = 0, **kw: Any) -> Trigger:
+    """White 5x5 square at rows 20-24, cols 8-12, overwrite: inside the digit area of mnist5k
+    (real digits have ink there in about half of the images), unlike the corner triggers, which
+    sit where clean MNIST images are always black."""
+    return PatchTrigger("square_in", [(20, 8, torch.ones(3, 5, 5, dtype=torch.float64))],
+                        seed=seed, **kw)
+
+
 @_TRIGGERS.register("trojan_3x3")
 def _trojan_3x3(seed: int = 0, **kw: Any) -> Trigger:
     """Seeded RGB 3x3 patch (values 0-250) at rows/cols 25-27, additive."""

@@ -29,7 +29,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def test_every_flag_has_help_text_that_shows_its_default():
     subs = _subparsers(cli.build_parser())
-    assert set(subs) == {"demo", "bench", "poison", "distill", "list"}
+    assert set(subs) == {"demo", "bench", "poison", "distill", "list", "audit", "audit-table"}
     for name, sub in subs.items():
         text = sub.format_help()
         flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]

@@ -27,7 +27,9 @@ def test_every_loop_runs_guarded_and_unguarded(method):
     teacher = build_model("cnn5", "mnist5k", 8).eval()
     x = torch.rand(64, 1, 16, 16)
     y = torch.randint(10, (64,))
-    for abd in (None, ABDConfig(verify=False, sr_start_step=0, sr_inner_rounds=1)):
+    classic = ABDConfig.classic(verify=False, sr_start_step=0, sr_inner_rounds=1)
+    eraser = ABDConfig(target=0, audit=False)  # the default's eraser, armed without the audit
+    for abd in (None, classic, eraser):
         student = build_model("cnn5", "mnist5k", 4)
         before = [p.clone() for p in student.parameters()]
         res = distill(
@@ -42,9 +44,11 @@ def test_every_loop_runs_guarded_and_unguarded(method):
         )
         assert res.student_steps == 6
         assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
-        if abd is not None:
+        if abd is classic:
             assert res.report["sr_steps"] == 6
             assert (res.report["sv_calls"] > 0) == (method not in ("clean",))
+        if abd is eraser:  # every loop feeds the teacher through the eraser
+            assert res.report["erase_status"] == "on" and res.report["erase_batches"] > 0
 
 
 def test_unknown_loop_names_the_choices():

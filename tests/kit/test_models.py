@@ -8,6 +8,7 @@ from abd_plugin.kit.models import get_model, list_models
 CLASSIFIERS = [
     "lenet5",
     "lenet5_half",
+    "lenet5_bn",
     "cnn5",
     "wrn16_1",
     "wrn16_2",

@@ -15,7 +15,7 @@ U8 = 1 / 255
 
 def test_registry_has_every_documented_trigger():
     expected = {"badnet_grid", "badnet_sq", "trojan_3x3", "trojan_8x8", "trojan_wm", "blend", "sig",
-                "sig_canonical", "l0_inv", "l2_inv", "smooth", "cl", "wanet"}
+                "sig_canonical", "l0_inv", "l2_inv", "smooth", "cl", "wanet", "square_in"}
     assert set(ALL) == expected
     assert {n for n in ALL if get_trigger(n).clean_label} == {"sig", "sig_canonical", "cl"}
     assert {n for n in ALL if get_trigger(n).seeded} == set(SEEDED)
