@@ -92,9 +92,14 @@ def _kl(
 
 
 def _guard(teacher: nn.Module, student: nn.Module, abd: ABDConfig | None, total_steps: int) -> Any:
+    """The guard a user writes: ``ABDGuard(teacher, student, config=abd)``; the loop's length is
+    filled in only where an SR window needs it (``sr_start_fraction`` without ``total_steps``),
+    so the default config runs exactly as a bare ``ABDGuard(teacher, student)``."""
     if abd is None:
         return nullcontext()
-    return ABDGuard(teacher, student, config=abd.replace(total_steps=total_steps))
+    if abd.sr and abd.sr_start_fraction is not None and abd.total_steps is None:
+        abd = abd.replace(total_steps=total_steps)
+    return ABDGuard(teacher, student, config=abd)
 
 
 def _report(guard: Any) -> dict[str, Any] | None:

