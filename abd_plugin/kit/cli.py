@@ -447,11 +447,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{'teacher (poisoned)':<34}{first['teacher_acc']:>8.1f}{first['teacher_asr']:>8.1f}",
         f"{'clean KD on real data (reference)':<34}{clean['acc']:>8.1f}{clean['asr']:>8.1f}",
     ]
-    names = {"none": "data-free KD, no defense", "abd": "data-free KD + ABD (tuned)",
-             "abd_paper": "data-free KD + ABD (paper recipe)"}
+    names = {"none": "data-free KD, no defense",
+             "default": "data-free KD + ABDGuard (default)",
+             "abd": "data-free KD + ABDGuard (default)",
+             "abd_paper": "data-free KD + ABD (paper recipe)",
+             "abd_tuned": "data-free KD + ABD (SV/SR tuned)"}
     for d, r in rows.items():
         lines.append(f"{names.get(d, 'data-free KD + ' + d):<34}{r['acc']:>8.1f}{r['asr']:>8.1f}")
-        if "sv_status" in r:
+        if r.get("audit_verdict") not in (None, "off"):
+            on = (f"erased {r['erase_pixels']} pixel(s) for class {r['erase_target']}"
+                  if r["erase_status"] == "on" else "eraser off")
+            lines.append(f"{'':<4}audit: {r['audit_verdict']}, suspect class "
+                         f"{r['audit_suspect']} (p = {r['audit_p_value']:.2g}, "
+                         f"{r['audit_seconds']:.1f}s); {on}")
+        if r.get("sv_status", "off") != "off" or r.get("sr_steps"):
             lines.append(f"{'':<4}SV {r['sv_status']}, shuffled {r['shuffled_layers']}, suspicious "
                          f"{r['suspicious_fraction']:.2f}; SR steps {r['sr_steps']}")
     lines.append(f"\n(total {time.perf_counter() - t0:.0f}s)")
@@ -514,14 +523,14 @@ def build_parser() -> argparse.ArgumentParser:
     iterations = number(Int(1))
     seed = number(SEED)
 
-    d = add_subcommand(sub, "demo", "the README's main job (about 5-6 minutes on 2 CPU cores)",
+    d = add_subcommand(sub, "demo", "the README's main job (about 5 minutes on 2 CPU cores)",
                        cmd_demo)
     d.add_argument("--out", type=writable_dir, default="out",
                    help="directory for demo.txt, demo.json and demo.png")
     d.add_argument("--trigger", type=registered("trigger"), default="l0_inv",
                    help="backdoor trigger of the poisoned teacher (abd-plugin list)")
     d.add_argument("--defense", type=registered("defense", many=True),
-                   default="none,abd_paper,abd", help="comma-separated defense presets")
+                   default="none,abd_paper,default", help="comma-separated defense presets")
     d.add_argument("--iterations", type=iterations, default=400,
                    help="distillation iterations (x 5 student steps)")
     d.add_argument("--seed", type=seed, default=0, help="seed of the distillation runs")
@@ -542,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--trigger", type=registered("trigger", extra=("none",), many=True),
                    default="badnet_grid", help="comma-separated triggers ('none': clean teacher)")
     b.add_argument("--defense", type=registered("defense", many=True),
-                   default="none,abd_paper,abd", help="comma-separated defense presets")
+                   default="none,abd_paper,default", help="comma-separated defense presets")
     b.add_argument("--seeds", type=number_list(SEED), default="0",
                    help="comma-separated integer seeds")
     b.add_argument("--out", type=writable_dir, default="runs/bench",
