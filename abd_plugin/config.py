@@ -1,10 +1,14 @@
 """ABD configuration: one frozen dataclass, every field documented.
 
-Defaults follow the paper's official code (Hong et al., ICML 2023) except where the paper's value
-is architecture-specific (``shuffle_layers``: the paper shuffles the last 5 convs of a WRN-16-2;
-``"auto"`` chooses per teacher, see :mod:`abd_plugin.vaccine`). :meth:`ABDConfig.paper` gives the
-literal paper recipe; :meth:`ABDConfig.tuned` the recipe this project measured to work better
-(README, "Results").
+The defaults are the recipe this project measured to defend without per-run knobs (README,
+"Results"): the guard audits the teacher without data at its first batch (:mod:`abd_plugin.audit`)
+and, when the audit flags it, the trigger eraser (:mod:`abd_plugin.eraser`) learns a small mask
+over the suspected target's trigger region and blanks it in every teacher input. A teacher the
+audit calls clean gets nothing. The paper's two parts, the Shuffling Vaccine and Self-Retrospection,
+are off by default: :meth:`ABDConfig.classic` turns them on with the official code's settings,
+:meth:`ABDConfig.paper` gives the literal paper recipe and :meth:`ABDConfig.tuned` the SV/SR
+settings tuned on this project's grid (all three leave the audit and the eraser off, for
+comparison).
 """
 from __future__ import annotations
 
