@@ -331,6 +331,7 @@ class ABDGuard:
         self._handles: list[Any] = []
         self._attached = False
         self._suspended = 0
+        self._terms_suspended = 0
         self._teacher_grads: list[Any] = []
         self._student_param_ids = {id(p) for p in self._student_core.parameters()}
 
@@ -423,6 +424,17 @@ class ABDGuard:
             self._suspended -= 1
 
     @contextmanager
+    def loss_terms_suspended(self) -> Iterator[None]:
+        """Teacher forwards inside this block get no loss term (the vaccine's) but still pass
+        through the other hooks: the eraser still erases their inputs. For hosts that call the
+        teacher on a second view of the same synthesis batch (CMI's local view)."""
+        self._terms_suspended += 1
+        try:
+            yield
+        finally:
+            self._terms_suspended -= 1
+
+    @contextmanager
     def retrospection(self) -> Iterator[None]:
         """Open the SR window for the student optimizer steps inside the block."""
         if self.sr is None:
@@ -510,7 +522,7 @@ class ABDGuard:
         return (new,) + tuple(args[1:])
 
     def _teacher_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if self._suspended or not torch.is_grad_enabled():
+        if self._suspended or self._terms_suspended or not torch.is_grad_enabled():
             return None
         x = args[0] if args and isinstance(args[0], Tensor) else None
         if x is None or not x.requires_grad:

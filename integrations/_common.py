@@ -90,7 +90,8 @@ class _OncePerStep:
 
     CMI runs the teacher on a global and a local view, and Fast-Datafree's generative synthesizer
     is built with ``student=teacher``; ABD adds SV once, on the first (global) view. Later grad
-    forwards before the next optimizer step run inside ``guard.suspended()``. Installed after the
+    forwards before the next optimizer step run inside ``guard.loss_terms_suspended()`` (no SV
+    term; the eraser still erases their inputs). Installed after the
     guard attaches, so its forward hook runs after the guard's.
     """
 
@@ -125,7 +126,7 @@ class _OncePerStep:
         synthesis = torch.is_grad_enabled() and x is not None and x.requires_grad
         ctx = None
         if synthesis and self.fired:
-            ctx = self.guard.suspended()
+            ctx = self.guard.loss_terms_suspended()
             ctx.__enter__()
         self._stack.append(ctx)
         self.fired = self.fired or synthesis

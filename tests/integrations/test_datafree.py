@@ -66,3 +66,45 @@ def test_double_patch_refused():
     with adapter.patch(kd, synthesis=syn):
         with pytest.raises(RuntimeError, match="already patched"):
             adapter.patch(kd, synthesis=syn)
+
+
+@pytest.mark.parametrize("method", ["cmi", "generative"])
+def test_the_eraser_sees_every_teacher_forward_including_second_views(method, fast_cfg):
+    """CMI's local view and ``student=teacher`` get no SV term, but their inputs are erased like
+    every other teacher input inside the guard."""
+    torch.manual_seed(0)
+    teacher, student = TinyNet(), TinyNet()
+    cfg = dict(fast_cfg, erase=True, target=0)
+    seen = []
+    handle = None
+
+    def count(_m, args):
+        if handle is not None and handle.sessions and handle.guard.active:
+            seen.append(1)
+
+    hk = teacher.register_forward_pre_hook(count)
+    try:
+        with adapter.patch(kd, synthesis=syn, **cfg) as handle:
+            kd.main_worker(kd.make_args(method=method), teacher, student)
+            guard = handle.guard
+    finally:
+        hk.remove()
+    rep = guard.report()
+    assert rep.erase_status == "on" and rep.erase_target == 0
+    assert len(seen) > 0 and guard.eraser.erased_batches == len(seen)
+    assert rep.sv_terms_attached > 0
+
+
+def test_the_default_config_audits_the_teacher_inside_the_host(events):
+    """``patch()`` with no settings is the bare default guard: the audit runs at the teacher's
+    first batch inside the host and the report carries its verdict; every hook goes away."""
+    torch.manual_seed(0)
+    teacher, student = TinyNet(), TinyNet()
+    hooks0 = global_hook_counts()
+    with adapter.patch(kd, synthesis=syn) as h:
+        kd.main_worker(kd.make_args(method="deepinv"), teacher, student)
+        guard = h.guard
+    rep = guard.report()
+    assert rep.audit_verdict in ("poisoned", "unsure", "clean")
+    assert rep.erase_status in ("on", "off-clean")
+    assert global_hook_counts() == hooks0 and module_hooks(teacher) == 0
