@@ -117,3 +117,25 @@ def test_tiny_run_with_the_official_code(tmp_path: Path) -> None:
     cases = report["configs"][0]
     assert "student/official_sr" in cases["student_step"]["cases"]
     assert "gen/official_sv_k5" in cases["generator_step"]["cases"]
+
+
+@pytest.mark.slow
+def test_the_new_user_loop_runs_the_bare_guard_and_writes_its_table(tmp_path):
+    """benchmarks/new_user_loop.py (the held-out loop): a tiny run writes one row per guard
+    setting; the guarded row carries the guard's report, with the audit's verdict."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import new_user_loop
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    torch_threads = torch.get_num_threads()
+    try:
+        new_user_loop.main(["--trigger", "l0_inv", "--seeds", "0", "--iterations", "3",
+                            "--batch", "16", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(torch_threads)
+    rows = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["guard"] for r in rows] == [False, True]
+    assert rows[0]["report"] is None and "Teacher audit" in rows[1]["report"]
+    assert all(0 <= r["acc"] <= 100 and 0 <= r["asr"] <= 100 for r in rows)
+    assert "| l0_inv | default | 1 |" in (tmp_path / "table.md").read_text()
