@@ -108,11 +108,11 @@ class ABDConfig:
         (poisoned or unsure), ``"always"`` (for the audit's suspect class whatever the verdict;
         measures what a false alarm costs). A ``target`` makes it run regardless.""")
     erase_price: float = spec(
-        5.0, Num(0, 1e6),
+        2.5, Num(0, 1e6),
         """Price of erasing the whole input, in units of 'one target-class sample flipped':
         the mask objective is ``mean p_t(erased target samples) + erase_price * mean(mask) +
         erase_keep * KL(other samples)``. Lower: larger masks (spread triggers), more accuracy
-        cost.""")
+        cost. 5 left scattered, partial masks over an in-digit square (README, "Results").""")
     erase_keep: float = spec(
         1.0, Num(0, 1e6),
         """Weight of keeping the teacher's predictions on the samples it does not call the
