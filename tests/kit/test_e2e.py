@@ -11,7 +11,7 @@ Measured with ``abd-plugin bench --method zskt --trigger l0_inv --defense none,d
 0,1,2`` (README, "Results"), ACC / ASR %:
 
     vanilla  89.5 / 96.6   85.1 / 58.9   85.2 / 62.1
-    default  92.5 /  0.3   91.5 /  1.2   88.1 /  3.6
+    default  91.2 /  0.2   92.0 /  0.8   90.9 /  0.1
 
 so the thresholds below hold for every seed with a margin; the test runs seed 0.
 """
@@ -26,8 +26,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SEED = 0
 VANILLA_MIN = 50.0  # the backdoor transfers (smallest measured: 58.9)
-DEFAULT_MAX = 10.0  # the default guard stops it (largest measured: 3.6)
-ACC_DROP_MAX = 3.0  # at this accuracy cost at most (measured: the default gained 2.9 to 6.4)
+DEFAULT_MAX = 10.0  # the default guard stops it (largest measured: 0.8)
+ACC_DROP_MAX = 3.0  # at this accuracy cost at most (measured: the default gained 1.7 to 6.9)
 
 
 def test_the_bare_default_guard_stops_a_transferred_backdoor():
