@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 from torch import nn
 
@@ -24,3 +25,31 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, was_training in flags:
             module.training = was_training
+
+
+def _option_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_options(text: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value:key=value"`` -> ``("name", {key: value})`` (values: int, float, bool,
+    None or str). Used for parametrised teacher kinds and defenses on the command line, e.g.
+    ``pgd:eps=0.2:steps=10`` or ``iga:gamma=10`` (``:`` because ``,`` separates list items)."""
+    name, *parts = text.split(":")
+    opts: dict[str, Any] = {}
+    for part in parts:
+        key, sep, val = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"option {part!r} in {text!r} is not key=value")
+        opts[key.strip()] = _option_value(val.strip())
+    return name.strip(), opts
