@@ -10,6 +10,7 @@ from torch import nn
 
 from abd_plugin._replica import model_device as model_device  # one definition: the core's
 from abd_plugin.outputs import extract_logits
+from abd_plugin.validation import Spec
 
 # one rule for finding logits, the core's (tensor, tuple/list with logits first, dict, .logits)
 _logits = extract_logits
@@ -53,3 +54,17 @@ def parse_options(text: str) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"option {part!r} in {text!r} is not key=value")
         opts[key.strip()] = _option_value(val.strip())
     return name.strip(), opts
+
+
+def check_options(what: str, opts: dict[str, Any], specs: dict[str, Spec]) -> dict[str, Any]:
+    """Check ``:key=value`` options of ``what`` (e.g. ``teacher kind 'pgd'``) against ``specs``
+    (the settings it accepts, :mod:`abd_plugin.validation`); returns ``opts``. An unknown key
+    raises ``ValueError`` listing the known ones; a bad value ``TypeError``/``ValueError`` naming
+    the option and what it accepts."""
+    unknown = sorted(set(opts) - set(specs))
+    if unknown:
+        known = ", ".join(sorted(specs)) or "none"
+        raise ValueError(f"unknown option(s) {unknown} for {what}; known: {known}")
+    for key, value in opts.items():
+        specs[key].validate(f"option {key} of {what}", value)
+    return opts

@@ -18,7 +18,9 @@ from typing import Any
 
 from torch import nn
 
-from ._utils import parse_options
+from abd_plugin.validation import Int, Num, Optional, Spec
+
+from ._utils import check_options, parse_options
 from .nasty import NastySpec, train_nasty
 from .poison import TeacherSpec, train_teacher
 from .robust import AdversarialSpec, train_robust_teacher
@@ -26,12 +28,27 @@ from .robust import AdversarialSpec, train_robust_teacher
 TEACHER_KINDS = ("standard", "pgd", "nasty")
 
 
-def _split(opts: dict[str, Any], fields: set[str], kind: str) -> dict[str, Any]:
-    unknown = set(opts) - fields
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for teacher kind {kind!r}; "
-                         f"known: {sorted(fields)}")
-    return opts
+#: the ``:key=value`` options each teacher kind accepts (what they mean: the module doc)
+KIND_OPTIONS: dict[str, dict[str, Spec]] = {
+    "standard": {},
+    "pgd": {"eps": Num(0, 1, lo_open=True), "steps": Int(1),
+            "step_size": Optional(Num(0, lo_open=True)), "eps_warmup_epochs": Int(0),
+            "eval_steps": Int(1), "epochs": Int(1)},
+    "nasty": {"omega": Num(0), "tau": Num(0, lo_open=True), "epochs": Int(1)},
+}
+
+
+def check_teacher_kind(kind: str, trigger: str | None = None) -> tuple[str, dict[str, Any]]:
+    """``kind`` -> (name, options), checked without training anything: a known kind, known
+    options with accepted values, and (``trigger``: the cell's trigger, None for a clean
+    teacher) no trigger for a nasty teacher. Raises ``ValueError``/``TypeError``."""
+    name, opts = parse_options(kind)
+    if name not in KIND_OPTIONS:
+        raise ValueError(f"unknown teacher kind {name!r}; choose from {list(TEACHER_KINDS)}")
+    check_options(f"teacher kind {name!r}", opts, KIND_OPTIONS[name])
+    if name == "nasty" and trigger is not None:
+        raise ValueError("the nasty teacher has no trigger: use trigger 'none'")
+    return name, opts
 
 
 def build_teacher(
@@ -40,20 +57,13 @@ def build_teacher(
     """Train (or load from the cache) the teacher of ``kind`` (see the module doc) on ``base``'s
     dataset, architecture and trigger; returns (model in eval mode, metrics). An adversarially
     trained teacher's metrics hold ``eps`` and ``racc`` (PGD robust accuracy at ``eps``)."""
-    name, opts = parse_options(kind)
+    name, opts = check_teacher_kind(kind, base.trigger)
     if name == "standard":
-        _split(opts, set(), name)
         return train_teacher(base, progress=progress)
+    opts = dict(opts)
     epochs = opts.pop("epochs", None)
     if epochs is not None:
         base = dataclasses.replace(base, epochs=int(epochs))
     if name == "pgd":
-        fields = {f.name for f in dataclasses.fields(AdversarialSpec)} - {"base", "attack"}
-        return train_robust_teacher(
-            AdversarialSpec(base=base, **_split(opts, fields, name)), progress=progress)
-    if name == "nasty":
-        if base.trigger is not None:
-            raise ValueError("the nasty teacher has no trigger: use trigger 'none'")
-        fields = {"omega", "tau"}
-        return train_nasty(NastySpec(base=base, **_split(opts, fields, name)), progress=progress)
-    raise ValueError(f"unknown teacher kind {name!r}; choose from {list(TEACHER_KINDS)}")
+        return train_robust_teacher(AdversarialSpec(base=base, **opts), progress=progress)
+    return train_nasty(NastySpec(base=base, **opts), progress=progress)
