@@ -327,10 +327,11 @@ class _Bar:
 def cmd_list(_: argparse.Namespace) -> int:
     from abd_plugin.integrations import list_adapters
 
-    from .bench import DEFENSES
+    from .bench import DEFENSES, HOOK_DEFENSES
     from .datasets import list_datasets
     from .loops import list_loops
     from .models import list_models
+    from .teachers import TEACHER_KINDS
     from .triggers import list_triggers
 
     for name, items in [
@@ -339,6 +340,8 @@ def cmd_list(_: argparse.Namespace) -> int:
         ("models", list_models()),
         ("methods", list_loops()),
         ("defenses", sorted(DEFENSES)),
+        ("hook defenses", sorted(HOOK_DEFENSES)),
+        ("teacher kinds", list(TEACHER_KINDS)),
         ("adapters", list_adapters()),
     ]:
         print(f"{name}: {', '.join(items)}")
