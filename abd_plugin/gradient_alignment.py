@@ -114,6 +114,11 @@ def input_gradient(
     return g, y
 
 
+@torch.no_grad()
+def _pseudo_labels(model: nn.Module, x: Tensor, logits_fn: LogitsFn | None) -> Tensor:
+    return extract_logits(model(x), logits_fn).argmax(1)
+
+
 def _fgsm_point(
     student: nn.Module, x: Tensor, y: Tensor, eps: float,
     clamp: tuple[float, float] | None, logits_fn: LogitsFn | None,
@@ -167,14 +172,13 @@ def iga_loss(
     """
     check_input(x, "iga batch")
     x = x.detach()
-    with kept_buffers(teacher):
-        g_t, y = input_gradient(teacher, x, y, logits_fn=logits_fn)
     s = unwrap_model(student)
-    with kept_buffers(s):
-        if fgsm_eps is not None:
+    with kept_buffers(teacher), kept_buffers(s):
+        if fgsm_eps is not None:  # labels at the clean x, gradients at the FGSM point
+            if y is None:
+                y = _pseudo_labels(teacher, x, logits_fn)
             x = _fgsm_point(s, x, y, fgsm_eps, clamp, logits_fn)
-            with kept_buffers(teacher):
-                g_t, _ = input_gradient(teacher, x, y, logits_fn=logits_fn)
+        g_t, y = input_gradient(teacher, x, y, logits_fn=logits_fn)
         return gamma * _alignment(s, g_t.detach(), x, y, logits_fn)
 
 
@@ -257,7 +261,9 @@ class InputGradientAlignment(DefenseHook):
         self.logits_fn = logits_fn
         self._replica = replica or TeacherReplica(teacher)
         self._labels: Tensor | None = None
-        self._cache: tuple[Tensor, Tensor, Tensor] | None = None  # (x, g_T, y)
+        # (x, pseudo-labels, g_T at x or None): a frozen teacher on the same batch gives the same
+        # labels and gradient (ZSKT/DFAD run several student steps per synthetic batch)
+        self._cache: tuple[Tensor, Tensor, Tensor | None] | None = None
         self.steps = 0
         self.last_loss = float("nan")
         self.last_grad_norm = 0.0
@@ -268,18 +274,33 @@ class InputGradientAlignment(DefenseHook):
         """True labels (B,) for the next aligned batch (used once, then pseudo-labels again)."""
         self._labels = None if y is None else y.detach()
 
-    def _teacher_gradient(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _cached(self, x: Tensor) -> tuple[Tensor, Tensor | None] | None:
         c = self._cache
-        if (y is None and c is not None and c[0].shape == x.shape
-                and c[0].device == x.device and torch.equal(c[0], x)):
-            # a frozen teacher on the same batch gives the same gradient (ZSKT/DFAD run several
-            # student steps per synthetic batch)
+        if (c is not None and c[0].shape == x.shape and c[0].device == x.device
+                and torch.equal(c[0], x)):
             return c[1], c[2]
+        return None
+
+    def _teacher_labels(self, x: Tensor) -> Tensor:
+        """The teacher's pseudo-labels of ``x`` (a no-grad forward, cached per batch)."""
+        hit = self._cached(x)
+        if hit is not None:
+            return hit[0]
+        y = _pseudo_labels(self._replica.to_device_of(x), x, self.logits_fn)
+        self._cache = (x.detach().clone(), y, None)
+        return y
+
+    def _teacher_gradient(self, x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``grad_x CE(T(x), y)`` and the labels (cached per batch when they are the teacher's
+        own)."""
+        hit = self._cached(x) if y is None else None
+        if hit is not None and hit[1] is not None:
+            return hit[1], hit[0]
         teacher = self._replica.to_device_of(x)
         g_t, y_used = input_gradient(teacher, x, y, logits_fn=self.logits_fn)
         g_t = g_t.detach()
         if y is None:
-            self._cache = (x.detach().clone(), g_t, y_used)
+            self._cache = (x.detach().clone(), y_used, g_t)
         return g_t, y_used
 
     def loss(self, x: Tensor, y: Tensor | None = None) -> Tensor:
@@ -289,8 +310,11 @@ class InputGradientAlignment(DefenseHook):
         x = x.detach()
         student = unwrap_model(self.student)
         with kept_buffers(student):
-            g_t, y = self._teacher_gradient(x, y)
-            if self.fgsm_eps is not None:
+            if self.fgsm_eps is None:
+                g_t, y = self._teacher_gradient(x, y)
+            else:  # labels at the clean x (cached), the teacher's gradient at the FGSM point
+                if y is None:
+                    y = self._teacher_labels(x)
                 x = _fgsm_point(student, x, y, self.fgsm_eps, self.clamp, self.logits_fn)
                 teacher = self._replica.to_device_of(x)
                 g_t, _ = input_gradient(teacher, x, y, logits_fn=self.logits_fn)
