@@ -37,10 +37,20 @@ Two ways to use it:
   or without a guard: ``loss.backward(); iga.align(x); optimizer.step()``.
 * explicit, as a loss term: ``loss = kd_loss + iga_loss(student, teacher, x)``.
 
+What to expect (mnist5k, PGD-trained LeNet-5 teacher with 87 % robust accuracy at L_inf
+eps = 0.2, LeNet-5-half student, 2 000 student steps, 3 seeds; the project README has the
+tables): plain KD passes on 0-2 % robust accuracy; with ``fgsm_eps=0.2`` the student keeps 62 %
+of the teacher's robust accuracy on KD with real data (``gamma=1.5``, KL at T = 1, -2.3 ACC
+points), 73 % on ZSKT and 59 % on DFAD (``gamma=10``; clean accuracy even rises). Aligned at
+``x`` only (no FGSM point) the students stayed at 2-13 %. ``gamma`` was tuned over 0.3-30.
+
+Caution: with a **poisoned** teacher the alignment carries the trigger's sensitivity too (same
+setting, ZSKT, a BadNets teacher: attack success 42 % -> 86 %). Align only with a teacher you
+trust, or next to a backdoor defense in the same guard.
+
 Cost: a teacher forward + backward (cached while the batch does not change) and a student forward
-+ double backward: about 3x a plain student step (``benchmarks/bench_iga.py`` measures it);
-``every=k`` runs the term on every k-th student step only. Whether aligning to a *poisoned*
-teacher's input gradients also carries its trigger sensitivity is measured in the README.
++ double backward: about 3x a plain student step at ``x``, 4-5.5x with ``fgsm_eps`` (CPU,
+``benchmarks/bench_iga.py``); ``every=k`` runs the term on every k-th student step only.
 """
 from __future__ import annotations
 
@@ -213,7 +223,8 @@ class InputGradientAlignment(DefenseHook):
         teacher: the teacher; only a frozen, hook-free replica of it runs (made lazily, follows
             the batch's device).
         gamma: weight (independent of the batch size). The author code sweeps it over orders of
-            magnitude; this project's MNIST sweep is in the README.
+            magnitude; on MNIST 1.5 suited KD on real data and 10 the data-free loops (module
+            doc).
         every: run on every ``every``-th student step only (steps 0, k, 2k, ... as the guard
             counts them). The term is not multiplied by ``every``; pass a larger ``gamma`` for
             the same average pull.
