@@ -133,16 +133,16 @@ def _counting_teacher(seed: int = 0) -> tuple[nn.Module, list[int]]:
     return teacher, calls
 
 
-class _RecordingSGD(torch.optim.SGD):
-    """Records every parameter's ``.grad`` at the moment ``step`` runs."""
-
-    def __init__(self, params, lr: float) -> None:
-        super().__init__(params, lr=lr)
-        self.seen: list[list[torch.Tensor]] = []
-
-    def step(self, closure=None):  # type: ignore[override]
-        self.seen.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
-        return super().step(closure)
+def _recording_sgd(params, lr: float) -> tuple[torch.optim.SGD, list[list[torch.Tensor]]]:
+    """SGD that records every parameter's ``.grad`` as its update starts: a per-optimizer step
+    pre-hook, which torch runs after the process-wide ones (the guard's). (A subclass whose
+    ``step`` calls ``super().step()`` would pass through torch's step hooks twice once a plain
+    SGD has been made in the process.)"""
+    opt = torch.optim.SGD(params, lr=lr)
+    seen: list[list[torch.Tensor]] = []
+    opt.register_step_pre_hook(lambda o, *_: seen.append(
+        [p.grad.detach().clone() for g in o.param_groups for p in g["params"]]))
+    return opt, seen
 
 
 def test_in_a_guard_the_term_enters_between_backward_and_step_and_the_teacher_is_untouched():
@@ -151,7 +151,7 @@ def test_in_a_guard_the_term_enters_between_backward_and_step_and_the_teacher_is
     torch.manual_seed(1)
     student = TinyCNN(4).train()
     ref_student = copy.deepcopy(student)
-    opt = _RecordingSGD(student.parameters(), lr=0.1)
+    opt, seen = _recording_sgd(student.parameters(), lr=0.1)
     iga = InputGradientAlignment(student, teacher, gamma=2.0)
     x = torch.rand(6, 1, 8, 8)
     with ABDGuard(teacher, student, sv=False, sr=False, hooks=[iga]) as guard:
@@ -168,8 +168,9 @@ def test_in_a_guard_the_term_enters_between_backward_and_step_and_the_teacher_is
     # what step() saw = the KD gradient + the term's gradient on the same (pre-step) student
     term = iga_loss(ref_student, teacher, x, gamma=2.0)
     term_grads = torch.autograd.grad(term, list(ref_student.parameters()))
-    for seen, kd, tg in zip(opt.seen[0], kd_grads, term_grads, strict=True):
-        assert torch.allclose(seen, kd + tg, rtol=1e-4, atol=1e-6)
+    assert len(seen) == 1
+    for at_step, kd, tg in zip(seen[0], kd_grads, term_grads, strict=True):
+        assert torch.allclose(at_step, kd + tg, rtol=1e-4, atol=1e-6)
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(a, p) for a, p in zip(before, teacher.parameters(), strict=True))
     rep = guard.report()
