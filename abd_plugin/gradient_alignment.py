@@ -31,7 +31,8 @@ Two ways to use it:
   next to SV/SR)::
 
       iga = InputGradientAlignment(student, teacher, gamma=1.0)
-      with ABDGuard(teacher, student, sv=False, sr=False, hooks=[iga]):
+      with ABDGuard(teacher, student, sv=False, sr=False, audit=False, erase=False,
+                    hooks=[iga]):
           ...   # unchanged loop: the term's gradient joins .grad between backward() and step()
 
   or without a guard: ``loss.backward(); iga.align(x); optimizer.step()``.

@@ -8,9 +8,9 @@ A student step is ZSKT's (``zskt.ZSKTLoop.student_step``): no-grad teacher forwa
 forward/backward + clip 5 + Adam. Cases (random inputs; speed, not accuracy):
 
 * ``student/vanilla``: the plain step.
-* ``student/iga``: inside ``ABDGuard(teacher, student, sv=False, sr=False,
-  hooks=[InputGradientAlignment(student, teacher)])``, a new batch on every call (the teacher's
-  input gradient is computed: the first student step of a pseudo batch).
+* ``student/iga``: inside ``ABDGuard(teacher, student, sv=False, sr=False, audit=False,
+  erase=False, hooks=[InputGradientAlignment(student, teacher)])``, a new batch on every call
+  (the teacher's input gradient is computed: the first student step of a pseudo batch).
 * ``student/iga_repeat``: the same batch on every call (the teacher's gradient comes from the
   hook's cache: the other steps of a pseudo batch).
 * ``student/iga_fgsm``: ``fgsm_eps=0.2``, new batch per call (the variant the README's rows use:
@@ -81,8 +81,8 @@ def bench_pair(teacher_name: str, student_name: str, ch: int, img: int, batch: i
                            ("student/iga_fgsm_repeat", fgsm, True)):
         lp = loop()
         hook = InputGradientAlignment(lp.student, lp.teacher, gamma=1.0, **kw)
-        guards.append(ABDGuard(lp.teacher, lp.student, sv=False, sr=False,
-                               hooks=[hook]).attach())
+        guards.append(ABDGuard(lp.teacher, lp.student, sv=False, sr=False, audit=False,
+                               erase=False, hooks=[hook]).attach())
         if same:
             cases[name] = lambda lp=lp: lp.student_step(fixed)
         else:

@@ -154,7 +154,8 @@ def test_in_a_guard_the_term_enters_between_backward_and_step_and_the_teacher_is
     opt, seen = _recording_sgd(student.parameters(), lr=0.1)
     iga = InputGradientAlignment(student, teacher, gamma=2.0)
     x = torch.rand(6, 1, 8, 8)
-    with ABDGuard(teacher, student, sv=False, sr=False, hooks=[iga]) as guard:
+    with ABDGuard(teacher, student, sv=False, sr=False, audit=False, erase=False,
+                  hooks=[iga]) as guard:
         with torch.no_grad():
             t = teacher(x)
         n_calls = len(calls)
@@ -215,7 +216,8 @@ def test_every_k_and_state_round_trip():
     student = TinyCNN(4).train()
     opt = torch.optim.SGD(student.parameters(), lr=0.01)
     iga = InputGradientAlignment(student, teacher, every=3)
-    with ABDGuard(teacher, student, sv=False, sr=False, hooks=[iga]) as guard:
+    with ABDGuard(teacher, student, sv=False, sr=False, audit=False, erase=False,
+                  hooks=[iga]) as guard:
         for _ in range(7):
             x = torch.rand(4, 1, 8, 8)
             opt.zero_grad()
@@ -224,7 +226,8 @@ def test_every_k_and_state_round_trip():
         state = guard.state_dict()
     assert iga.steps == 3  # student steps 0, 3, 6
     fresh = InputGradientAlignment(student, teacher, every=3)
-    guard2 = ABDGuard(teacher, student, sv=False, sr=False, hooks=[fresh])
+    guard2 = ABDGuard(teacher, student, sv=False, sr=False, audit=False, erase=False,
+                      hooks=[fresh])
     guard2.load_state_dict(state)
     assert fresh.steps == 3 and fresh.last_loss == iga.last_loss
 
