@@ -275,7 +275,7 @@ def _check_arch_fits(args: argparse.Namespace, *, student: bool = False) -> None
 
 def _check_cell(args: argparse.Namespace) -> None:
     """distill/bench: local data present, teacher and student fit the dataset, a nasty teacher
-    only with the clean trigger ``none``."""
+    only with the clean trigger ``none``, a pgd teacher not with ``cl``."""
     _check_local_data(args)
     _check_arch_fits(args, student=True)
     kinds = [k.split(":")[0] for k in _csv(args.teacher)]
@@ -283,6 +283,9 @@ def _check_cell(args: argparse.Namespace) -> None:
     if "nasty" in kinds and triggers:
         raise UsageError(f"argument --teacher: a nasty teacher has no trigger; use --trigger none "
                          f"(got {','.join(triggers)})")
+    if "pgd" in kinds and "cl" in triggers:
+        raise UsageError("argument --teacher: the label-consistent trigger 'cl' is not supported "
+                         "with adversarial training (pgd)")
 
 
 def _check_local_data(args: argparse.Namespace) -> None:
@@ -674,7 +677,6 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--seed", type=seed, default=0, help="training seed")
     po.add_argument("--out", type=writable_file, default=None,
                     help="write the teacher's state_dict here (None: only the cache)")
-
 
     def check_train(args: argparse.Namespace) -> None:
         _check_local_data(args)

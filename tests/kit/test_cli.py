@@ -74,6 +74,7 @@ def _run(capsys, argv):
     (["bench", "--teacher", "robust"], "unknown teacher kind 'robust'"),
     (["bench", "--teacher", "pgd:eps=2"], "option eps of teacher kind 'pgd' must be"),
     (["distill", "--teacher", "nasty"], "--teacher: a nasty teacher has no trigger"),
+    (["bench", "--teacher", "pgd", "--trigger", "cl"], "--teacher: the label-consistent trigger"),
     (["train", "--nasty", "--adversarial", "pgd"], "--nasty: not allowed with --adversarial"),
     (["train", "--nasty", "--trigger", "badnet_grid"], "--trigger: a nasty teacher"),
     (["train", "--adversarial", "fgsm"], "invalid choice"),
