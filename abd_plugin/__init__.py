@@ -6,6 +6,8 @@ The core (this package's top-level modules) imports only ``torch`` and ``numpy``
 * :class:`ShufflingVaccine` (SV) and :class:`SelfRetrospection` (SR) are the two defenses; both
   implement :class:`DefenseHook`, so a user can plug a defense of their own into the guard; a
   hook sees the guard through a :class:`GuardContext`.
+* :class:`InputGradientAlignment` (KDIGA, hook) and :func:`iga_loss` (explicit) carry a robust
+  teacher's adversarial robustness into the student by aligning input gradients.
 * :class:`ABDConfig` is the frozen configuration; :func:`load_teacher` loads untrusted weights
   safely.
 
@@ -14,6 +16,7 @@ on this API; the core never imports them.
 """
 from .checkpoint import CheckpointReadError, UnsafeCheckpointError, load_teacher
 from .config import ABDConfig
+from .gradient_alignment import InputGradientAlignment, iga_loss
 from .guard import ABDGuard, GuardReport
 from .hooks import ABDWarning, DefenseHook, GuardContext
 from .hypergrad import fixed_point_hypergradient
@@ -33,6 +36,8 @@ __all__ = [
     "ShufflingVaccine",
     "SelfRetrospection",
     "SRSchedule",
+    "InputGradientAlignment",
+    "iga_loss",
     "fixed_point_hypergradient",
     "extract_logits",
     "load_teacher",

@@ -19,6 +19,20 @@ Defense presets (:data:`DEFENSES`):
   coefficient 0.1, verification on, SR with 10 rounds in the last 0.5 % of student steps).
 * ``sv_tuned``, ``sr_tuned``, ``abd_tuned``: the previous release's SV/SR recipe
   (:meth:`ABDConfig.tuned`).
+
+Hook defenses (:data:`HOOK_DEFENSES`, extra :class:`~abd_plugin.DefenseHook` objects in the same
+guard), optionally parametrised (``iga:gamma=3``) and combined with one preset by ``+``
+(``default+iga``; a hook alone runs in a guard with audit, eraser, SV and SR off):
+
+* ``iga``: :class:`~abd_plugin.InputGradientAlignment` at the FGSM point of radius
+  ``fgsm_eps`` (default: the teacher's adversarial-training eps, else 0.2), ``gamma`` per loop
+  from :data:`IGA_GAMMA` (the README's seed-0 sweep) unless given.
+* ``iga_plain``: the same aligned at the batch itself (no FGSM point).
+
+Teacher kinds (the cell's ``teacher``; :mod:`abd_plugin.kit.teachers`): ``standard`` (poisoned by
+the trigger or clean), ``pgd`` (adversarially trained; cells then also report the PGD robust
+accuracy ``racc`` at the teacher's eps), ``nasty`` (Nasty Teacher). A method may carry
+:class:`~abd_plugin.kit.loops.DistillConfig` overrides the same way (``clean:temperature=4``).
 """
 from __future__ import annotations
 
@@ -27,18 +41,21 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from abd_plugin import ABDConfig
+from abd_plugin import ABDConfig, DefenseHook, InputGradientAlignment
+from abd_plugin.validation import Int, Num, Spec
 
+from ._utils import check_options, parse_options
 from .datasets import dataset_info, load_dataset
-from .loops import DistillConfig, distill
-from .metrics import accuracy, attack_success_rate, robust_accuracy
-from .poison import TeacherSpec, build_model, train_teacher
+from .loops import DistillConfig, distill, list_loops
+from .metrics import accuracy, attack_success_rate, robust_accuracy, robust_accuracy_pgd
+from .poison import TeacherSpec, build_model
+from .teachers import build_teacher
 from .triggers import get_trigger
 
 PAPER_SR_FRACTION = 0.995
@@ -61,6 +78,40 @@ DEFENSES: dict[str, Callable[[], ABDConfig | None]] = {
     "abd_tuned": lambda: ABDConfig.tuned(),
 }
 
+#: ``gamma`` of the ``iga`` defense per KD loop: the largest robust accuracy at <= 3 points of
+#: clean ACC in a seed-0 sweep on mnist5k (README "Beyond backdoors"); other loops use the
+#: untuned ``"default"``
+IGA_GAMMA: dict[str, float] = {"clean": 1.5, "zskt": 10.0, "dfad": 10.0, "default": 3.0}
+#: FGSM radius of ``iga`` when the teacher has no adversarial-training eps
+IGA_FGSM_EPS = 0.2
+#: PGD steps of the robust-accuracy evaluation
+RACC_STEPS = 20
+
+HookFactory = Callable[["Cell", torch.nn.Module, torch.nn.Module, dict[str, Any],
+                        dict[str, Any]], DefenseHook]
+
+
+def _iga(fgsm: bool) -> HookFactory:
+    def make(cell: Cell, teacher: torch.nn.Module, student: torch.nn.Module,
+             tmeta: dict[str, Any], opts: dict[str, Any]) -> DefenseHook:
+        kw = dict(opts)
+        method = parse_method(cell.method)[0]
+        kw.setdefault("gamma", IGA_GAMMA.get(method, IGA_GAMMA["default"]))
+        if fgsm:
+            kw.setdefault("fgsm_eps", tmeta.get("eps", IGA_FGSM_EPS))
+            kw.setdefault("clamp", (0.0, 1.0))
+        return InputGradientAlignment(student, teacher, **kw)
+
+    return make
+
+
+HOOK_DEFENSES: dict[str, HookFactory] = {"iga": _iga(True), "iga_plain": _iga(False)}
+#: the ``:key=value`` options of each hook defense (:class:`~abd_plugin.InputGradientAlignment`)
+HOOK_OPTIONS: dict[str, dict[str, Spec]] = {
+    "iga": {"gamma": Num(0), "every": Int(1), "fgsm_eps": Num(0, lo_open=True)},
+    "iga_plain": {"gamma": Num(0), "every": Int(1)},
+}
+
 #: the student trained against each teacher architecture (the standard data-free KD pairs)
 STUDENTS = {"lenet5": "lenet5_half", "lenet5_bn": "lenet5_half", "cnn5": "cnn5",
             "wrn16_2": "wrn16_1", "wrn40_2": "wrn16_1", "resnet34": "resnet18"}
@@ -76,16 +127,63 @@ class Cell:
     arch: str = "lenet5"
     iterations: int = 400
     teacher_seed: int = 0  # the teacher's training seed (clean-teacher rows vary it)
+    teacher: str = "standard"
+    """Teacher kind (:mod:`abd_plugin.kit.teachers`): ``standard``, ``pgd[:opts]``,
+    ``nasty[:opts]``."""
 
     def key(self) -> str:
-        return "|".join(str(v) for v in asdict(self).values())
+        vals = asdict(self)
+        if vals["teacher"] == "standard":  # keys of runs made before the field existed
+            del vals["teacher"]
+        return "|".join(str(v) for v in vals.values())
+
+
+def parse_defense(name: str) -> tuple[ABDConfig | None, list[tuple[str, dict[str, Any]]]]:
+    """``name`` -> (ABD configuration or None, [(hook defense, options)]). ``name`` is one
+    :data:`DEFENSES` preset and/or :data:`HOOK_DEFENSES` joined by ``+`` (``default+iga:gamma=3``);
+    hook options are checked against :data:`HOOK_OPTIONS` (``ValueError``/``TypeError``)."""
+    cfg: ABDConfig | None = None
+    presets: list[str] = []
+    hooks: list[tuple[str, dict[str, Any]]] = []
+    for part in name.split("+"):
+        base, opts = parse_options(part)
+        if base in HOOK_DEFENSES:
+            hooks.append((base, check_options(f"defense {base!r}", opts, HOOK_OPTIONS[base])))
+        elif base in DEFENSES and not opts:
+            presets.append(base)
+            cfg = DEFENSES[base]()
+        else:
+            raise ValueError(f"unknown defense {part!r}; choose from {sorted(DEFENSES)}, "
+                             f"hooks {sorted(HOOK_DEFENSES)} (with :key=value options), joined "
+                             "by '+'")
+    if len(presets) > 1:
+        raise ValueError(f"defense {name!r} combines presets {presets}; use at most one")
+    return cfg, hooks
+
+
+def parse_method(name: str) -> tuple[str, dict[str, Any]]:
+    """``method[:key=value...]`` -> (loop name, :class:`~abd_plugin.kit.loops.DistillConfig`
+    overrides), checked: a registered loop, known fields (not ``iterations``/``seed``, which the
+    cell sets), integers >= 1 for integer fields and numbers > 0 for the others."""
+    method, opts = parse_options(name)
+    if method not in list_loops():
+        raise ValueError(f"unknown method {method!r}; choose from {list_loops()}")
+    specs: dict[str, Spec] = {
+        f.name: Int(1) if isinstance(f.default, int) else Num(0, lo_open=True)
+        for f in fields(DistillConfig) if f.name not in ("iterations", "seed")}
+    return method, check_options(f"method {method!r}", opts, specs)
 
 
 def resolve_defense(name: str) -> ABDConfig | None:
-    if name not in DEFENSES:
-        raise ValueError(f"unknown defense {name!r}; choose from {sorted(DEFENSES)}")
-    cfg = DEFENSES[name]()
-    return cfg
+    """The ABD configuration of defense ``name`` (None: no ABD; hook parts are validated)."""
+    return parse_defense(name)[0]
+
+
+def make_hooks(cell: Cell, teacher: torch.nn.Module, student: torch.nn.Module,
+               tmeta: dict[str, Any]) -> list[DefenseHook]:
+    """The :class:`~abd_plugin.DefenseHook` objects of ``cell.defense``."""
+    return [HOOK_DEFENSES[h](cell, teacher, student, tmeta, opts)
+            for h, opts in parse_defense(cell.defense)[1]]
 
 
 def run_cell(cell: Cell, *, progress: Callable[[int, int, str], None] | None = None,
@@ -95,47 +193,59 @@ def run_cell(cell: Cell, *, progress: Callable[[int, int, str], None] | None = N
     trig_name = None if cell.trigger == "none" else cell.trigger
     spec = TeacherSpec(dataset=cell.dataset, arch=cell.arch, trigger=trig_name,
                        seed=cell.teacher_seed)
-    teacher, tmeta = train_teacher(spec)
+    teacher, tmeta = build_teacher(cell.teacher, spec)
+    racc_eps = tmeta.get("eps")  # an adversarially trained teacher: report PGD robust accuracy
+    # ``method[:key=value...]``: DistillConfig overrides, e.g. ``clean:temperature=4``
+    method, method_opts = parse_method(cell.method)
     info = dataset_info(cell.dataset)
     xte, yte = load_dataset(cell.dataset, "test", size=spec.size).tensors
     # ASR of a clean teacher is still measured with the benchmark's reference trigger
     trig = get_trigger(trig_name or "badnet_grid")
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        return {
+        out = {
             "acc": accuracy(model, xte, yte),
             "asr": attack_success_rate(model, xte, yte, trig, spec.target),
             "ra": robust_accuracy(model, xte, yte, trig, spec.target),
         }
+        if racc_eps is not None:
+            out["racc"] = robust_accuracy_pgd(model, xte, yte, racc_eps, RACC_STEPS)
+        return out
 
     torch.manual_seed(cell.seed)
     student = build_model(STUDENTS.get(cell.arch, cell.arch), cell.dataset, spec.width)
-    if abd is None:
+    hooks: list[DefenseHook] = []
+    if abd is None:  # the cell's named defense (an explicit ``abd`` runs alone)
         abd = resolve_defense(cell.defense)
+        hooks = make_hooks(cell, teacher, student, tmeta)
     real = None
-    if cell.method == "clean":
+    if method == "clean":
         x_real, y_real = load_dataset(cell.dataset, "train", size=spec.size).tensors
         real = (x_real, y_real)
     c = info.channels
     h = spec.size or info.size
     t0 = time.perf_counter()
     result = distill(
-        cell.method,
+        method,
         teacher,
         student,
         img_shape=(c, h, h),
         num_classes=info.num_classes,
-        config=DistillConfig(iterations=cell.iterations, seed=cell.seed),
+        config=DistillConfig(iterations=cell.iterations, seed=cell.seed, **method_opts),
         abd=abd,
         real_data=real,
         progress=progress,
         eval_fn=evaluate if eval_every else None,
         eval_every=eval_every,
+        hooks=hooks,
     )
     seconds = time.perf_counter() - t0
     row: dict[str, Any] = {**asdict(cell), **evaluate(student), "seconds": round(seconds, 1),
                            "teacher_acc": tmeta["acc"], "teacher_asr": evaluate(teacher)["asr"],
                            "history": result.history}
+    if racc_eps is not None:
+        row.update(racc_eps=racc_eps, teacher_racc=robust_accuracy_pgd(
+            teacher, xte, yte, racc_eps, RACC_STEPS))
     if result.report is not None:
         rep = result.report
         row.update(
@@ -162,6 +272,8 @@ def run_cell(cell: Cell, *, progress: Callable[[int, int, str], None] | None = N
             sv_seconds=round(rep["sv_seconds"], 1),
             sr_seconds=round(rep["sr_seconds"], 1),
         )
+        for k, v in rep.get("extra", {}).items():  # hook defenses: steps, last loss, seconds
+            row[f"hook.{k}"] = round(v, 4) if isinstance(v, float) else v
     return row
 
 
@@ -175,15 +287,24 @@ def grid(
     arch: str = "lenet5",
     iterations: int = 400,
     clean_rows: bool = True,
+    teachers: Sequence[str] = ("standard",),
 ) -> list[Cell]:
+    """Every (method, trigger, defense, seed) cell for every teacher kind; ``clean_rows`` adds
+    clean KD on real data per trigger and (standard teachers) clean-teacher rows, one clean
+    teacher per seed."""
     cells = [
-        Cell(dataset, m, t, d, s, arch, iterations)
+        Cell(dataset, m, t, d, s, arch, iterations, teacher=k)
+        for k in teachers
         for m in methods
         for t in triggers
         for d in defenses
         for s in seeds
     ]
-    if clean_rows:
+    for k in teachers:
+        if k != "standard" and clean_rows:
+            cells += [Cell(dataset, "clean", t, "none", s, arch, iterations, teacher=k)
+                      for t in triggers for s in seeds]
+    if clean_rows and "standard" in teachers:
         for t in triggers:  # clean KD on real data: the reference the targets compare against
             if t != "none":
                 cells += [Cell(dataset, "clean", t, "none", s, arch, iterations) for s in seeds]
@@ -222,7 +343,8 @@ def run_bench(cells: Iterable[Cell], out: Path, *, log: Callable[[str], None] = 
         rows[cell.key()] = row
         with done_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        log(f"    ACC {row['acc']:.1f}  ASR {row['asr']:.1f}  ({row['seconds']:.0f}s)")
+        extra = f"  robust ACC {row['racc']:.1f}" if "racc" in row else ""
+        log(f"    ACC {row['acc']:.1f}  ASR {row['asr']:.1f}{extra}  ({row['seconds']:.0f}s)")
     wanted = [rows[c.key()] for c in cells if c.key() in rows]
     write_summary(wanted, out)
     return wanted
@@ -249,15 +371,22 @@ def _verdicts(rs: list[dict[str, Any]]) -> str:
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        key = (r["dataset"], r.get("arch", "lenet5"), r["method"], r["trigger"], r["defense"])
+        key = (r["dataset"], r.get("arch", "lenet5"), r.get("teacher", "standard"), r["method"],
+               r["trigger"], r["defense"])
         groups.setdefault(key, []).append(r)
     out = []
-    for (ds, arch, m, t, d), rs in groups.items():
+    for (ds, arch, k, m, t, d), rs in groups.items():
         erased = [r["erase_pixels"] for r in rs if r.get("erase_status") == "on"]
+        racc: dict[str, Any] = {}
+        if all("racc" in r for r in rs):
+            racc = {"racc": statistics.mean(r["racc"] for r in rs),
+                    "racc_txt": _mean_std([r["racc"] for r in rs]),
+                    "teacher_racc": rs[0]["teacher_racc"]}
         out.append(
             {
                 "dataset": ds,
                 "arch": arch,
+                "teacher_kind": k,
                 "method": m,
                 "trigger": t,
                 "defense": d,
@@ -274,6 +403,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "eraser": (f"on x{len(erased)}, {statistics.mean(erased):.0f} px" if erased
                            else "-"),
                 "seconds": statistics.mean(r["seconds"] for r in rs),
+                **racc,
             }
         )
     return out
@@ -282,11 +412,14 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def cost_rows(rows: list[dict[str, Any]], defense: str = "default") -> list[dict[str, Any]]:
     """Run time of ``defense`` over the undefended run of the same cell (same arch, method,
     trigger, seed, teacher), without the audit's one-off seconds, which are given beside it."""
-    base = {(r.get("arch"), r["method"], r["trigger"], r["seed"], r.get("teacher_seed", 0)):
-            r for r in rows if r["defense"] == "none" and r["method"] != "clean"}
+    def key(r: dict[str, Any]) -> tuple:
+        return (r.get("arch"), r["method"], r["trigger"], r["seed"], r.get("teacher_seed", 0),
+                r.get("teacher", "standard"))
+
+    base = {key(r): r for r in rows if r["defense"] == "none" and r["method"] != "clean"}
     out = []
     for r in rows:
-        k = (r.get("arch"), r["method"], r["trigger"], r["seed"], r.get("teacher_seed", 0))
+        k = key(r)
         if r["defense"] != defense or k not in base or "seconds_without_audit" not in r:
             continue
         out.append({"arch": k[0], "method": k[1], "trigger": k[2], "seed": k[3],
@@ -306,6 +439,35 @@ def write_summary(rows: list[dict[str, Any]], out: Path) -> None:
             w.writeheader()
             w.writerows(flat)
     summ = summarize(rows)
+    if any(s["teacher_kind"] != "standard" or "racc" in s for s in summ):
+        (out / "table.md").write_text(_kind_table(summ))
+    else:
+        (out / "table.md").write_text(_table(summ, rows))
+    try:
+        plot_summary(summ, out / "plot.png")
+    except ImportError:  # matplotlib is in the bench extra
+        pass
+
+
+def _kind_table(summ: list[dict[str, Any]]) -> str:
+    """The table with the teacher kind and, where measured, PGD robust accuracy."""
+    lines = [
+        "| dataset | teacher | method | trigger | defense | seeds | teacher ACC/ASR | ACC | ASR "
+        "| robust ACC (PGD) | teacher robust ACC | audit (verdict->suspect) | eraser |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summ:
+        racc = s.get("racc_txt", "-")
+        t_racc = f"{s['teacher_racc']:.1f}" if "teacher_racc" in s else "-"
+        lines.append(
+            f"| {s['dataset']} | {s['teacher_kind']} | {s['method']} | {s['trigger']} "
+            f"| {s['defense']} | {s['n']} | {s['teacher']} | {s['acc_txt']} | {s['asr_txt']} "
+            f"| {racc} | {t_racc} | {s['audit']} | {s['eraser']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _table(summ: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     lines = [
         "| arch | method | trigger | defense | seeds | teacher ACC/ASR | ACC | ASR | RA "
         "| audit (verdict->suspect) | eraser |",
@@ -332,11 +494,7 @@ def write_summary(rows: list[dict[str, Any]], out: Path) -> None:
             lines.append(f"| {arch} | {m} | {len(cs)} | {_mean_std(ratios)} (on: "
                          f"{_mean_std([c['ratio'] for c in on]) if on else '-'}) "
                          f"| {_mean_std([c['audit_seconds'] for c in cs])} | {len(on)} |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    try:
-        plot_summary(summ, out / "plot.png")
-    except ImportError:  # matplotlib is in the bench extra
-        pass
+    return "\n".join(lines) + "\n"
 
 
 def plot_summary(summ: list[dict[str, Any]], path: Path) -> None:
@@ -345,7 +503,9 @@ def plot_summary(summ: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{s['method']}\n{s['trigger']}\n{s['defense']}" for s in summ]
+    labels = [f"{s['method']}\n{s['trigger']}\n{s['defense']}"
+              + ("" if s["teacher_kind"] == "standard" else f"\n{s['teacher_kind']}")
+              for s in summ]
     x = list(range(len(summ)))
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(summ)), 4))
     ax.bar([i - 0.2 for i in x], [s["acc"] for s in summ], width=0.4, label="ACC")

@@ -4,6 +4,8 @@
     abd-plugin bench --dataset mnist5k --method zskt,dfad --trigger badnet_grid,trojan_wm \\
                      --defense none,abd_paper,abd --seeds 0,1,2 --out runs/bench
     abd-plugin poison --trigger badnet_grid --out teacher.pt
+    abd-plugin train --adversarial pgd --eps 0.2 --steps 10      # a robust teacher
+    abd-plugin train --nasty --omega 0.05 --tau 4                # a Nasty Teacher
     abd-plugin distill --method zskt --trigger badnet_grid --defense abd
     abd-plugin list
 """
@@ -94,6 +96,49 @@ def registered(kind: str, *, extra: Sequence[str] = (), many: bool = False) -> C
 
     parse.__name__ = kind  # argparse names the type in its messages
     return parse
+
+
+def _checked_names(kind: str, check: Callable[[str], Any], *, many: bool) -> Callable[[str], Any]:
+    """argparse ``type``: a name (``many``: a comma-separated list) that ``check`` accepts (it
+    raises ``ValueError``/``TypeError`` with the reason)."""
+
+    def parse(text: str) -> Any:
+        items = _csv(text) if many else [text.strip()]
+        if not items or not all(items):
+            raise argparse.ArgumentTypeError(f"needs at least one {kind} name")
+        for t in items:
+            try:
+                check(t)
+            except (ValueError, TypeError) as exc:
+                raise argparse.ArgumentTypeError(str(exc).splitlines()[0]) from None
+        return ",".join(items) if many else items[0]
+
+    parse.__name__ = kind
+    return parse
+
+
+def defense_names(*, many: bool = False) -> Callable[[str], Any]:
+    """argparse ``type``: defense presets and hook defenses with options, joined by ``+``
+    (``default+iga:gamma=3``; :func:`abd_plugin.kit.bench.parse_defense`)."""
+    from .bench import parse_defense
+
+    return _checked_names("defense", parse_defense, many=many)
+
+
+def method_names(*, many: bool = False) -> Callable[[str], Any]:
+    """argparse ``type``: distillation loops with DistillConfig options
+    (``clean:temperature=4``; :func:`abd_plugin.kit.bench.parse_method`)."""
+    from .bench import parse_method
+
+    return _checked_names("method", parse_method, many=many)
+
+
+def teacher_kinds(*, many: bool = False) -> Callable[[str], Any]:
+    """argparse ``type``: teacher kinds with options (``pgd:eps=0.1``;
+    :func:`abd_plugin.kit.teachers.check_teacher_kind`)."""
+    from .teachers import check_teacher_kind
+
+    return _checked_names("teacher", check_teacher_kind, many=many)
 
 
 def number(check: Spec, kind: type = int) -> Callable[[str], Any]:
@@ -229,9 +274,18 @@ def _check_arch_fits(args: argparse.Namespace, *, student: bool = False) -> None
 
 
 def _check_cell(args: argparse.Namespace) -> None:
-    """distill/bench: local data present, teacher and student fit the dataset."""
+    """distill/bench: local data present, teacher and student fit the dataset, a nasty teacher
+    only with the clean trigger ``none``, a pgd teacher not with ``cl``."""
     _check_local_data(args)
     _check_arch_fits(args, student=True)
+    kinds = [k.split(":")[0] for k in _csv(args.teacher)]
+    triggers = [t for t in _csv(args.trigger) if t != "none"]
+    if "nasty" in kinds and triggers:
+        raise UsageError(f"argument --teacher: a nasty teacher has no trigger; use --trigger none "
+                         f"(got {','.join(triggers)})")
+    if "pgd" in kinds and "cl" in triggers:
+        raise UsageError("argument --teacher: the label-consistent trigger 'cl' is not supported "
+                         "with adversarial training (pgd)")
 
 
 def _check_local_data(args: argparse.Namespace) -> None:
@@ -276,10 +330,11 @@ class _Bar:
 def cmd_list(_: argparse.Namespace) -> int:
     from abd_plugin.integrations import list_adapters
 
-    from .bench import DEFENSES
+    from .bench import DEFENSES, HOOK_DEFENSES
     from .datasets import list_datasets
     from .loops import list_loops
     from .models import list_models
+    from .teachers import TEACHER_KINDS
     from .triggers import list_triggers
 
     for name, items in [
@@ -288,6 +343,8 @@ def cmd_list(_: argparse.Namespace) -> int:
         ("models", list_models()),
         ("methods", list_loops()),
         ("defenses", sorted(DEFENSES)),
+        ("hook defenses", sorted(HOOK_DEFENSES)),
+        ("teacher kinds", list(TEACHER_KINDS)),
         ("adapters", list_adapters()),
     ]:
         print(f"{name}: {', '.join(items)}")
@@ -323,6 +380,37 @@ def cmd_poison(args: argparse.Namespace) -> int:
         torch.save(model.state_dict(), args.out)
         note = " - NOT a working backdoor, see the warning" if took is False else ""
         print(f"saved state_dict to {args.out} (load it with abd_plugin.load_teacher){note}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or load from the cache) a teacher of another kind: adversarially robust (PGD) or
+    nasty; without either flag, a plain teacher (``poison``'s)."""
+    from .poison import TeacherSpec
+
+    base = TeacherSpec(dataset=args.dataset, arch=args.arch,
+                       trigger=None if args.trigger == "none" else args.trigger,
+                       target=args.target, epochs=args.epochs, seed=args.seed)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.adversarial:
+        from .robust import AdversarialSpec, train_robust_teacher
+
+        model, meta = train_robust_teacher(AdversarialSpec(
+            base=base, attack=args.adversarial, eps=args.eps, steps=args.steps,
+            step_size=args.step_size, eps_warmup_epochs=args.eps_warmup), progress=log)
+    elif args.nasty:
+        from .nasty import NastySpec, train_nasty
+
+        model, meta = train_nasty(NastySpec(base=base, omega=args.omega, tau=args.tau),
+                                  progress=log)
+    else:
+        from .poison import train_teacher
+
+        model, meta = train_teacher(base, progress=log)
+    print(json.dumps({k: v for k, v in meta.items() if k != "spec"}))
+    if args.out:
+        torch.save(model.state_dict(), args.out)
+        print(f"saved state_dict to {args.out} (load it with abd_plugin.load_teacher)")
     return 0
 
 
@@ -386,7 +474,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     abd = args.abd  # an explicit configuration, e.g. '{"sr": false, "shuffle_layers": 1}'
     name = "custom" if abd is not None else args.defense
     cell = Cell(
-        args.dataset, args.method, args.trigger, name, args.seed, args.arch, args.iterations
+        args.dataset, args.method, args.trigger, name, args.seed, args.arch, args.iterations,
+        teacher=args.teacher,
     )
     bar = _Bar(f"{args.method}/{name}")
     row = run_cell(cell, progress=bar, abd=abd)
@@ -403,7 +492,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     cells = grid(args.dataset, _csv(args.method), _csv(args.trigger), _csv(args.defense),
                  args.seeds, arch=args.arch, iterations=args.iterations,
-                 clean_rows=not args.no_clean_rows)
+                 clean_rows=not args.no_clean_rows, teachers=_csv(args.teacher))
     rows = run_bench(
         cells,
         Path(args.out),
@@ -529,29 +618,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory for demo.txt, demo.json and demo.png")
     d.add_argument("--trigger", type=registered("trigger"), default="l0_inv",
                    help="backdoor trigger of the poisoned teacher (abd-plugin list)")
-    d.add_argument("--defense", type=registered("defense", many=True),
+    d.add_argument("--defense", type=defense_names(many=True),
                    default="none,abd_paper,default", help="comma-separated defense presets")
     d.add_argument("--iterations", type=iterations, default=400,
                    help="distillation iterations (x 5 student steps)")
     d.add_argument("--seed", type=seed, default=0, help="seed of the distillation runs")
 
-    def common(q: argparse.ArgumentParser) -> None:
+    def common(q: argparse.ArgumentParser, *, many: bool = False) -> None:
         q.add_argument("--dataset", type=registered("dataset"), default="mnist5k",
                        help="dataset of the teacher (abd-plugin list)")
         q.add_argument("--arch", type=registered("arch"), default="lenet5",
                        help="teacher architecture; the student is its standard pair")
         q.add_argument("--iterations", type=iterations, default=400,
                        help="distillation iterations (x 5 student steps)")
+        q.add_argument("--teacher", type=teacher_kinds(many=many),
+                       default="standard",
+                       help="teacher kind: standard, pgd[:eps=..], nasty[:omega=..] "
+                            "(abd_plugin.kit.teachers; bench: comma-separated)")
 
     b = add_subcommand(sub, "bench", "grid of methods x triggers x defenses x seeds (resumable)",
                        cmd_bench, _check_cell)
-    common(b)
-    b.add_argument("--method", type=registered("method", many=True), default="zskt",
-                   help="comma-separated distillation loops")
+    common(b, many=True)
+    b.add_argument("--method", type=method_names(many=True), default="zskt",
+                   help="comma-separated distillation loops, each with optional DistillConfig "
+                        "overrides (clean:temperature=4)")
     b.add_argument("--trigger", type=registered("trigger", extra=("none",), many=True),
                    default="badnet_grid", help="comma-separated triggers ('none': clean teacher)")
-    b.add_argument("--defense", type=registered("defense", many=True),
-                   default="none,abd_paper,default", help="comma-separated defense presets")
+    b.add_argument("--defense", type=defense_names(many=True),
+                   default="none,abd_paper,default",
+                   help="comma-separated defenses: presets, hook defenses with options "
+                        "(iga:gamma=3), or one preset and hooks joined by + (default+iga)")
     b.add_argument("--seeds", type=number_list(SEED), default="0",
                    help="comma-separated integer seeds")
     b.add_argument("--out", type=writable_dir, default="runs/bench",
@@ -582,14 +678,60 @@ def build_parser() -> argparse.ArgumentParser:
     po.add_argument("--out", type=writable_file, default=None,
                     help="write the teacher's state_dict here (None: only the cache)")
 
+    def check_train(args: argparse.Namespace) -> None:
+        _check_local_data(args)
+        _check_target(args)
+        _check_arch_fits(args)
+        if args.adversarial and args.nasty:
+            raise UsageError("argument --nasty: not allowed with --adversarial (choose one)")
+        if args.nasty and args.trigger != "none":
+            raise UsageError("argument --trigger: a nasty teacher is trained on clean data "
+                             "(use --trigger none)")
+        if args.adversarial and args.trigger == "cl":
+            raise UsageError("argument --trigger: the label-consistent trigger 'cl' is not "
+                             "supported with adversarial training")
+
+    tr = add_subcommand(sub, "train", "train (or load from cache) a robust (PGD) or nasty "
+                        "teacher; without --adversarial/--nasty a plain one", cmd_train,
+                        check_train)
+    tr.add_argument("--dataset", type=registered("dataset"), default="mnist5k",
+                    help="training data (abd-plugin list)")
+    tr.add_argument("--arch", type=registered("arch"), default="lenet5",
+                    help="teacher architecture")
+    tr.add_argument("--trigger", type=registered("trigger", extra=("none",)), default="none",
+                    help="poison the training set first (not with --nasty)")
+    tr.add_argument("--target", type=number(Int(0)), default=0,
+                    help="target class of the backdoor (below the number of classes)")
+    tr.add_argument("--epochs", type=number(Int(1)), default=15, help="training epochs")
+    tr.add_argument("--seed", type=seed, default=0, help="training seed")
+    tr.add_argument("--adversarial", choices=["pgd"], default=None,
+                    help="adversarial training (PGD, L_inf)")
+    tr.add_argument("--eps", type=number(Num(0, 1, lo_open=True), float), default=0.2,
+                    help="L_inf radius of --adversarial in [0, 1] pixel units, in (0, 1]")
+    tr.add_argument("--steps", type=number(Int(1)), default=10,
+                    help="PGD steps per training batch (--adversarial)")
+    tr.add_argument("--step-size", type=number(Num(0, lo_open=True), float), default=None,
+                    help="PGD step (--adversarial; None: 2.5 * eps / steps)")
+    tr.add_argument("--eps-warmup", type=number(Int(0)), default=5,
+                    help="epochs over which eps ramps up (--adversarial; 0: full eps at once)")
+    tr.add_argument("--nasty", action="store_true",
+                    help="a Nasty Teacher against a normally trained one")
+    tr.add_argument("--omega", type=number(Num(0), float), default=0.05,
+                    help="weight of the Nasty Teacher's KL term (--nasty), >= 0")
+    tr.add_argument("--tau", type=number(Num(0, lo_open=True), float), default=4.0,
+                    help="temperature of the Nasty Teacher's KL term (--nasty), > 0")
+    tr.add_argument("--out", type=writable_file, default=None,
+                    help="write the teacher's state_dict here (None: only the cache)")
+
     di = add_subcommand(sub, "distill", "one distillation cell", cmd_distill, _check_cell)
     common(di)
-    di.add_argument("--method", type=registered("method"), default="zskt",
+    di.add_argument("--method", type=method_names(), default="zskt",
                     help="distillation loop")
     di.add_argument("--trigger", type=registered("trigger", extra=("none",)),
                     default="badnet_grid", help="trigger of the teacher ('none': clean teacher)")
-    di.add_argument("--defense", type=registered("defense"), default="abd",
-                    help="defense preset")
+    di.add_argument("--defense", type=defense_names(), default="abd",
+                    help="defense: a preset, a hook defense with options (iga:gamma=3), or a "
+                         "preset and hooks joined by + (default+iga)")
     di.add_argument("--seed", type=seed, default=0, help="seed of the distillation")
     di.add_argument("--abd", type=abd_config, default=None,
                     help="ABDConfig fields as a JSON object (overrides --defense)")

@@ -26,7 +26,7 @@ Registered loops (``list_loops()``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from abd_plugin import ABDConfig, ABDGuard
+from abd_plugin import ABDConfig, ABDGuard, DefenseHook
 
 from .models import get_model
 from .registry import Registry
@@ -91,15 +91,19 @@ def _kl(
                     reduction=reduction, log_target=True) * (t * t)
 
 
-def _guard(teacher: nn.Module, student: nn.Module, abd: ABDConfig | None, total_steps: int) -> Any:
-    """The guard a user writes: ``ABDGuard(teacher, student, config=abd)``; the loop's length is
-    filled in only where an SR window needs it (``sr_start_fraction`` without ``total_steps``),
-    so the default config runs exactly as a bare ``ABDGuard(teacher, student)``."""
-    if abd is None:
+def _guard(teacher: nn.Module, student: nn.Module, abd: ABDConfig | None, total_steps: int,
+           hooks: Sequence[DefenseHook] = ()) -> Any:
+    """The guard a user writes: ``ABDGuard(teacher, student, config=abd, hooks=hooks)``; the
+    loop's length is filled in only where an SR window needs it (``sr_start_fraction`` without
+    ``total_steps``), so the default config runs exactly as a bare ``ABDGuard(teacher, student)``.
+    Extra hooks without an ABD configuration run alone (audit, eraser, SV and SR all off)."""
+    if abd is None and not hooks:
         return nullcontext()
+    if abd is None:
+        abd = ABDConfig(sv=False, sr=False, audit=False, erase=False)
     if abd.sr and abd.sr_start_fraction is not None and abd.total_steps is None:
         abd = abd.replace(total_steps=total_steps)
-    return ABDGuard(teacher, student, config=abd)
+    return ABDGuard(teacher, student, config=abd, hooks=hooks)
 
 
 def _report(guard: Any) -> dict[str, Any] | None:
@@ -110,7 +114,7 @@ def distill(method: str, teacher: nn.Module, student: nn.Module, *, img_shape: t
             num_classes: int, config: DistillConfig = DistillConfig(), abd: ABDConfig | None = None,
             real_data: tuple[Tensor, Tensor] | None = None, progress: Progress = None,
             eval_fn: Callable[[nn.Module], dict[str, float]] | None = None, eval_every: int = 0,
-            ood_source: Tensor | None = None) -> DistillResult:
+            ood_source: Tensor | None = None, hooks: Sequence[DefenseHook] = ()) -> DistillResult:
     """Distill ``teacher`` into ``student`` with loop ``method``, defended by ``abd`` (None:
     vanilla).
 
@@ -118,13 +122,16 @@ def distill(method: str, teacher: nn.Module, student: nn.Module, *, img_shape: t
         img_shape: (C, H, W) of the teacher's input.
         real_data: (x, y) training images; needed by ``clean``, ignored by the data-free loops.
         eval_fn: called on the student every ``eval_every`` student steps (history for plots).
+        hooks: extra :class:`~abd_plugin.DefenseHook` objects for the loop's guard (e.g.
+            :class:`~abd_plugin.InputGradientAlignment`); with ``abd=None`` they run in a guard
+            whose SV and SR are off.
     """
     fn = _LOOPS.factory(method)
     torch.manual_seed(config.seed)
     teacher.eval()
     return fn(teacher, student, img_shape=img_shape, num_classes=num_classes, cfg=config, abd=abd,
               real_data=real_data, progress=progress, eval_fn=eval_fn, eval_every=eval_every,
-              ood_source=ood_source)
+              ood_source=ood_source, hooks=tuple(hooks))
 
 
 class _Tracker:
@@ -183,6 +190,7 @@ def _adversarial_loop(distance: Callable[[Tensor, Tensor], Tensor]) -> Callable[
         progress: Progress,
         eval_fn: Any,
         eval_every: int,
+        hooks: Sequence[DefenseHook] = (),
         **_kw: Any,
     ) -> DistillResult:
         c, h, w = img_shape
@@ -202,7 +210,7 @@ def _adversarial_loop(distance: Callable[[Tensor, Tensor], Tensor]) -> Callable[
         track = _Tracker(student, total, progress, eval_fn, eval_every)
         student.train()
         generator.train()
-        guard = _guard(teacher, student, abd, total)
+        guard = _guard(teacher, student, abd, total, hooks)
         with guard:
             for _ in range(cfg.iterations):
                 z = torch.randn(cfg.batch_size, cfg.z_dim)
@@ -247,6 +255,7 @@ def _clean(
     progress: Progress,
     eval_fn: Any,
     eval_every: int,
+    hooks: Sequence[DefenseHook] = (),
     **_kw: Any,
 ) -> DistillResult:
     if real_data is None:
@@ -254,7 +263,7 @@ def _clean(
     total = cfg.iterations * cfg.n_student_steps
     opt_s, sch_s, track = _student_setup(student, cfg, total, progress, eval_fn, eval_every)
     g = torch.Generator().manual_seed(cfg.seed)
-    guard = _guard(teacher, student, abd, total)
+    guard = _guard(teacher, student, abd, total, hooks)
     with guard:
         _distill_from_pool(teacher, student, [real_data[0]], total, cfg, opt_s, sch_s, track, g)
         rep = _report(guard)
@@ -328,6 +337,7 @@ def _deepinversion(
     progress: Progress,
     eval_fn: Any,
     eval_every: int,
+    hooks: Sequence[DefenseHook] = (),
     **_kw: Any,
 ) -> DistillResult:
     total = cfg.iterations * cfg.n_student_steps
@@ -337,7 +347,7 @@ def _deepinversion(
     g = torch.Generator().manual_seed(cfg.seed)
     handles, bn_loss = _bn_statistics_loss(teacher)
     pool: list[Tensor] = []
-    guard = _guard(teacher, student, abd, total)
+    guard = _guard(teacher, student, abd, total, hooks)
     try:
         with guard:
             for _ in range(cfg.synth_rounds):
@@ -392,6 +402,7 @@ def _cmi(
     progress: Progress,
     eval_fn: Any,
     eval_every: int,
+    hooks: Sequence[DefenseHook] = (),
     **_kw: Any,
 ) -> DistillResult:
     c, h, w = img_shape
@@ -405,7 +416,7 @@ def _cmi(
     proj: Tensor | None = None
     bank: list[Tensor] = []
     pool: list[Tensor] = []
-    guard = _guard(teacher, student, abd, total)
+    guard = _guard(teacher, student, abd, total, hooks)
     try:
         with guard:
             for _ in range(cfg.synth_rounds):
@@ -539,6 +550,7 @@ def _ood(
     eval_fn: Any,
     eval_every: int,
     ood_source: Tensor | None = None,
+    hooks: Sequence[DefenseHook] = (),
     **_kw: Any,
 ) -> DistillResult:
     data = ood_transfer_set(cfg.ood_patches, img_shape, ood_source, cfg.seed)
@@ -546,7 +558,7 @@ def _ood(
     opt_s, sched, track = _student_setup(student, cfg, total, progress, eval_fn, eval_every)
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    guard = _guard(teacher, student, abd, total)
+    guard = _guard(teacher, student, abd, total, hooks)
     sv_on = isinstance(guard, ABDGuard) and guard.sv is not None
     with guard:
         for _ in range(total):

@@ -84,13 +84,20 @@ def poison_dataset(
     return x, y, mask
 
 
+#: a training objective ``loss_fn(model, x_batch, y_batch, epoch) -> scalar`` (default: CE)
+LossFn = Callable[[nn.Module, Tensor, Tensor, int], Tensor]
+
+
 def _train(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     spec: TeacherSpec,
     progress: Callable[[str], None] | None = None,
+    loss_fn: LossFn | None = None,
 ) -> None:
+    """Adam + cosine schedule for ``spec.epochs`` over (x, y), minimising ``loss_fn`` (default
+    cross-entropy); the teachers of every kind share it."""
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     steps = spec.epochs * ((len(y) + spec.batch_size - 1) // spec.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -100,7 +107,10 @@ def _train(
         perm = torch.randperm(len(y), generator=g)
         for i in range(0, len(y), spec.batch_size):
             b = perm[i:i + spec.batch_size]
-            loss = F.cross_entropy(model(x[b]), y[b])
+            if loss_fn is None:
+                loss = F.cross_entropy(model(x[b]), y[b])
+            else:
+                loss = loss_fn(model, x[b], y[b], ep)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -115,6 +125,30 @@ def build_model(arch: str, dataset: str, width: int | None = None) -> nn.Module:
     info = dataset_info(dataset)
     kw = {"width": width} if (width is not None and arch.startswith("cnn")) else {}
     return get_model(arch, num_classes=info.num_classes, in_channels=info.channels, **kw)
+
+
+def cached_model(
+    stem: str,
+    model: nn.Module,
+    fit: Callable[[nn.Module], dict[str, Any]],
+    *,
+    cache: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load ``<cache_dir>/<stem>.pt`` (+ ``.json`` metrics) into ``model`` when both exist, else
+    run ``fit(model)`` (returns the metrics) and save both. The teacher kinds built on
+    :class:`TeacherSpec` (adversarially trained, nasty) cache themselves through this, under a
+    stem holding their own spec hash."""
+    path = cache_dir() / f"{stem}.pt"
+    meta_path = path.with_suffix(".json")
+    if cache and path.exists() and meta_path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval(), json.loads(meta_path.read_text())
+    meta = fit(model)
+    model.eval()
+    if cache:
+        torch.save(model.state_dict(), path)
+        meta_path.write_text(json.dumps(meta))
+    return model, meta
 
 
 def train_teacher(

@@ -29,7 +29,8 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 def test_every_flag_has_help_text_that_shows_its_default():
     subs = _subparsers(cli.build_parser())
-    assert set(subs) == {"demo", "bench", "poison", "distill", "list", "audit", "audit-table"}
+    assert set(subs) == {"demo", "bench", "poison", "train", "distill", "list", "audit",
+                         "audit-table"}
     for name, sub in subs.items():
         text = sub.format_help()
         flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
@@ -64,6 +65,23 @@ def _run(capsys, argv):
     (["poison", "--ratio", "0"], "--ratio: must be a finite number in (0, 1)"),
     (["poison", "--ratio", "nan"], "--ratio: must be a finite number in (0, 1)"),
     (["poison", "--epochs", "0"], "--epochs: must be an integer >= 1"),
+    (["bench", "--defense", "iga:nope=1"], "unknown option(s) ['nope'] for defense 'iga'"),
+    (["bench", "--defense", "iga:gamma=-1"], "option gamma of defense 'iga' must be"),
+    (["bench", "--defense", "default+abd_paper"], "use at most one"),
+    (["bench", "--defense", "iga:gamma"], "is not key=value"),
+    (["bench", "--method", "clean:temperature=0"], "option temperature of method 'clean'"),
+    (["bench", "--method", "clean:colour=1"], "unknown option(s) ['colour']"),
+    (["bench", "--teacher", "robust"], "unknown teacher kind 'robust'"),
+    (["bench", "--teacher", "pgd:eps=2"], "option eps of teacher kind 'pgd' must be"),
+    (["distill", "--teacher", "nasty"], "--teacher: a nasty teacher has no trigger"),
+    (["bench", "--teacher", "pgd", "--trigger", "cl"], "--teacher: the label-consistent trigger"),
+    (["train", "--nasty", "--adversarial", "pgd"], "--nasty: not allowed with --adversarial"),
+    (["train", "--nasty", "--trigger", "badnet_grid"], "--trigger: a nasty teacher"),
+    (["train", "--adversarial", "fgsm"], "invalid choice"),
+    (["train", "--eps", "0"], "--eps: must be a finite number in (0, 1]"),
+    (["train", "--steps", "0"], "--steps: must be an integer >= 1"),
+    (["train", "--tau", "0"], "--tau: must be a finite number > 0"),
+    (["train", "--omega", "nan"], "--omega: must be a finite number >= 0"),
     (["distill", "--iterations", "0"], "--iterations: must be an integer >= 1"),
     (["demo", "--iterations", "2.5"], "--iterations: must be an integer >= 1"),
     (["poison", "--dataset", "cifar10"], "needs a local copy"),
@@ -130,7 +148,9 @@ def test_poison_says_loudly_when_the_backdoor_did_not_take(capsys, monkeypatch, 
 SUBS = _subparsers(cli.build_parser())
 TOKENS = ["0", "1", "9", "12", "-1", "0.5", "1.5", "2.5", "1e3", "nan", "inf", "abc", "", ",",
           "a,b", "0,1", "zskt", "zskt,dfad", "badnet_grid", "none", "mnist5k", "digits", "cifar10",
-          "lenet5", "generator_zskt", "abd", "abd,none", "nope", '{"sr": false}', '{"sr": "no"}',
+          "lenet5", "generator_zskt", "abd", "abd,none", "nope", "iga", "default+iga",
+          "iga:gamma=3", "iga:gamma=-1", "iga:nope=1", "pgd", "pgd:eps=0.1", "nasty",
+          "standard,nasty", "clean:temperature=4", '{"sr": false}', '{"sr": "no"}',
           '{"sv_coef": -1}', "{bad", "[1]", "/", "/nonexistent/dir/x", "--", "-x"]
 
 
