@@ -272,6 +272,7 @@ class InputGradientAlignment(DefenseHook):
         self.loss_scale = loss_scale
         self.logits_fn = logits_fn
         self._replica = replica or TeacherReplica(teacher)
+        self._view: Callable[[Tensor], Tensor] | None = None
         self._labels: Tensor | None = None
         # (x, pseudo-labels, g_T at x or None): a frozen teacher on the same batch gives the same
         # labels and gradient (ZSKT/DFAD run several student steps per synthetic batch)
@@ -293,12 +294,18 @@ class InputGradientAlignment(DefenseHook):
             return c[1], c[2]
         return None
 
+    def _teacher(self, x: Tensor) -> nn.Module:
+        """The frozen teacher copy, seen through the guard's view of teacher inputs (the
+        eraser's mask) while a guard calls this hook."""
+        teacher = self._replica.to_device_of(x)
+        return teacher if self._view is None else _Viewed(teacher, self._view)
+
     def _teacher_labels(self, x: Tensor) -> Tensor:
         """The teacher's pseudo-labels of ``x`` (a no-grad forward, cached per batch)."""
         hit = self._cached(x)
         if hit is not None:
             return hit[0]
-        y = _pseudo_labels(self._replica.to_device_of(x), x, self.logits_fn)
+        y = _pseudo_labels(self._teacher(x), x, self.logits_fn)
         self._cache = (x.detach().clone(), y, None)
         return y
 
@@ -308,8 +315,7 @@ class InputGradientAlignment(DefenseHook):
         hit = self._cached(x) if y is None else None
         if hit is not None and hit[1] is not None:
             return hit[1], hit[0]
-        teacher = self._replica.to_device_of(x)
-        g_t, y_used = input_gradient(teacher, x, y, logits_fn=self.logits_fn)
+        g_t, y_used = input_gradient(self._teacher(x), x, y, logits_fn=self.logits_fn)
         g_t = g_t.detach()
         if y is None:
             self._cache = (x.detach().clone(), y_used, g_t)
@@ -328,8 +334,7 @@ class InputGradientAlignment(DefenseHook):
                 if y is None:
                     y = self._teacher_labels(x)
                 x = _fgsm_point(student, x, y, self.fgsm_eps, self.clamp, self.logits_fn)
-                teacher = self._replica.to_device_of(x)
-                g_t, _ = input_gradient(teacher, x, y, logits_fn=self.logits_fn)
+                g_t, _ = input_gradient(self._teacher(x), x, y, logits_fn=self.logits_fn)
             return self.gamma * _alignment(student, g_t.detach(), x, y, self.logits_fn)
 
     def align(self, x: Tensor, y: Tensor | None = None) -> dict[str, float]:
@@ -373,8 +378,14 @@ class InputGradientAlignment(DefenseHook):
         x = ctx.last_student_batch
         if x is None:
             return
-        with ctx.suspended():
-            self.align(x)
+        self._view = ctx.teacher_view
+        try:
+            with ctx.suspended():
+                self.align(x)
+        finally:
+            if ctx.teacher_view(x) is not x:  # an erasing view: its mask changes between steps
+                self._cache = None
+            self._view = None
 
     def on_guard_exit(self, ctx: GuardContext) -> None:
         self._cache = None
@@ -393,3 +404,15 @@ class InputGradientAlignment(DefenseHook):
         self.last_loss = float(state["last_loss"])
         self.last_grad_norm = float(state["last_grad_norm"])
         self.seconds = float(state["seconds"])
+
+
+class _Viewed(nn.Module):
+    """``model(view(x))``: a teacher copy that sees inputs as the guard's teacher does."""
+
+    def __init__(self, model: nn.Module, view: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.view = view
+
+    def forward(self, x: Tensor) -> Any:
+        return self.model(self.view(x))

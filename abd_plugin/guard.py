@@ -61,7 +61,7 @@ from ._replica import TeacherReplica, unwrap_model
 from .audit import AuditReport, AuditSettings, ensemble_favourite, infer_input_range
 from .audit import audit as run_audit
 from .config import ABDConfig
-from .eraser import TriggerEraser
+from .eraser import EraserStatus, TriggerEraser
 from .hooks import DefenseHook, GuardContext, warn_once
 from .outputs import check_input, check_logits, extract_logits, replace_logits
 from .retrospection import SelfRetrospection
@@ -243,6 +243,9 @@ class _HookContext:
     def audit(self) -> AuditReport | None:
         return self._guard.audit_report
 
+    def teacher_view(self, x: Tensor) -> Tensor:
+        return self._guard.teacher_view(x)
+
 
 def _state_keys(hooks: Sequence[DefenseHook]) -> list[str]:
     """Each hook's ``state_key``; a key met again gets a suffix by order (``"K"``, ``"K[1]"``)."""
@@ -422,6 +425,14 @@ class ABDGuard:
             yield
         finally:
             self._suspended -= 1
+
+    def teacher_view(self, x: Tensor) -> Tensor:
+        """``x`` as the teacher sees it inside this guard: erased by the trigger eraser's current
+        mask when it is on, else ``x`` (no learning, no counters)."""
+        er = self.eraser
+        if er is None or er.status is not EraserStatus.ON or er.mask() is None:
+            return x
+        return er.erase(x)
 
     @contextmanager
     def loss_terms_suspended(self) -> Iterator[None]:

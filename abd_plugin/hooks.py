@@ -73,6 +73,12 @@ class GuardContext(Protocol):
         """The data-free teacher audit, once it ran (at the first teacher batch); None before,
         or when ``audit=False``."""
 
+    def teacher_view(self, x: Tensor) -> Tensor:
+        """``x`` as the guard's teacher sees it: with the trigger eraser's current mask applied
+        when the eraser is on (differentiable in ``x``; nothing is learned or counted), else
+        ``x`` itself. A hook that runs its own copy of the teacher uses it to query the same,
+        repaired teacher as the loop."""
+
 
 class DefenseHook:
     """Base class of a defense plugged into :class:`~abd_plugin.ABDGuard`. All callbacks are

@@ -264,3 +264,51 @@ def test_fgsm_point_labels_and_validation():
     for bad in ({"gamma": -1.0}, {"every": 0}, {"fgsm_eps": 0.0}, {"clamp": (1.0, 0.0)}):
         with pytest.raises(ValueError):
             InputGradientAlignment(student, teacher, **bad)  # type: ignore[arg-type]
+
+
+def test_beside_the_eraser_the_term_aligns_with_the_repaired_teacher():
+    """With the trigger eraser on, the guard's teacher sees erased inputs; the hook's teacher
+    gradient is taken through the same erasure (``GuardContext.teacher_view``), so the student
+    is aligned with the teacher the loop distills, not with the backdoored original."""
+    teacher, _ = _counting_teacher()
+    torch.manual_seed(1)
+    student = TinyCNN(4).train()
+    ref_student = copy.deepcopy(student)
+    opt, seen = _recording_sgd(student.parameters(), lr=0.1)
+    iga = InputGradientAlignment(student, teacher, gamma=2.0)
+    x = torch.rand(6, 1, 8, 8)
+    with ABDGuard(teacher, student, audit=False, target=0, hooks=[iga]) as guard:
+        with torch.no_grad():
+            t = teacher(x)  # the eraser learns its mask on this batch and erases it
+        er = guard.eraser
+        assert er is not None and er.mask() is not None
+        state = er.state_dict()  # a mask over the left half, as if learned
+        logits = torch.full_like(state["mask_logits"], -8.0)
+        logits[..., :4] = 3.0
+        er.load_state_dict({**state, "mask_logits": logits})
+        mask = er.mask().clone()
+        loss = F.kl_div(F.log_softmax(student(x), 1), F.log_softmax(t, 1), reduction="batchmean",
+                        log_target=True)
+        opt.zero_grad()
+        loss.backward()
+        kd_grads = [p.grad.detach().clone() for p in student.parameters()]
+        opt.step()
+
+    class Erased(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.t = teacher
+
+        def forward(self, z):
+            return self.t(z * (1 - mask))  # erase_fill = 0
+
+    def step_grads(ref_teacher):
+        term = iga_loss(ref_student, ref_teacher, x, gamma=2.0)
+        return torch.autograd.grad(term, list(ref_student.parameters()))
+
+    repaired, original = step_grads(Erased()), step_grads(teacher)
+    for at_step, kd, tg in zip(seen[0], kd_grads, repaired, strict=True):
+        assert torch.allclose(at_step, kd + tg, rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+               for a, b in zip(repaired, original, strict=True))
+    assert all(p.grad is None for p in teacher.parameters())
