@@ -7,7 +7,7 @@ import copy
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -65,3 +65,24 @@ class TeacherReplica:
         if model_device(mod) != x.device:
             mod.to(x.device)
         return mod
+
+
+def average_over_ranks(student: nn.Module, grads: list[Tensor]) -> list[Tensor]:
+    """Average gradients a hook adds to ``.grad`` over the DDP ranks: DDP all-reduces only what
+    ``backward`` produced (SR's and the KDIGA term's gradients come after it). Unchanged when the
+    student is not DDP-wrapped or there is one rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return grads
+    if not isinstance(student, nn.parallel.DistributedDataParallel):
+        return grads
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    out, i = [], 0
+    for g in grads:
+        out.append(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()
+    return out
+

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._replica import TeacherReplica, unwrap_model
+from ._replica import TeacherReplica, average_over_ranks, unwrap_model
 from .hooks import DefenseHook, GuardContext
 from .outputs import LogitsFn, check_input, extract_logits
 
@@ -191,25 +191,6 @@ def iga_loss(
             x = _fgsm_point(s, x, y, fgsm_eps, clamp, logits_fn)
         g_t, y = input_gradient(teacher, x, y, logits_fn=logits_fn)
         return gamma * _alignment(s, g_t.detach(), x, y, logits_fn)
-
-
-def _average_over_ranks(student: nn.Module, grads: list[Tensor]) -> list[Tensor]:
-    """Average the term's gradients over DDP ranks (DDP all-reduces only what ``backward``
-    produced)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return grads
-    if not isinstance(student, nn.parallel.DistributedDataParallel):
-        return grads
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    out, i = [], 0
-    for g in grads:
-        out.append(flat[i:i + g.numel()].view_as(g))
-        i += g.numel()
-    return out
 
 
 class InputGradientAlignment(DefenseHook):
@@ -352,7 +333,7 @@ class InputGradientAlignment(DefenseHook):
             term = self.loss(x, y)
             grads = torch.autograd.grad(term, params, allow_unused=True)
         full = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-        full = _average_over_ranks(self.student, full)
+        full = average_over_ranks(self.student, full)
         scale = float(self.loss_scale()) if self.loss_scale is not None else 1.0
         total = 0.0
         with torch.no_grad():

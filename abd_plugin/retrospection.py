@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._amp import as_input_of
-from ._replica import TeacherReplica, unwrap_model
+from ._replica import TeacherReplica, average_over_ranks, unwrap_model
 from .config import ABDConfig
 from .hooks import DefenseHook, GuardContext, warn_once
 from .hypergrad import fixed_point_hypergradient
@@ -282,20 +282,7 @@ class SelfRetrospection(DefenseHook):
 
     def _all_reduce(self, grads: list[Tensor]) -> list[Tensor]:
         """Average SR gradients over ranks: DDP all-reduces only what ``backward`` produced."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-            return grads
-        if not isinstance(self.student, nn.parallel.DistributedDataParallel):
-            return grads
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        out, i = [], 0
-        for g in grads:
-            out.append(flat[i:i + g.numel()].view_as(g))
-            i += g.numel()
-        return out
+        return average_over_ranks(self.student, grads)
 
     # ------------------------------------------------------------------ DefenseHook
     def on_before_student_step(
