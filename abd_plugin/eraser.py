@@ -160,7 +160,10 @@ class TriggerEraser(DefenseHook):
         cfg = self.config
         logits_param = self._ensure_mask(x)
         model = self._replica.to_device_of(x)
-        xd = _amp.as_input_of(model, x.detach())
+        xd = x.detach()
+        if xd.is_inference():  # made under torch.inference_mode(): autograd needs a copy
+            xd = xd.clone()
+        xd = _amp.as_input_of(model, xd)
         t = self.target
         with torch.enable_grad(), torch.autocast(xd.device.type, enabled=False):
             with torch.no_grad():

@@ -510,6 +510,14 @@ class ABDGuard:
     def _teacher_pre_hook(self, module: nn.Module, args: Any) -> Any:
         if self._suspended:
             return None
+        if torch.is_inference_mode_enabled():
+            # a teacher called under torch.inference_mode(): the audit and the eraser's mask
+            # need autograd, which inference mode cannot give; they run outside it
+            with torch.inference_mode(False):
+                return self._teacher_input(args)
+        return self._teacher_input(args)
+
+    def _teacher_input(self, args: Any) -> Any:
         x = args[0] if args and isinstance(args[0], Tensor) else None
         if x is None or not torch.is_floating_point(x) or x.dim() < 2:
             return None

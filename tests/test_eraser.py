@@ -198,3 +198,21 @@ def test_target_out_of_range_is_refused():
     with ABDGuard(teacher, student, target=12, audit=False), torch.no_grad():
         with pytest.raises(ValueError, match="out of range"):
             teacher(torch.rand(4, 1, 8, 8))
+
+
+def test_a_teacher_called_under_inference_mode_is_audited_and_erased():
+    """``with torch.inference_mode(): t = teacher(x)`` is a common way to get KD targets; the
+    audit and the mask's updates need autograd and run outside inference mode."""
+    teacher, student = make_pair()
+    gen = TinyGenerator()
+    x = gen(torch.randn(16, gen.z_dim)).detach()
+    with ABDGuard(teacher, student, target=0, audit=True) as guard:
+        with torch.inference_mode():
+            y = teacher(x)
+        er = guard.eraser
+        assert guard.audit_report is not None
+        assert er is not None and er.distinct_batches == 1 and er.mask() is not None
+        with guard.suspended(), torch.no_grad():
+            expected = teacher(er.erase(x))
+        assert torch.allclose(y, expected)
+    assert not teacher._forward_pre_hooks and not teacher._forward_hooks
