@@ -471,6 +471,7 @@ _range_pair.__name__ = "range"
 def cmd_distill(args: argparse.Namespace) -> int:
     from .bench import Cell, run_cell
 
+    torch.set_num_threads(1)  # as the bench: the same cell gives the bench's row on a machine
     abd = args.abd  # an explicit configuration, e.g. '{"sr": false, "shuffle_layers": 1}'
     name = "custom" if abd is not None else args.defense
     cell = Cell(
