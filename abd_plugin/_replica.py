@@ -4,6 +4,8 @@ extra forwards and the user's teacher is never touched."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -85,4 +87,33 @@ def average_over_ranks(student: nn.Module, grads: list[Tensor]) -> list[Tensor]:
         out.append(flat[i:i + g.numel()].view_as(g))
         i += g.numel()
     return out
+
+
+@contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer of ``model`` (BatchNorm running statistics, counters) on exit,
+    **without** bumping the buffers' autograd version counters, so a graph built inside the block
+    (a term back-propagated later by the user) stays usable. Safe for BatchNorm: in train mode
+    its backward does not read the running statistics; in eval mode they did not change."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.data.copy_(v)  # .data: the restore is invisible to autograd's version check
+
+
+def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> float:
+    """Add ``grads`` to the parameters' ``.grad`` (creating it where None); returns their L2
+    norm. Used by the hooks that add gradients between ``backward()`` and ``step()``."""
+    total = 0.0
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            total += float(g.pow(2).sum())
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.add_(g)
+    return total ** 0.5
 

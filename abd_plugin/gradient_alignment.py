@@ -56,15 +56,20 @@ Cost: a teacher forward + backward (cached while the batch does not change) and 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._replica import TeacherReplica, average_over_ranks, unwrap_model
+from ._replica import (
+    TeacherReplica,
+    accumulate_grads,
+    average_over_ranks,
+    preserved_buffers,
+    unwrap_model,
+)
 from .hooks import DefenseHook, GuardContext
 from .outputs import LogitsFn, check_input, extract_logits
 
@@ -74,21 +79,6 @@ __all__ = [
     "input_gradient",
     "safe_norm",
 ]
-
-
-@contextmanager
-def kept_buffers(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer of ``model`` (BatchNorm running statistics, counters) on exit
-    **without** bumping the buffers' autograd version counters, so a graph built inside the block
-    (the term, back-propagated later by the user) stays usable. Safe for BatchNorm: in train mode
-    its backward does not read the running statistics; in eval mode they did not change."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.data.copy_(v)  # .data: the restore is invisible to autograd's version check
 
 
 def safe_norm(v: Tensor) -> Tensor:
@@ -184,7 +174,7 @@ def iga_loss(
     check_input(x, "iga batch")
     x = x.detach()
     s = unwrap_model(student)
-    with kept_buffers(teacher), kept_buffers(s):
+    with preserved_buffers(teacher), preserved_buffers(s):
         if fgsm_eps is not None:  # labels at the clean x, gradients at the FGSM point
             if y is None:
                 y = _pseudo_labels(teacher, x, logits_fn)
@@ -308,7 +298,7 @@ class InputGradientAlignment(DefenseHook):
         check_input(x, "iga batch")
         x = x.detach()
         student = unwrap_model(self.student)
-        with kept_buffers(student):
+        with preserved_buffers(student):
             if self.fgsm_eps is None:
                 g_t, y = self._teacher_gradient(x, y)
             else:  # labels at the clean x (cached), the teacher's gradient at the FGSM point
@@ -335,18 +325,11 @@ class InputGradientAlignment(DefenseHook):
         full = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
         full = average_over_ranks(self.student, full)
         scale = float(self.loss_scale()) if self.loss_scale is not None else 1.0
-        total = 0.0
         with torch.no_grad():
-            for p, g in zip(params, full, strict=True):
-                g = g.to(p.dtype) * scale
-                total += float(g.pow(2).sum())
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.add_(g)
+            scaled = [g.to(p.dtype) * scale for p, g in zip(params, full, strict=True)]
         self.steps += 1
         self.last_loss = float(term.detach())
-        self.last_grad_norm = total ** 0.5
+        self.last_grad_norm = accumulate_grads(params, scaled)
         self.seconds += time.perf_counter() - t0
         return {"loss": self.last_loss, "grad_norm": self.last_grad_norm}
 
@@ -359,12 +342,14 @@ class InputGradientAlignment(DefenseHook):
         x = ctx.last_student_batch
         if x is None:
             return
-        self._view = ctx.teacher_view
+        probe = x[:1]
+        erasing = ctx.teacher_view(probe) is not probe  # one sample, to learn if a mask applies
+        self._view = ctx.teacher_view if erasing else None
         try:
             with ctx.suspended():
                 self.align(x)
         finally:
-            if ctx.teacher_view(x) is not x:  # an erasing view: its mask changes between steps
+            if erasing:  # the mask changes between steps: nothing cached under it stays valid
                 self._cache = None
             self._view = None
 

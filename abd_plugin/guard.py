@@ -525,7 +525,7 @@ class ABDGuard:
             self._run_audit(x)
         self._teacher_batches += 1
         if self._teacher_batches % 20 == 1:  # a few inputs for the report's ensemble check
-            self._recent_inputs = x.detach()[:128].to("cpu", copy=True)
+            self._recent_inputs = x.detach()[:128].clone()  # on its device: no sync
         new = x
         for key, h in zip(self._state_keys, self.hooks, strict=True):
             out = self._call(key, h, "on_teacher_input", new)

@@ -30,8 +30,6 @@ code lets them drift), and nothing is ever accumulated into the teacher.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -39,7 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._amp import as_input_of
-from ._replica import TeacherReplica, average_over_ranks, unwrap_model
+from ._replica import (
+    TeacherReplica,
+    accumulate_grads,
+    average_over_ranks,
+    preserved_buffers,
+    unwrap_model,
+)
 from .config import ABDConfig
 from .hooks import DefenseHook, GuardContext, warn_once
 from .hypergrad import fixed_point_hypergradient
@@ -56,18 +60,6 @@ def _kl(clean_logits: Tensor, pert_logits: Tensor, temperature: float) -> Tensor
         F.log_softmax(pert_logits / t, dim=1), F.log_softmax(clean_logits / t, dim=1),
         reduction="batchmean", log_target=True,
     )
-
-
-@contextmanager
-def preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer (BatchNorm running stats, counters) of ``model`` on exit."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
 
 
 #: why an SR step did nothing (keys of ``report()["sr_skipped"]``) and what to do about it
@@ -256,17 +248,10 @@ class SelfRetrospection(DefenseHook):
             self._delta = self._delta_opt_state = self._cache = None  # no NaN warm start
             self.skip("non_finite_gradient")
             return self.skipped_result()
-        total = 0.0
-        with torch.no_grad():
-            for p, g in zip(params, scaled, strict=True):
-                total += float(g.pow(2).sum())
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.add_(g)
+        grad_norm = accumulate_grads(params, scaled)
         self.steps += 1
         self.last_delta_norm = float(delta.norm())
-        self.last_grad_norm = total ** 0.5
+        self.last_grad_norm = grad_norm
         return {"delta_norm": self.last_delta_norm, "outer_loss": self.last_outer_loss,
                 "grad_norm": self.last_grad_norm, "skipped": 0.0}
 
