@@ -15,9 +15,11 @@ need. The test then asserts, across ranks:
 """
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +112,15 @@ def _worker(out_dir: str) -> None:
             "student": torch.cat([p.detach().reshape(-1) for p in student.parameters()]),
             "generator": torch.cat([p.detach().reshape(-1) for p in generator.parameters()]),
         }, Path(out_dir) / f"rank{rank}.pt")
+        # Teardown: the DDP reducers hold the process group; drop them before destroying it so
+        # that gloo's worker threads end here, not during interpreter finalization (where an
+        # in-flight tensor's destructor can abort the process: pytorch/pytorch#179291).
+        del guard, student, generator, opt_s, opt_g
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    (Path(out_dir) / f"rank{rank}.done").touch()
 
 
 def _launch(out_dir: Path) -> subprocess.CompletedProcess:
@@ -130,9 +139,20 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("ddp")
-    proc = _launch(out)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    # One relaunch if the first run dies: a worker killed by a signal at shutdown was seen once
+    # in CI (gloo teardown, not reproduced in 27 local runs). A deterministic failure fails both.
+    failures = []
+    for attempt in range(2):
+        out = tmp_path_factory.mktemp(f"ddp{attempt}")
+        proc = _launch(out)
+        if proc.returncode == 0:
+            break
+        failures.append(f"attempt {attempt}: rc {proc.returncode}, finished ranks "
+                        f"{sorted(p.name for p in out.glob('*.done'))}\n"
+                        f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    assert proc.returncode == 0, "torchrun failed twice:\n" + "\n".join(failures)
+    if failures:
+        warnings.warn("DDP worker failed once, passed on relaunch:\n" + failures[0], stacklevel=1)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
