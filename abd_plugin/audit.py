@@ -233,11 +233,12 @@ def infer_input_range(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def max_margin_statistic(
     model: nn.Module, input_shape: Sequence[int], num_classes: int, *,
     input_range: Any = (0.0, 1.0), settings: AuditSettings = AuditSettings(),
-    logits_fn: Callable[[Any], Tensor] | None = None,
+    logits_fn: Callable[[Any], Tensor] | None = None, classes: Sequence[int] | None = None,
 ) -> Tensor:
     """Per-class maximum margin ``r_c`` (float64, (K,)) of a frozen ``model`` over
     ``settings.starts`` random starts in ``input_range``, each run ``settings.steps`` Adam steps.
-    The inputs are optimised in the unit cube and mapped affinely into the range."""
+    The inputs are optimised in the unit cube and mapped affinely into the range. With
+    ``classes``, only those classes are searched (the others stay ``-inf``)."""
     dev = model_device(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     shape = tuple(int(s) for s in input_shape)
@@ -246,7 +247,11 @@ def max_margin_statistic(
     low, high = low.view(view), high.view(view)
     gen = torch.Generator().manual_seed(settings.seed)
     n = settings.starts
-    labels = torch.arange(num_classes).repeat_interleave(n)
+    wanted = torch.arange(num_classes) if classes is None else torch.tensor(
+        sorted({int(c) for c in classes}), dtype=torch.long)
+    if wanted.numel() == 0 or int(wanted.min()) < 0 or int(wanted.max()) >= num_classes:
+        raise ValueError(f"classes must be non-empty and in [0, {num_classes}), got {classes}")
+    labels = wanted.repeat_interleave(n)
     best = torch.full((num_classes,), -math.inf, dtype=torch.float64)
     chunk = max(n, settings.batch_size // n * n)
     with torch.enable_grad(), torch.autocast(dev.type, enabled=False):

@@ -112,7 +112,23 @@ class ABDConfig:
         """Price of erasing the whole input, in units of 'one target-class sample flipped':
         the mask objective is ``mean p_t(erased target samples) + erase_price * mean(mask) +
         erase_keep * KL(other samples)``. Lower: larger masks (spread triggers), more accuracy
-        cost. 5 left scattered, partial masks over an in-digit square (README, "Results").""")
+        cost. 5 left scattered, partial masks over an in-digit square (README, "Results"). The
+        re-audit (``erase_recheck``) lowers it to ``erase_price_low`` during a run when the mask
+        misses part of the trigger.""")
+    erase_recheck: int = spec(
+        50, Int(0, 1_000_000),
+        """Every ``erase_recheck`` mask updates (first after twice that many, once the mask has
+        settled), re-audit the *erased* teacher for the target class alone (the audit's margin
+        search through the mask, a tenth of an audit's cost) and compare its statistic with the
+        other classes' from the first audit. If the target still stands out (p <
+        ``audit_alpha``: the mask misses part of the trigger, as on a spread watermark), the
+        price drops to ``erase_price_low`` and the checks stop; they also stop after two checks in
+        a row find the target back among the others. 0: never re-audit. Needs the audit (a
+        ``target`` given with ``audit=False`` has no other classes to compare with).""")
+    erase_price_low: float = spec(
+        1.0, Num(0, 1e6),
+        """The price after a re-audit finds that the mask misses part of the trigger (larger
+        masks). With ``erase_price`` at or below it, no re-audit runs.""")
     erase_keep: float = spec(
         1.0, Num(0, 1e6),
         """Weight of keeping the teacher's predictions on the samples it does not call the

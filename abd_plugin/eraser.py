@@ -26,6 +26,14 @@ Shape of the defense
 * **Gated by the audit.** The eraser runs only when the guard's audit flags the teacher
   (``erase_on``), or when the user names the ``target``. A teacher the audit calls clean gets
   nothing: the pre-hook returns the input untouched and no update ever runs.
+* **Checked, and widened when it misses.** Every ``erase_recheck`` updates (the first check after
+  twice that many, once the mask has settled) the eraser audits the
+  *erased* teacher for the target class alone (the same margin search, through the mask) and
+  compares the target's statistic with the other classes' statistics from the first audit. A
+  mask that covers the trigger brings the target back among the others; a mask that covers only
+  part of a spread trigger (a watermark of thin strokes) leaves it an outlier: the price then
+  drops to ``erase_price_low`` so the mask can grow, and the checks stop. They also stop after
+  two checks in a row find the target back among the others. Each check is in the report.
 * ``erase_only_target=True`` erases only the inputs the teacher calls the target (one extra
   forward of the frozen copy per batch to find them).
 
@@ -36,6 +44,7 @@ is learned on a frozen copy, and every hook is removed when the guard exits.
 from __future__ import annotations
 
 import enum
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -44,7 +53,7 @@ from torch import Tensor, nn
 
 from . import _amp
 from ._replica import TeacherReplica
-from .audit import AuditReport
+from .audit import AuditReport, AuditSettings, max_margin_statistic, order_pvalues
 from .config import ABDConfig
 from .hooks import DefenseHook, GuardContext
 from .outputs import check_logits, extract_logits
@@ -90,6 +99,9 @@ class TriggerEraser(DefenseHook):
         self.last_flip = float("nan")  # target samples the erased teacher moves off the target
         self.last_keep = float("nan")  # other samples whose class the erasure keeps
         self.last_target_fraction = float("nan")  # samples the teacher calls the target
+        self.price = float(self.config.erase_price)  # lowered by the re-audit (erase_recheck)
+        self.audit: AuditReport | None = None  # the audit that armed the eraser (for re-audits)
+        self.rechecks: list[dict[str, Any]] = []  # update, statistic, p-value, price after
 
     # ------------------------------------------------------------------ gating
     def arm(self, target: int, reason: str = "") -> None:
@@ -102,6 +114,7 @@ class TriggerEraser(DefenseHook):
         """Arm or stay off from the audit's verdict (and ``config.target`` / ``erase_on``)."""
         cfg = self.config
         if cfg.target is not None:
+            self.audit = audit
             self.arm(cfg.target, f"target class {cfg.target} given in the config")
             return
         if audit is None:
@@ -111,6 +124,7 @@ class TriggerEraser(DefenseHook):
         flagged = {"poisoned": audit.verdict == "poisoned",
                    "flagged": audit.verdict in ("poisoned", "unsure"),
                    "always": True}[cfg.erase_on]
+        self.audit = audit
         if flagged:
             self.arm(audit.suspect, f"audit verdict {audit.verdict} (erase_on={cfg.erase_on!r})")
         else:
@@ -183,7 +197,7 @@ class TriggerEraser(DefenseHook):
             for _ in range(cfg.erase_steps):
                 m = torch.sigmoid(logits_param).to(xd.dtype)
                 z = extract_logits(model(xd * (1 - m) + cfg.erase_fill * m), cfg.logits_fn).float()
-                loss = F.softmax(z[tgt], dim=1)[:, t].mean() + cfg.erase_price * m.float().mean()
+                loss = F.softmax(z[tgt], dim=1)[:, t].mean() + self.price * m.float().mean()
                 if bool(other.any()) and cfg.erase_keep > 0:
                     loss = loss + cfg.erase_keep * F.kl_div(
                         F.log_softmax(z[other], dim=1), logp0[other], log_target=True,
@@ -199,6 +213,47 @@ class TriggerEraser(DefenseHook):
                 self.last_keep = (float((pz[other] == pred[other]).float().mean())
                                   if bool(other.any()) else 1.0)
         self.updates += 1
+
+    def recheck(self) -> dict[str, Any] | None:
+        """Re-audit the erased teacher for the target class (see the module docstring); lower
+        the price when the target still stands out. Returns the check's record, or None when
+        there is nothing to compare with (no audit, no mask yet)."""
+        a, m, t = self.audit, self.mask(), self.target
+        if a is None or m is None or t is None or len(a.statistic) < 3:
+            return None
+        cfg = self.config
+        model = self._replica.module
+        settings = AuditSettings(starts=cfg.audit_starts, steps=cfg.audit_steps,
+                                 alpha=cfg.audit_alpha, seed=cfg.seed + 1 + len(self.rechecks))
+        erased = _Erased(model, m, cfg.erase_fill)
+        stat = max_margin_statistic(erased, a.input_shape, len(a.statistic),
+                                    input_range=a.input_range, settings=settings,
+                                    logits_fn=cfg.logits_fn, classes=[t])
+        mixed = torch.tensor(a.statistic, dtype=torch.float64)
+        mixed[t] = stat[t]
+        p = float(order_pvalues(mixed)[t])
+        stands_out = p < a.alpha
+        if stands_out and self.price > cfg.erase_price_low:
+            self.price = cfg.erase_price_low
+        rec = {"update": self.updates, "statistic": float(stat[t]), "p_value": p,
+               "stands_out": stands_out, "price": self.price}
+        self.rechecks.append(rec)
+        return rec
+
+    def rechecks_done(self) -> bool:
+        """No more re-audits: the price was lowered, or the last two found the target back
+        among the other classes (the mask covers the trigger, and its price does not change)."""
+        last = self.rechecks[-2:]
+        return (self.price <= self.config.erase_price_low
+                or (len(last) == 2 and not any(r["stands_out"] for r in last)))
+
+    def _recheck_due(self) -> bool:
+        cfg = self.config
+        # the first check after two periods: the mask starts near zero and needs time to settle
+        return (cfg.erase_recheck > 0 and self.updates >= 2 * cfg.erase_recheck
+                and self.updates % cfg.erase_recheck == 0 and self.audit is not None
+                and not self.rechecks_done()
+                and (not self.rechecks or self.rechecks[-1]["update"] != self.updates))
 
     def _new_batch(self, x: Tensor) -> bool:
         key = (x.data_ptr(), x._version, tuple(x.shape), x.device)
@@ -218,6 +273,8 @@ class TriggerEraser(DefenseHook):
             if (self.distinct_batches - 1) % self.config.erase_every == 0:
                 with ctx.suspended():
                     self.learn(x)
+                    if self._recheck_due():
+                        self.recheck()
         self._ensure_mask(x)
         self.erased_batches += 1
         if not self.config.erase_only_target:
@@ -248,6 +305,8 @@ class TriggerEraser(DefenseHook):
             "erase_flip": self.last_flip,
             "erase_keep": self.last_keep,
             "erase_target_fraction": self.last_target_fraction,
+            "erase_price": self.price,
+            "erase_rechecks": [dict(r) for r in self.rechecks],
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -259,6 +318,8 @@ class TriggerEraser(DefenseHook):
                          "erased_batches": self.erased_batches, "last_flip": self.last_flip,
                          "last_keep": self.last_keep,
                          "last_target_fraction": self.last_target_fraction},
+            "price": self.price, "rechecks": [dict(r) for r in self.rechecks],
+            "audit": None if self.audit is None else asdict(self.audit),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -279,4 +340,23 @@ class TriggerEraser(DefenseHook):
         self.erased_batches = int(c["erased_batches"])
         self.last_flip, self.last_keep = float(c["last_flip"]), float(c["last_keep"])
         self.last_target_fraction = float(c["last_target_fraction"])
+        # states saved before the re-audit existed resume at the configured price
+        self.price = float(state.get("price", self.config.erase_price))
+        self.rechecks = [dict(r) for r in state.get("rechecks", [])]
+        audit = state.get("audit")
+        self.audit = None if audit is None else AuditReport(**audit)
         self._last_key = None
+
+
+class _Erased(nn.Module):
+    """``model`` fed erased inputs (the re-audit's view of the teacher inside the guard)."""
+
+    def __init__(self, model: nn.Module, mask: Tensor, fill: float) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mask", mask.detach().clone())
+        self.fill = fill
+
+    def forward(self, x: Tensor) -> Any:
+        m = self.get_buffer("mask").to(device=x.device, dtype=x.dtype)
+        return self.model(x * (1 - m) + self.fill * m)

@@ -138,6 +138,10 @@ class GuardReport:
     erase_flip: float = float("nan")
     erase_keep: float = float("nan")
     erase_target_fraction: float = float("nan")
+    #: the mask's price now (``erase_price`` unless a re-audit lowered it)
+    erase_price: float = float("nan")
+    #: the erased teacher's re-audits: update, target statistic, p-value, stands_out, price after
+    erase_rechecks: list[dict[str, Any]] = field(default_factory=list)
     erase_seconds: float = 0.0
     sv_status: str = "off"
     sv_message: str = "SV: off"
@@ -201,6 +205,18 @@ class GuardReport:
                     f"the samples the teacher called class {self.erase_target} "
                     f"({100 * self.erase_target_fraction:.0f} % of the batch) to other classes "
                     f"and kept {100 * self.erase_keep:.0f} % of the others' classes.")
+            if self.erase_rechecks:
+                last = self.erase_rechecks[-1]
+                lowered = [r for r in self.erase_rechecks if r["stands_out"]]
+                still = "still stands out" if last["stands_out"] else "no longer stands out"
+                lines.append(
+                    f"    Re-audited the erased teacher {len(self.erase_rechecks)} time(s); at "
+                    f"update {last['update']} class {self.erase_target}'s maximum margin was "
+                    f"{last['statistic']:.3g} (p = {last['p_value']:.2g} against the other "
+                    f"classes: {still})." + (f" The mask missed part of the trigger at update "
+                                             f"{lowered[0]['update']}: its price was lowered to "
+                                             f"{self.erase_price:.3g} (larger masks)."
+                                             if lowered else ""))
         else:
             lines.append(f"  Trigger eraser: off ({self.erase_reason}).")
         if self.sv_status != "off" or self.sv_calls:

@@ -12,6 +12,7 @@ from abd_plugin.audit import (
     _gamma_fit,
     audit,
     infer_input_range,
+    max_margin_statistic,
     order_pvalues,
     robust_z,
 )
@@ -122,6 +123,17 @@ def test_audit_touches_neither_the_teacher_nor_the_global_rng():
     assert all(p.grad is None for p in teacher.parameters())
     assert not teacher._forward_hooks and not teacher._forward_pre_hooks
     assert isinstance(rep, AuditReport) and len(rep.statistic) == 10
+
+
+def test_margin_search_for_some_classes_only():
+    torch.manual_seed(0)
+    teacher = TinyCNN(8).eval()
+    every = max_margin_statistic(teacher, (1, 8, 8), 10)
+    some = max_margin_statistic(teacher, (1, 8, 8), 10, classes=[7, 2])
+    assert torch.isfinite(every).all()
+    assert torch.isfinite(some[[2, 7]]).all() and torch.isinf(some[[0, 1, 3, 4, 5, 6, 8, 9]]).all()
+    with pytest.raises(ValueError, match="classes"):
+        max_margin_statistic(teacher, (1, 8, 8), 10, classes=[10])
 
 
 def test_audit_is_deterministic_given_its_seed():

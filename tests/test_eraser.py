@@ -216,3 +216,110 @@ def test_a_teacher_called_under_inference_mode_is_audited_and_erased():
             expected = teacher(er.erase(x))
         assert torch.allclose(y, expected)
     assert not teacher._forward_pre_hooks and not teacher._forward_hooks
+
+
+class _Shortcut(nn.Module):
+    """A linear 8x8 classifier with a planted shortcut: the ``trigger`` pixels push class 0."""
+
+    def __init__(self, trigger: torch.Tensor) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.lin = nn.Linear(64, 5)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.randn(5, 64, generator=g) * 0.3)
+            self.lin.weight[0] += 8.0 * trigger.flatten()
+            self.lin.bias.zero_()
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.flatten(1))
+
+
+def _spread_trigger() -> torch.Tensor:
+    t = torch.zeros(1, 8, 8)
+    t[0, ::2, ::3] = 1.0  # 12 scattered pixels
+    return t
+
+
+def _armed(teacher: nn.Module, **cfg) -> TriggerEraser:
+    from abd_plugin.audit import audit
+
+    er = TriggerEraser(teacher, ABDConfig(audit_steps=40, audit_starts=4, **cfg))
+    rep = audit(teacher, (1, 8, 8), steps=40, starts=4)
+    assert rep.verdict == "poisoned" and rep.suspect == 0
+    er.decide(rep)
+    er._ensure_mask(torch.zeros(1, 1, 8, 8))
+    return er
+
+
+def test_the_re_audit_lowers_the_price_while_the_erased_teacher_still_stands_out():
+    trig = _spread_trigger()
+    er = _armed(_Shortcut(trig))
+    assert er.status.value == "on" and er.price == 2.5
+    # a mask that misses the trigger (the initial, near-zero mask): the target still stands out
+    rec = er.recheck()
+    assert rec is not None and rec["stands_out"] and rec["p_value"] < 0.05
+    assert er.price == 1.0 == er.config.erase_price_low
+    assert er.rechecks_done()  # the guard checks no more
+    er.recheck()  # called anyway: the price stays at the low price
+    assert er.price == 1.0 and len(er.rechecks) == 2
+
+
+def test_the_re_audit_keeps_the_price_once_the_mask_covers_the_trigger():
+    trig = _spread_trigger()
+    er = _armed(_Shortcut(trig))
+    assert er._logits is not None
+    with torch.no_grad():  # a mask on exactly the trigger's pixels
+        er._logits.copy_(torch.where(trig.bool(), 8.0, -8.0).view(1, 1, 8, 8))
+    rec = er.recheck()
+    assert rec is not None and not rec["stands_out"] and rec["p_value"] >= 0.05
+    assert er.price == 2.5
+    assert rec["statistic"] < er.audit.statistic[0] / 2  # type: ignore[union-attr]
+    assert not er.rechecks_done()
+    er.recheck()  # a second check in a row that finds the trigger covered: no more checks
+    assert er.price == 2.5 and er.rechecks_done()
+
+
+def test_the_guard_re_audits_on_schedule_and_reports_it():
+    trig = _spread_trigger()
+    teacher = _Shortcut(trig)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+    cfg = ABDConfig(audit_steps=40, audit_starts=4, erase_every=1, erase_recheck=2)
+    g = torch.Generator().manual_seed(0)
+    with ABDGuard(teacher, student, config=cfg) as guard, torch.no_grad():
+        for _ in range(7):
+            x = torch.rand(16, 1, 8, 8, generator=g)
+            x[:8] = torch.maximum(x[:8], trig)  # stamped samples: the teacher calls them 0
+            teacher(x)
+    assert guard.eraser is not None and guard.eraser.updates == 7
+    rep = guard.report()
+    # the first check after two periods (update 4), then every period until one lowers the price
+    ups = [r["update"] for r in rep.erase_rechecks]
+    assert ups[:1] == [4] and all(u % 2 == 0 for u in ups)
+    lowered = [r["stands_out"] for r in rep.erase_rechecks]
+    assert lowered.count(True) <= 1 and (True not in lowered[:-1])  # checks stop once lowered
+    assert rep.erase_price == (1.0 if any(lowered) else 2.5)
+    assert "Re-audited the erased teacher" in str(rep)
+    # off: no re-audit
+    with ABDGuard(teacher, student, config=cfg.replace(erase_recheck=0)) as guard2, \
+            torch.no_grad():
+        for _ in range(7):
+            teacher(torch.rand(16, 1, 8, 8, generator=g))
+    assert guard2.report().erase_rechecks == [] and guard2.report().erase_price == 2.5
+
+
+def test_the_re_audits_price_survives_a_save_and_resume():
+    trig = _spread_trigger()
+    er = _armed(_Shortcut(trig))
+    er.recheck()
+    state = er.state_dict()
+    er2 = TriggerEraser(_Shortcut(trig), er.config)
+    er2.load_state_dict(state)
+    assert er2.price == er.price == 1.0 and er2.rechecks == er.rechecks
+    assert er2.audit == er.audit
+    # a state saved before the re-audit existed resumes at the configured price
+    for k in ("price", "rechecks", "audit"):
+        state.pop(k)
+    er3 = TriggerEraser(_Shortcut(trig), er.config)
+    er3.load_state_dict(state)
+    assert er3.price == 2.5 and er3.rechecks == [] and er3.audit is None

@@ -15,6 +15,8 @@ Defense presets (:data:`DEFENSES`):
 * ``default``: ``ABDConfig()``, what ``with ABDGuard(teacher, student):`` runs: the data-free
   audit, and the trigger eraser when the audit flags the teacher (``abd`` is the same).
 * ``erase_forced``: the default with the eraser run whatever the audit says (``erase_on="always"``).
+* ``erase_fixed``: the default without the eraser's re-audit (``erase_recheck=0``: the mask's
+  price stays ``erase_price``).
 * ``sv_paper``, ``sr_paper``, ``abd_paper``: the official code's recipe (5 shuffled convs,
   coefficient 0.1, verification on, SR with 10 rounds in the last 0.5 % of student steps).
 * ``sv_tuned``, ``sr_tuned``, ``abd_tuned``: the previous release's SV/SR recipe
@@ -70,6 +72,7 @@ DEFENSES: dict[str, Callable[[], ABDConfig | None]] = {
     "default": lambda: ABDConfig(),
     "abd": lambda: ABDConfig(),
     "erase_forced": lambda: ABDConfig(erase_on="always"),
+    "erase_fixed": lambda: ABDConfig(erase_recheck=0),  # the default without the re-audit
     "sv_paper": lambda: _paper(sr=False),
     "sr_paper": lambda: _paper(sv=False),
     "abd_paper": lambda: _paper(),
@@ -260,6 +263,9 @@ def run_cell(cell: Cell, *, progress: Callable[[int, int, str], None] | None = N
             erase_flip=rep["erase_flip"],
             erase_keep=rep["erase_keep"],
             erase_seconds=round(rep["erase_seconds"], 1),
+            erase_price=rep["erase_price"],
+            erase_rechecks=[[r["update"], round(r["p_value"], 4), r["price"]]
+                            for r in rep["erase_rechecks"]],
             seconds_without_audit=round(seconds - rep["audit_seconds"], 1),
         )
         row.update(
