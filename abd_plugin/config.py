@@ -143,10 +143,13 @@ class ABDConfig:
     erase_lr: float = spec(
         0.1, Num(0, 1e3, lo_open=True),
         """Adam learning rate of the mask's logits.""")
-    erase_fill: float = spec(
-        0.0, Num(-1e9, 1e9),
-        """Value erased pixels take, in the teacher's input units (0: black for [0, 1] images,
-        the data mean for normalised inputs).""")
+    erase_fill: float | None = spec(
+        None, Optional(Num(-1e9, 1e9)),
+        """Value erased pixels take, in the teacher's input units. ``None``: the low end of the
+        input range, per channel - black in image space, whatever the normalisation: the low
+        end of ``input_range`` when given, else 0 for inputs in [0, 1], -1 for inputs in
+        [-1, 1], else each channel's minimum over the first batch the eraser sees. A number:
+        that value everywhere (0 is the data mean for mean-normalised inputs).""")
     erase_only_target: bool = spec(
         False, Bool(),
         """Erase only the inputs the teacher calls the target class (one extra teacher forward

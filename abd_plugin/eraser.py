@@ -53,7 +53,13 @@ from torch import Tensor, nn
 
 from . import _amp
 from ._replica import TeacherReplica
-from .audit import AuditReport, AuditSettings, max_margin_statistic, order_pvalues
+from .audit import (
+    AuditReport,
+    AuditSettings,
+    infer_input_range,
+    max_margin_statistic,
+    order_pvalues,
+)
 from .config import ABDConfig
 from .hooks import DefenseHook, GuardContext
 from .outputs import check_logits, extract_logits
@@ -102,6 +108,7 @@ class TriggerEraser(DefenseHook):
         self.price = float(self.config.erase_price)  # lowered by the re-audit (erase_recheck)
         self.audit: AuditReport | None = None  # the audit that armed the eraser (for re-audits)
         self.rechecks: list[dict[str, Any]] = []  # update, statistic, p-value, price after
+        self._fill: Tensor | None = None  # per channel (erase_fill=None), fixed at the first batch
 
     # ------------------------------------------------------------------ gating
     def arm(self, target: int, reason: str = "") -> None:
@@ -155,6 +162,13 @@ class TriggerEraser(DefenseHook):
                 self._opt.load_state_dict(state)
         return self._logits
 
+    def fill(self, x: Tensor) -> Tensor:
+        """The value erased positions take, shaped to broadcast over ``x`` (see
+        ``ABDConfig.erase_fill``); resolved once, on the first batch, and kept."""
+        if self._fill is None:
+            self._fill = resolve_fill(self.config, x)
+        return self._fill.to(device=x.device, dtype=x.dtype)
+
     def mask(self) -> Tensor | None:
         """The current soft mask in [0, 1] (detached), or None before the first batch."""
         return None if self._logits is None else torch.sigmoid(self._logits.detach())
@@ -165,7 +179,7 @@ class TriggerEraser(DefenseHook):
         if m is None:
             return x
         m = m.to(device=x.device, dtype=x.dtype)
-        return x * (1 - m) + self.config.erase_fill * m
+        return x * (1 - m) + self.fill(x) * m
 
     # ------------------------------------------------------------------ learning
     def learn(self, x: Tensor) -> None:
@@ -194,9 +208,10 @@ class TriggerEraser(DefenseHook):
             other = ~tgt
             logp0 = F.log_softmax(z0.float(), dim=1)
             assert self._opt is not None
+            fill = self.fill(xd)
             for _ in range(cfg.erase_steps):
                 m = torch.sigmoid(logits_param).to(xd.dtype)
-                z = extract_logits(model(xd * (1 - m) + cfg.erase_fill * m), cfg.logits_fn).float()
+                z = extract_logits(model(xd * (1 - m) + fill * m), cfg.logits_fn).float()
                 loss = F.softmax(z[tgt], dim=1)[:, t].mean() + self.price * m.float().mean()
                 if bool(other.any()) and cfg.erase_keep > 0:
                     loss = loss + cfg.erase_keep * F.kl_div(
@@ -219,13 +234,13 @@ class TriggerEraser(DefenseHook):
         the price when the target still stands out. Returns the check's record, or None when
         there is nothing to compare with (no audit, no mask yet)."""
         a, m, t = self.audit, self.mask(), self.target
-        if a is None or m is None or t is None or len(a.statistic) < 3:
+        if a is None or m is None or t is None or len(a.statistic) < 3 or self._fill is None:
             return None
         cfg = self.config
         model = self._replica.module
         settings = AuditSettings(starts=cfg.audit_starts, steps=cfg.audit_steps,
                                  alpha=cfg.audit_alpha, seed=cfg.seed + 1 + len(self.rechecks))
-        erased = _Erased(model, m, cfg.erase_fill)
+        erased = _Erased(model, m, self._fill)
         stat = max_margin_statistic(erased, a.input_shape, len(a.statistic),
                                     input_range=a.input_range, settings=settings,
                                     logits_fn=cfg.logits_fn, classes=[t])
@@ -319,6 +334,7 @@ class TriggerEraser(DefenseHook):
                          "last_keep": self.last_keep,
                          "last_target_fraction": self.last_target_fraction},
             "price": self.price, "rechecks": [dict(r) for r in self.rechecks],
+            "fill": None if self._fill is None else self._fill.detach().cpu().clone(),
             "audit": None if self.audit is None else asdict(self.audit),
         }
 
@@ -345,18 +361,40 @@ class TriggerEraser(DefenseHook):
         self.rechecks = [dict(r) for r in state.get("rechecks", [])]
         audit = state.get("audit")
         self.audit = None if audit is None else AuditReport(**audit)
+        fill = state.get("fill")
+        self._fill = None if fill is None else fill.clone()
         self._last_key = None
+
+
+def resolve_fill(config: ABDConfig, x: Tensor) -> Tensor:
+    """``config.erase_fill`` as a tensor that broadcasts over batches like ``x``: the number
+    itself, or (``None``) the low end of the input range per channel (see ``ABDConfig``)."""
+    if config.erase_fill is not None:
+        return torch.tensor(float(config.erase_fill), dtype=torch.float64)
+    if config.input_range is not None:
+        return torch.tensor(float(config.input_range[0]), dtype=torch.float64)
+    low_r, high_r = infer_input_range(x)
+    known = max(high_r) <= 1.0 and min(low_r) >= -1.0  # [0, 1] or [-1, 1]
+    if x.dim() < 3:  # feature vectors: no channels; the known range's low end, else 0
+        return torch.tensor(low_r[0] if known else 0.0, dtype=torch.float64)
+    channels = x.shape[1]
+    if known:
+        low = torch.tensor(low_r, dtype=torch.float64)
+    else:  # each channel's minimum over this batch (black, for normalised images)
+        low = x.detach().double().transpose(0, 1).reshape(channels, -1).min(dim=1).values.cpu()
+    return low.reshape((1, channels) + (1,) * (x.dim() - 2))
 
 
 class _Erased(nn.Module):
     """``model`` fed erased inputs (the re-audit's view of the teacher inside the guard)."""
 
-    def __init__(self, model: nn.Module, mask: Tensor, fill: float) -> None:
+    def __init__(self, model: nn.Module, mask: Tensor, fill: Tensor) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("mask", mask.detach().clone())
-        self.fill = fill
+        self.register_buffer("fill", fill.detach().clone())
 
     def forward(self, x: Tensor) -> Any:
         m = self.get_buffer("mask").to(device=x.device, dtype=x.dtype)
-        return self.model(x * (1 - m) + self.fill * m)
+        f = self.get_buffer("fill").to(device=x.device, dtype=x.dtype)
+        return self.model(x * (1 - m) + f * m)

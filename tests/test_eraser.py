@@ -249,6 +249,7 @@ def _armed(teacher: nn.Module, **cfg) -> TriggerEraser:
     assert rep.verdict == "poisoned" and rep.suspect == 0
     er.decide(rep)
     er._ensure_mask(torch.zeros(1, 1, 8, 8))
+    er.fill(torch.zeros(1, 1, 8, 8))  # inputs in [0, 1]: erased positions are 0
     return er
 
 
@@ -323,3 +324,53 @@ def test_the_re_audits_price_survives_a_save_and_resume():
     er3 = TriggerEraser(_Shortcut(trig), er.config)
     er3.load_state_dict(state)
     assert er3.price == 2.5 and er3.rechecks == [] and er3.audit is None
+
+
+def test_erased_positions_take_the_low_end_of_the_input_range():
+    from abd_plugin.eraser import resolve_fill
+
+    cfg = ABDConfig()
+    g = torch.Generator().manual_seed(0)
+    x01 = torch.rand(8, 3, 4, 4, generator=g)
+    assert torch.equal(resolve_fill(cfg, x01), torch.zeros(1, 3, 1, 1, dtype=torch.float64))
+    assert torch.equal(resolve_fill(cfg, x01 * 2 - 1), -torch.ones(1, 3, 1, 1, dtype=torch.float64))
+    # normalised images (mean/std per channel): each channel's minimum, i.e. black
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    xn = (x01 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    fill = resolve_fill(cfg, xn)
+    assert fill.shape == (1, 3, 1, 1)
+    per_channel_min = xn.transpose(0, 1).reshape(3, -1).min(1).values.double()
+    torch.testing.assert_close(fill.flatten(), per_channel_min)
+    # a stated input range or fill value wins
+    assert float(resolve_fill(cfg.replace(input_range=(-2.0, 2.0)), xn)) == -2.0
+    assert float(resolve_fill(cfg.replace(erase_fill=0.25), xn)) == 0.25
+    # feature vectors: no channels
+    assert float(resolve_fill(cfg, torch.rand(8, 5, generator=g) * 2 - 1)) == -1.0
+    assert float(resolve_fill(cfg, torch.rand(8, 5, generator=g) * 9 + 3)) == 0.0
+
+
+def test_on_inputs_in_minus_one_one_the_teacher_sees_minus_one_where_erased():
+    teacher, student = make_pair()
+    seen: list[torch.Tensor] = []
+    g = torch.Generator().manual_seed(0)
+    with ABDGuard(teacher, student, target=0, audit=False, erase_every=1) as guard, \
+            torch.no_grad():
+        for _ in range(3):
+            teacher(torch.rand(16, 1, 8, 8, generator=g) * 2 - 1)
+    er = guard.eraser
+    assert er is not None and er.mask() is not None
+    with torch.no_grad():  # a mask fully on at one position, off elsewhere
+        er._logits.fill_(-30.0)  # type: ignore[union-attr]
+        er._logits[0, 0, 2, 3] = 30.0  # type: ignore[index]
+    x = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
+    with guard, torch.no_grad():  # a pre-hook registered after the guard's sees its output
+        spy = teacher.register_forward_pre_hook(lambda _m, a: seen.append(a[0].clone()))
+        teacher(x)
+        spy.remove()
+    assert torch.allclose(seen[-1][:, 0, 2, 3], torch.full((4,), -1.0))
+    keep = torch.ones(8, 8, dtype=torch.bool)
+    keep[2, 3] = False
+    torch.testing.assert_close(seen[-1][:, 0][:, keep], x[:, 0][:, keep])
+    # the fill is saved with the eraser's state
+    state = er.state_dict()
+    assert torch.equal(state["fill"], -torch.ones(1, 1, 1, 1, dtype=torch.float64))
