@@ -30,13 +30,16 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ._replica import TeacherReplica, model_device, unwrap_model
 from .outputs import check_logits, extract_logits
+
+if TYPE_CHECKING:
+    from .config import ABDConfig
 
 Verdict = Literal["poisoned", "clean", "unsure"]
 RangeLike = tuple[float, float] | tuple[Sequence[float], Sequence[float]]
@@ -60,6 +63,15 @@ class AuditSettings:
     """Inputs optimised at once (classes are processed in chunks of this many inputs)."""
     seed: int = 0
     """Seed of the random starts (the audit's own generator; the global RNG is not touched)."""
+
+    @classmethod
+    def from_config(cls, config: ABDConfig, **overrides: Any) -> AuditSettings:
+        """The settings an :class:`~abd_plugin.ABDConfig` asks for (``audit_*`` fields, ``seed``);
+        keyword ``overrides`` replace fields."""
+        base = dict(starts=config.audit_starts, steps=config.audit_steps,
+                    alpha=config.audit_alpha, clean_alpha=config.audit_clean_alpha,
+                    seed=config.seed)
+        return cls(**{**base, **overrides})
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ class TriggerEraser(DefenseHook):
         if m is None:
             return x
         m = m.to(device=x.device, dtype=x.dtype)
-        return x * (1 - m) + self.fill(x) * m
+        return _blend(x, m, self.fill(x))
 
     # ------------------------------------------------------------------ learning
     def learn(self, x: Tensor) -> None:
@@ -211,7 +211,7 @@ class TriggerEraser(DefenseHook):
             fill = self.fill(xd)
             for _ in range(cfg.erase_steps):
                 m = torch.sigmoid(logits_param).to(xd.dtype)
-                z = extract_logits(model(xd * (1 - m) + fill * m), cfg.logits_fn).float()
+                z = extract_logits(model(_blend(xd, m, fill)), cfg.logits_fn).float()
                 loss = F.softmax(z[tgt], dim=1)[:, t].mean() + self.price * m.float().mean()
                 if bool(other.any()) and cfg.erase_keep > 0:
                     loss = loss + cfg.erase_keep * F.kl_div(
@@ -238,8 +238,7 @@ class TriggerEraser(DefenseHook):
             return None
         cfg = self.config
         model = self._replica.module
-        settings = AuditSettings(starts=cfg.audit_starts, steps=cfg.audit_steps,
-                                 alpha=cfg.audit_alpha, seed=cfg.seed + 1 + len(self.rechecks))
+        settings = AuditSettings.from_config(cfg, seed=cfg.seed + 1 + len(self.rechecks))
         erased = _Erased(model, m, self._fill)
         stat = max_margin_statistic(erased, a.input_shape, len(a.statistic),
                                     input_range=a.input_range, settings=settings,
@@ -366,6 +365,12 @@ class TriggerEraser(DefenseHook):
         self._last_key = None
 
 
+def _blend(x: Tensor, m: Tensor, fill: Tensor) -> Tensor:
+    """The erasure: ``(1 - m) * x + m * fill`` (one formula for the hook, the mask's learning and
+    the re-audit)."""
+    return x * (1 - m) + fill * m
+
+
 def resolve_fill(config: ABDConfig, x: Tensor) -> Tensor:
     """``config.erase_fill`` as a tensor that broadcasts over batches like ``x``: the number
     itself, or (``None``) the low end of the input range per channel (see ``ABDConfig``)."""
@@ -397,4 +402,4 @@ class _Erased(nn.Module):
     def forward(self, x: Tensor) -> Any:
         m = self.get_buffer("mask").to(device=x.device, dtype=x.dtype)
         f = self.get_buffer("fill").to(device=x.device, dtype=x.dtype)
-        return self.model(x * (1 - m) + f * m)
+        return self.model(_blend(x, m, f))

@@ -507,9 +507,7 @@ class ABDGuard:
         unless ``input_range`` is given, its value range say where inputs live)."""
         cfg = self.config
         rng = cfg.input_range if cfg.input_range is not None else infer_input_range(x)
-        settings = AuditSettings(starts=cfg.audit_starts, steps=cfg.audit_steps,
-                                 alpha=cfg.audit_alpha, clean_alpha=cfg.audit_clean_alpha,
-                                 seed=cfg.seed)
+        settings = AuditSettings.from_config(cfg)
         self._replica.to_device_of(x)
         with self.suspended():
             try:
