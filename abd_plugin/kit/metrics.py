@@ -12,6 +12,10 @@ Conventions (following ABD and BackdoorBench):
   quantity, hence the longer name).
 * All are percentages in [0, 100]. Models run in eval mode without gradients; every
   sub-module's train/eval flag is restored afterwards.
+* Images are given in image space ([0, 1]); ``normalize`` (a dataset name, its
+  :class:`~abd_plugin.kit.datasets.DatasetInfo` or a ``(mean, std)`` pair; None: none) is applied
+  by :func:`~abd_plugin.kit.datasets.to_model_input` right before the model, after the trigger
+  was stamped: stamp, then normalise.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import Tensor, nn
 
 from ._utils import _logits, eval_mode, model_device
 from .attacks import pgd_attack
+from .datasets import DatasetInfo, Normalization, to_model_input
 
 __all__ = [
     "accuracy",
@@ -35,6 +40,7 @@ __all__ = [
 ]
 
 TriggerLike = Any | Callable[[Tensor], Tensor]  # a kit Trigger (has .apply) or x -> x'
+NormalizeLike = str | DatasetInfo | Normalization | None
 
 
 def _as_fn(trigger: TriggerLike) -> Callable[[Tensor], Tensor]:
@@ -49,8 +55,9 @@ def _as_fn(trigger: TriggerLike) -> Callable[[Tensor], Tensor]:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, *, transform: Callable[[Tensor], Tensor] | None = None,
-            batch_size: int = 512) -> Tensor:
-    """Top-1 predictions (int64, on ``x``'s device) of ``model`` on ``transform(x)`` in batches."""
+            batch_size: int = 512, normalize: NormalizeLike = None) -> Tensor:
+    """Top-1 predictions (int64, on ``x``'s device) of ``model`` on
+    ``to_model_input(transform(x), normalize)`` in batches."""
     device = model_device(model, x.device)
     preds = []
     with eval_mode(model):
@@ -58,6 +65,7 @@ def predict(model: nn.Module, x: Tensor, *, transform: Callable[[Tensor], Tensor
             xb = x[start:start + batch_size]
             if transform is not None:
                 xb = transform(xb)
+            xb = to_model_input(xb, normalize)
             preds.append(_logits(model(xb.to(device))).argmax(dim=1).to(x.device))
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=x.device)
 
@@ -70,10 +78,11 @@ def _percent(hits: Tensor) -> float:
     return 100.0 * hits.float().mean().item()
 
 
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512, *,
+             normalize: NormalizeLike = None) -> float:
     """Top-1 accuracy in percent of ``model`` on images ``x`` (N, C, H, W), labels ``y`` (N,)."""
     y = torch.as_tensor(y, device=x.device)
-    return _percent(predict(model, x, batch_size=batch_size) == y)
+    return _percent(predict(model, x, batch_size=batch_size, normalize=normalize) == y)
 
 
 def _triggered_predictions(
@@ -84,35 +93,41 @@ def _triggered_predictions(
     target: int,
     include_target_class: bool,
     batch_size: int,
+    normalize: NormalizeLike = None,
 ) -> tuple[Tensor, Tensor]:
     y = torch.as_tensor(y, device=x.device)
     keep = torch.ones_like(y, dtype=torch.bool) if include_target_class else y != target
     xs, ys = x[keep], y[keep]
-    return predict(model, xs, transform=_as_fn(trigger), batch_size=batch_size), ys
+    return predict(model, xs, transform=_as_fn(trigger), batch_size=batch_size,
+                   normalize=normalize), ys
 
 
 def attack_success_rate(model: nn.Module, x: Tensor, y: Tensor, trigger: TriggerLike, target: int,
-                        include_target_class: bool = False, batch_size: int = 512) -> float:
+                        include_target_class: bool = False, batch_size: int = 512, *,
+                        normalize: NormalizeLike = None) -> float:
     """Percent of triggered test images predicted as ``target``.
 
     Args:
         model: classifier (returns logits, or a tuple/dict/object holding them).
         x, y: clean test images in [0, 1] (N, C, H, W) and their true labels (N,).
-        trigger: a kit ``Trigger`` (its test-time ``apply`` is used) or any callable ``x -> x'``.
+        trigger: a kit ``Trigger`` (its test-time ``apply`` is used) or any callable ``x -> x'``,
+            applied in image space.
         target: the attack's target class.
         include_target_class: keep test images whose true label is ``target`` (default: drop them).
+        normalize: applied after the trigger, before the model (see the module doc).
     """
     preds, _ = _triggered_predictions(
-        model, x, y, trigger, target, include_target_class, batch_size
+        model, x, y, trigger, target, include_target_class, batch_size, normalize
     )
     return _percent(preds == target)
 
 
 def robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, trigger: TriggerLike, target: int,
-                    batch_size: int = 512) -> float:
+                    batch_size: int = 512, *, normalize: NormalizeLike = None) -> float:
     """Percent of triggered non-target test images predicted as their **true** label
     (BackdoorBench RA)."""
-    preds, ys = _triggered_predictions(model, x, y, trigger, target, False, batch_size)
+    preds, ys = _triggered_predictions(model, x, y, trigger, target, False, batch_size,
+                                       normalize)
     return _percent(preds == ys)
 
 

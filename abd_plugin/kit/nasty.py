@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._utils import eval_mode
-from .datasets import load_dataset
+from .datasets import load_dataset, to_model_input
 from .metrics import accuracy
 from .poison import TeacherSpec, _train, build_model, cached_model, train_teacher
 
@@ -107,8 +107,10 @@ def train_nasty(
         _train(model, xtr, ytr, base, progress, loss_fn=objective)
         model.eval()
         xte, yte = load_dataset(base.dataset, "test", size=base.size).tensors
-        return {"acc": accuracy(model, xte, yte), "adversary_acc": ameta["acc"],
-                "kl_to_adversary": soft_label_divergence(model, adversary, xte, spec.tau),
+        return {"acc": accuracy(model, xte, yte, normalize=base.dataset),
+                "adversary_acc": ameta["acc"],
+                "kl_to_adversary": soft_label_divergence(
+                    model, adversary, to_model_input(xte, base.dataset), spec.tau),
                 "spec": {"kind": "nasty", **asdict(spec)}}
 
     model = build_model(base.arch, base.dataset, base.width)

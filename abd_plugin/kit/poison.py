@@ -4,8 +4,12 @@ The recipe follows how ABD's teachers were poisoned, scaled to a CPU: a fixed fr
 ``poison_ratio`` of the training set is stamped with the trigger and relabelled to the target
 (dirty-label triggers: the first N non-target images of a seeded permutation; clean-label
 triggers ``sig``/``cl``: target-class images only, labels kept). Each epoch re-shuffles; no
-augmentation beyond the poisoning. The result is cached under ``$ABD_CACHE`` (default
-``~/.cache/abd-plugin``) keyed by a hash of every setting, so benchmarks and the demo reuse it.
+augmentation beyond the poisoning. Triggers are stamped in image space ([0, 1]); the model is
+trained and evaluated on :func:`~abd_plugin.kit.datasets.to_model_input` of the (poisoned)
+images, i.e. normalised where the dataset says so (``tinted32``), unchanged otherwise. The
+result is cached under ``$ABD_CACHE`` (default ``~/.cache/abd-plugin``) keyed by a hash of every
+setting, so benchmarks and the demo reuse it. The hash holds the trigger's *name* only: a
+trigger's parameters are part of its registered name, never changed under it.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .datasets import dataset_info, load_dataset
+from .datasets import dataset_info, load_dataset, to_model_input
 from .metrics import accuracy, attack_success_rate
 from .models import get_model
 from .triggers import get_trigger
@@ -84,8 +88,22 @@ def poison_dataset(
     return x, y, mask
 
 
-#: a training objective ``loss_fn(model, x_batch, y_batch, epoch) -> scalar`` (default: CE)
+#: a training objective ``loss_fn(model, x_batch, y_batch, epoch) -> scalar`` (default: CE);
+#: ``x_batch`` is what the model is fed (:func:`~abd_plugin.kit.datasets.to_model_input`)
 LossFn = Callable[[nn.Module, Tensor, Tensor, int], Tensor]
+
+
+class ImageSpaceModel(nn.Module):
+    """``model`` taking image-space inputs: ``model(to_model_input(x, dataset))``. For attacks
+    that work on pixels in [0, 1] (the ``cl`` trigger's PGD); the kit's models themselves are
+    fed normalised inputs from outside."""
+
+    def __init__(self, model: nn.Module, dataset: str) -> None:
+        super().__init__()
+        self.model, self.dataset = model, dataset
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(to_model_input(x, self.dataset))
 
 
 def _train(
@@ -97,7 +115,9 @@ def _train(
     loss_fn: LossFn | None = None,
 ) -> None:
     """Adam + cosine schedule for ``spec.epochs`` over (x, y), minimising ``loss_fn`` (default
-    cross-entropy); the teachers of every kind share it."""
+    cross-entropy); the teachers of every kind share it. ``x`` is in image space; the model (and
+    ``loss_fn``) get ``to_model_input(x, spec.dataset)``."""
+    x = to_model_input(x, spec.dataset)  # once; x itself where the dataset is not normalised
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     steps = spec.epochs * ((len(y) + spec.batch_size - 1) // spec.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -168,13 +188,16 @@ def train_teacher(
     if spec.trigger == "cl":  # label-consistent: PGD against a clean model first
         helper = build_model(spec.arch, spec.dataset, spec.width)
         _train(helper, xtr, ytr, TeacherSpec(**{**asdict(spec), "trigger": None}))
+        if dataset_info(spec.dataset).normalize is not None:  # its PGD works on pixels
+            helper = ImageSpaceModel(helper, spec.dataset)
     xp, yp, _ = poison_dataset(xtr, ytr, spec, helper)
     _train(model, xp, yp, spec, progress)
     xte, yte = load_dataset(spec.dataset, "test", size=spec.size).tensors
-    metrics: dict[str, Any] = {"acc": accuracy(model, xte, yte)}
+    metrics: dict[str, Any] = {"acc": accuracy(model, xte, yte, normalize=spec.dataset)}
     if spec.trigger is not None:
         metrics["asr"] = attack_success_rate(
-            model, xte, yte, get_trigger(spec.trigger, seed=spec.seed), spec.target
+            model, xte, yte, get_trigger(spec.trigger, seed=spec.seed), spec.target,
+            normalize=spec.dataset,
         )
     metrics["spec"] = asdict(spec)
     if cache:

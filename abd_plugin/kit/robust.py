@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attacks import pgd_attack
-from .datasets import load_dataset
+from .datasets import dataset_info, load_dataset
 from .metrics import accuracy, attack_success_rate, robust_accuracy_pgd
 from .poison import TeacherSpec, _train, build_model, cached_model, poison_dataset
 from .triggers import get_trigger
@@ -65,6 +65,10 @@ class AdversarialSpec:
         if self.base.trigger == "cl":
             raise ValueError("the label-consistent trigger 'cl' is not supported with "
                              "adversarial training")
+        if dataset_info(self.base.dataset).normalize is not None:
+            raise ValueError(f"adversarial training on {self.base.dataset!r} (normalised model "
+                             "inputs) is not supported: eps and the PGD clamp are in [0, 1] "
+                             "pixel units of unnormalised datasets")
 
     def key(self) -> str:
         blob = json.dumps({"kind": "adversarial", **asdict(self)}, sort_keys=True).encode()

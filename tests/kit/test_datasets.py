@@ -11,7 +11,8 @@ def tensors(name, split, **kw):
 
 
 def test_list_and_info():
-    assert set(list_datasets()) == {"mnist5k", "digits", "synthetic", "cifar10", "gtsrb"}
+    assert set(list_datasets()) == {"mnist5k", "digits", "synthetic", "cifar10", "gtsrb",
+                                    "tinted32"}
     info = dataset_info("mnist5k")
     assert (info.num_classes, info.channels, info.size) == (10, 1, 32)
     assert dataset_info("gtsrb").num_classes == 43 and dataset_info("digits").size == 16
