@@ -1,7 +1,8 @@
 """Model zoo: small classifiers (return plain logits) and data-free KD generators.
 
-Classifiers take ``num_classes`` and ``in_channels``; they expect [0, 1] images (wrap them
-with a normalisation layer yourself if you train on normalised inputs).
+Classifiers take ``num_classes`` and ``in_channels`` and contain no input normalisation: they
+are fed whatever :func:`abd_plugin.kit.datasets.to_model_input` gives for their dataset ([0, 1]
+images, or normalised images for ``tinted32``), applied outside the model.
 
 Generators take ``img_size`` (divisible by 4), ``channels`` and ``z_dim``, expose ``.z_dim``
 and map ``z`` of shape (B, z_dim) to images (B, channels, img_size, img_size). By default
@@ -24,7 +25,8 @@ from torch import Tensor, nn
 
 from .registry import Registry
 
-__all__ = ["get_model", "list_models", "LeNet5", "CNN5", "WideResNet", "ResNet", "ConvGenerator"]
+__all__ = ["get_model", "list_models", "LeNet5", "CNN5", "PlainCNN", "WideResNet", "ResNet",
+           "ConvGenerator"]
 
 _MODELS: Registry[nn.Module] = Registry("model", "abd_plugin.kit.models.list_models()")
 
@@ -87,6 +89,30 @@ class CNN5(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+class PlainCNN(nn.Module):
+    """A plain CNN, no residual connections and no BatchNorm: three [conv3x3 - ReLU - max-pool 2]
+    stages (widths ``widths``), flatten, Linear(hidden) - ReLU - Linear(C). The kit's student of
+    ``resnet8`` (``cnn3``). Input side divisible by 8 (32x32 -> 4x4 before the head)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3,
+                 widths: Sequence[int] = (16, 32, 32), hidden: int = 64, size: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for w in widths:
+            layers += [nn.Conv2d(prev, w, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            prev = w
+        self.features = nn.Sequential(*layers)
+        side = size // 2 ** len(widths)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(prev * side * side, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
 
 
 class _WideBlock(nn.Module):
@@ -178,27 +204,36 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR-style ResNet: 3x3 stem (64, stride 1, no max-pool), four stages of basic blocks
-    (64, 128, 256, 512; strides 1, 2, 2, 2), global average pooling, linear."""
+    """CIFAR-style ResNet: 3x3 conv-BN-ReLU stem (``widths[0]`` channels, stride 1, no
+    max-pool), one stage of ``blocks[i]`` basic blocks per width (strides 1, 2, 2, ...), global
+    average pooling, linear. Default widths (64, 128, 256, 512): ResNet-18/34 with
+    ``blocks=(2, 2, 2, 2)`` / ``(3, 4, 6, 3)``; ``resnet8`` is widths (16, 32, 64), one block
+    each. Stages are ``layer1``, ``layer2``, ..."""
 
-    def __init__(self, blocks: Sequence[int], num_classes: int = 10, in_channels: int = 3) -> None:
+    def __init__(self, blocks: Sequence[int], num_classes: int = 10, in_channels: int = 3,
+                 widths: Sequence[int] = (64, 128, 256, 512)) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        stages, in_planes = [], 64
-        for planes, count, stride in zip((64, 128, 256, 512), blocks, (1, 2, 2, 2), strict=True):
+        if len(blocks) != len(widths):
+            raise ValueError(f"ResNet needs one block count per width, got {blocks} / {widths}")
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        in_planes = widths[0]
+        self.stages: list[str] = []
+        for s, (planes, count) in enumerate(zip(widths, blocks, strict=True)):
             layers = []
             for i in range(count):
-                layers.append(_BasicBlock(in_planes, planes, stride if i == 0 else 1))
+                stride = (1 if s == 0 else 2) if i == 0 else 1
+                layers.append(_BasicBlock(in_planes, planes, stride))
                 in_planes = planes
-            stages.append(nn.Sequential(*layers))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.fc = nn.Linear(512, num_classes)
+            self.stages.append(f"layer{s + 1}")
+            self.add_module(self.stages[-1], nn.Sequential(*layers))
+        self.fc = nn.Linear(in_planes, num_classes)
         _init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        for name in self.stages:
+            out = getattr(self, name)(out)
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
@@ -324,6 +359,21 @@ def _wrn40_2(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) 
 @_MODELS.register("resnet18")
 def _resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return ResNet((2, 2, 2, 2), num_classes, in_channels)
+
+
+@_MODELS.register("resnet8")
+def _resnet8(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """ResNet-8 (He et al.'s CIFAR family with n = 1): conv-BN-ReLU stem (16), three stages of
+    one basic block each at widths 16, 32, 64 (strides 1, 2, 2), global average pooling, linear;
+    about 78 k parameters. The kit's BatchNorm/residual teacher of ``tinted32``."""
+    return ResNet((1, 1, 1), num_classes, in_channels, widths=(16, 32, 64))
+
+
+@_MODELS.register("cnn3")
+def _cnn3(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """:class:`PlainCNN` (16, 32, 32 channels, hidden 64; about 47 k parameters, no BatchNorm,
+    no residual connections): the student of ``resnet8``, for 32x32 inputs."""
+    return PlainCNN(num_classes, in_channels, (16, 32, 32), 64)
 
 
 @_MODELS.register("resnet34")

@@ -15,6 +15,8 @@ CLASSIFIERS = [
     "wrn40_2",
     "resnet18",
     "resnet34",
+    "resnet8",
+    "cnn3",
 ]
 GENERATORS = ["generator_zskt", "generator_dfad", "generator_cmi"]
 
@@ -66,6 +68,8 @@ def test_cnn5_any_size(size):
         ("wrn40_2", 2243546),
         ("resnet18", 11173962),
         ("resnet34", 21282122),
+        ("resnet8", 78042),
+        ("cnn3", 47818),
     ],
 )
 def test_architecture_sizes(name, expected):
