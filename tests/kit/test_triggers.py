@@ -9,15 +9,18 @@ from torch import nn
 from abd_plugin.kit.triggers import Trigger, get_trigger, list_triggers
 
 ALL = list_triggers()
-SEEDED = ["trojan_3x3", "trojan_8x8", "trojan_wm", "blend", "l2_inv", "wanet"]
+SEEDED = ["trojan_3x3", "trojan_8x8", "trojan_wm", "blend", "l2_inv", "wanet", "wanet_strong"]
 U8 = 1 / 255
 
 
 def test_registry_has_every_documented_trigger():
     expected = {"badnet_grid", "badnet_sq", "trojan_3x3", "trojan_8x8", "trojan_wm", "blend", "sig",
-                "sig_canonical", "l0_inv", "l2_inv", "smooth", "cl", "wanet", "square_in"}
+                "sig_canonical", "l0_inv", "l2_inv", "smooth", "cl", "wanet", "square_in",
+                "red_square", "sig_strong", "wanet_strong"}
     assert set(ALL) == expected
-    assert {n for n in ALL if get_trigger(n).clean_label} == {"sig", "sig_canonical", "cl"}
+    assert {n for n in ALL if get_trigger(n).clean_label} == {"sig", "sig_canonical", "cl",
+                                                                "sig_strong"}
+    assert all(get_trigger(n).name == n for n in ALL)
     assert {n for n in ALL if get_trigger(n).seeded} == set(SEEDED)
 
 
@@ -193,6 +196,26 @@ def test_wanet_warps_texture_but_not_constants():
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert (get_trigger("wanet").apply(x) - x).abs().mean() > 0.01
     assert torch.allclose(get_trigger("wanet", s=0.0).apply(x), x, atol=1e-5)  # s=0: identity warp
+
+
+def test_strong_variants_and_unchanged_defaults():
+    """sig_strong / wanet_strong are new names; sig and wanet keep their parameters (cached
+    teachers are keyed by the trigger's name)."""
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    stripes = get_trigger("sig").patterns(32, 32, 3)["pattern"]
+    assert get_trigger("sig").alpha == 0.2 and get_trigger("wanet").s == 0.5
+    assert torch.allclose(get_trigger("sig_strong").apply(x), (0.4 * x + 0.6 * stripes).clamp(0, 1))
+    strong = get_trigger("wanet_strong", seed=2)
+    assert strong.s == 4.0 and torch.equal(strong.apply(x), get_trigger("wanet", seed=2, s=4.0)(x))
+    weak = (get_trigger("wanet").apply(x) - x).abs().mean()
+    assert (strong.apply(x) - x).abs().mean() > weak
+
+
+def test_red_square_grey_is_the_mean_of_the_red_stamp():
+    x = torch.full((1, 1, 32, 32), 0.3)
+    out = get_trigger("red_square").apply(x)
+    assert out[0, 0, 2, 28].item() == pytest.approx((1 + 0.3 + 0.3) / 3)
+    assert only_changed(out, x, slice(1, 5), slice(27, 31))
 
 
 # -- grayscale and resolution scaling --------------------------------------------------------
