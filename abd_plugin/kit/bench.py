@@ -1,6 +1,10 @@
 """The ACC/ASR benchmark: poisoned teacher -> data-free KD with and without ABD -> metrics.
 
-A *cell* is (dataset, method, trigger, defense, seed, arch, iterations, teacher_seed).
+A *cell* is (dataset, method, trigger, defense, seed, arch, iterations, teacher_seed, teacher,
+target, poison_ratio). Images stay in image space; what the models are fed (teacher training,
+the KD loops, ACC/ASR after stamping the trigger) goes through the dataset's
+:func:`~abd_plugin.kit.datasets.to_model_input` (normalised for ``tinted32``, unchanged for the
+[0, 1] datasets).
 ``run_bench`` runs a grid of cells, appending one JSON line per finished cell to
 ``DIR/cells.jsonl`` (so an interrupted run resumes where it stopped), and then writes
 ``results.csv``, ``results.json``, ``table.md`` (with a cost table) and ``plot.png``. Rows added
@@ -53,7 +57,7 @@ from abd_plugin import ABDConfig, DefenseHook, InputGradientAlignment
 from abd_plugin.validation import Int, Num, Spec
 
 from ._utils import check_options, parse_options
-from .datasets import dataset_info, load_dataset
+from .datasets import dataset_info, load_dataset, model_input_range
 from .loops import DistillConfig, distill, list_loops
 from .metrics import accuracy, attack_success_rate, robust_accuracy, robust_accuracy_pgd
 from .poison import TeacherSpec, build_model
@@ -102,7 +106,8 @@ def _iga(fgsm: bool) -> HookFactory:
         kw.setdefault("gamma", IGA_GAMMA.get(method, IGA_GAMMA["default"]))
         if fgsm:
             kw.setdefault("fgsm_eps", tmeta.get("eps", IGA_FGSM_EPS))
-            kw.setdefault("clamp", (0.0, 1.0))
+            lo, hi = model_input_range(cell.dataset)  # in the model's units: (0, 1) unnormalised
+            kw.setdefault("clamp", (min(lo), max(hi)))
         return InputGradientAlignment(student, teacher, **kw)
 
     return make
@@ -117,7 +122,8 @@ HOOK_OPTIONS: dict[str, dict[str, Spec]] = {
 
 #: the student trained against each teacher architecture (the standard data-free KD pairs)
 STUDENTS = {"lenet5": "lenet5_half", "lenet5_bn": "lenet5_half", "cnn5": "cnn5",
-            "wrn16_2": "wrn16_1", "wrn40_2": "wrn16_1", "resnet34": "resnet18"}
+            "wrn16_2": "wrn16_1", "wrn40_2": "wrn16_1", "resnet34": "resnet18",
+            "resnet8": "cnn3"}
 
 
 @dataclass(frozen=True)
@@ -133,12 +139,24 @@ class Cell:
     teacher: str = "standard"
     """Teacher kind (:mod:`abd_plugin.kit.teachers`): ``standard``, ``pgd[:opts]``,
     ``nasty[:opts]``."""
+    target: int = 0
+    """The backdoor's target class (the teacher's ``TeacherSpec.target``; ASR is measured for
+    it, also for clean teachers)."""
+    poison_ratio: float = 0.1
+    """Fraction of the training set poisoned (``TeacherSpec.poison_ratio``; clean-label
+    triggers: at most every target-class image)."""
 
     def key(self) -> str:
-        vals = asdict(self)
-        if vals["teacher"] == "standard":  # keys of runs made before the field existed
-            del vals["teacher"]
-        return "|".join(str(v) for v in vals.values())
+        vals = list(asdict(self).items())
+        # fields added later are left out at their defaults, from the end: the keys of runs made
+        # before they existed stay valid
+        while vals and vals[-1][0] in _LATER_FIELDS and vals[-1][1] == _LATER_FIELDS[vals[-1][0]]:
+            vals.pop()
+        return "|".join(str(v) for _, v in vals)
+
+
+#: Cell fields added after the first runs, with the default their keys leave out
+_LATER_FIELDS: dict[str, Any] = {"teacher": "standard", "target": 0, "poison_ratio": 0.1}
 
 
 def parse_defense(name: str) -> tuple[ABDConfig | None, list[tuple[str, dict[str, Any]]]]:
@@ -195,7 +213,8 @@ def run_cell(cell: Cell, *, progress: Callable[[int, int, str], None] | None = N
     cell's named defense with an explicit configuration."""
     trig_name = None if cell.trigger == "none" else cell.trigger
     spec = TeacherSpec(dataset=cell.dataset, arch=cell.arch, trigger=trig_name,
-                       seed=cell.teacher_seed)
+                       seed=cell.teacher_seed, target=cell.target,
+                       poison_ratio=cell.poison_ratio)
     teacher, tmeta = build_teacher(cell.teacher, spec)
     racc_eps = tmeta.get("eps")  # an adversarially trained teacher: report PGD robust accuracy
     # ``method[:key=value...]``: DistillConfig overrides, e.g. ``clean:temperature=4``
@@ -205,11 +224,13 @@ def run_cell(cell: Cell, *, progress: Callable[[int, int, str], None] | None = N
     # ASR of a clean teacher is still measured with the benchmark's reference trigger
     trig = get_trigger(trig_name or "badnet_grid")
 
+    norm = info.normalize  # stamp in image space, then normalise (None: [0, 1] inputs)
+
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         out = {
-            "acc": accuracy(model, xte, yte),
-            "asr": attack_success_rate(model, xte, yte, trig, spec.target),
-            "ra": robust_accuracy(model, xte, yte, trig, spec.target),
+            "acc": accuracy(model, xte, yte, normalize=norm),
+            "asr": attack_success_rate(model, xte, yte, trig, spec.target, normalize=norm),
+            "ra": robust_accuracy(model, xte, yte, trig, spec.target, normalize=norm),
         }
         if racc_eps is not None:
             out["racc"] = robust_accuracy_pgd(model, xte, yte, racc_eps, RACC_STEPS)
@@ -241,6 +262,7 @@ def run_cell(cell: Cell, *, progress: Callable[[int, int, str], None] | None = N
         eval_fn=evaluate if eval_every else None,
         eval_every=eval_every,
         hooks=hooks,
+        normalize=norm,
     )
     seconds = time.perf_counter() - t0
     row: dict[str, Any] = {**asdict(cell), **evaluate(student), "seconds": round(seconds, 1),
@@ -294,12 +316,15 @@ def grid(
     iterations: int = 400,
     clean_rows: bool = True,
     teachers: Sequence[str] = ("standard",),
+    target: int = 0,
+    poison_ratio: float = 0.1,
 ) -> list[Cell]:
     """Every (method, trigger, defense, seed) cell for every teacher kind; ``clean_rows`` adds
     clean KD on real data per trigger and (standard teachers) clean-teacher rows, one clean
-    teacher per seed."""
+    teacher per seed. Every cell has backdoor target class ``target`` and ``poison_ratio``."""
+    tp: dict[str, Any] = {"target": target, "poison_ratio": poison_ratio}
     cells = [
-        Cell(dataset, m, t, d, s, arch, iterations, teacher=k)
+        Cell(dataset, m, t, d, s, arch, iterations, teacher=k, **tp)
         for k in teachers
         for m in methods
         for t in triggers
@@ -308,16 +333,17 @@ def grid(
     ]
     for k in teachers:
         if k != "standard" and clean_rows:
-            cells += [Cell(dataset, "clean", t, "none", s, arch, iterations, teacher=k)
+            cells += [Cell(dataset, "clean", t, "none", s, arch, iterations, teacher=k, **tp)
                       for t in triggers for s in seeds]
     if clean_rows and "standard" in teachers:
         for t in triggers:  # clean KD on real data: the reference the targets compare against
             if t != "none":
-                cells += [Cell(dataset, "clean", t, "none", s, arch, iterations) for s in seeds]
+                cells += [Cell(dataset, "clean", t, "none", s, arch, iterations, **tp)
+                          for s in seeds]
         extra = ["erase_forced"] if "default" in defenses else []
         for m in methods:  # clean teachers (one per seed): what a defense costs without backdoor
             cells += [
-                Cell(dataset, m, "none", d, s, arch, iterations, teacher_seed=s)
+                Cell(dataset, m, "none", d, s, arch, iterations, teacher_seed=s, **tp)
                 for d in dict.fromkeys(["none", *defenses, *extra])
                 for s in seeds
             ]
@@ -378,10 +404,15 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         key = (r["dataset"], r.get("arch", "lenet5"), r.get("teacher", "standard"), r["method"],
-               r["trigger"], r["defense"])
+               r["trigger"], r["defense"], r.get("target", 0), r.get("poison_ratio", 0.1))
         groups.setdefault(key, []).append(r)
     out = []
-    for (ds, arch, k, m, t, d), rs in groups.items():
+    for (ds, arch, k, m, t, d, tgt, ratio), rs in groups.items():
+        # rows of the defaults (target 0, 10 % poisoned) read as before
+        if ratio != 0.1 and t != "none":
+            t = f"{t} @{ratio:g}"
+        if tgt != 0:
+            t = f"{t}→{tgt}"
         erased = [r["erase_pixels"] for r in rs if r.get("erase_status") == "on"]
         racc: dict[str, Any] = {}
         if all("racc" in r for r in rs):
@@ -420,7 +451,7 @@ def cost_rows(rows: list[dict[str, Any]], defense: str = "default") -> list[dict
     trigger, seed, teacher), without the audit's one-off seconds, which are given beside it."""
     def key(r: dict[str, Any]) -> tuple:
         return (r.get("arch"), r["method"], r["trigger"], r["seed"], r.get("teacher_seed", 0),
-                r.get("teacher", "standard"))
+                r.get("teacher", "standard"), r.get("target", 0), r.get("poison_ratio", 0.1))
 
     base = {key(r): r for r in rows if r["defense"] == "none" and r["method"] != "clean"}
     out = []

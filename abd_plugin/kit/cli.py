@@ -277,6 +277,7 @@ def _check_cell(args: argparse.Namespace) -> None:
     """distill/bench: local data present, teacher and student fit the dataset, a nasty teacher
     only with the clean trigger ``none``, a pgd teacher not with ``cl``."""
     _check_local_data(args)
+    _check_target(args)
     _check_arch_fits(args, student=True)
     kinds = [k.split(":")[0] for k in _csv(args.teacher)]
     triggers = [t for t in _csv(args.trigger) if t != "none"]
@@ -476,7 +477,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     name = "custom" if abd is not None else args.defense
     cell = Cell(
         args.dataset, args.method, args.trigger, name, args.seed, args.arch, args.iterations,
-        teacher=args.teacher,
+        teacher=args.teacher, target=args.target, poison_ratio=args.poison_ratio,
     )
     bar = _Bar(f"{args.method}/{name}")
     row = run_cell(cell, progress=bar, abd=abd)
@@ -493,7 +494,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     cells = grid(args.dataset, _csv(args.method), _csv(args.trigger), _csv(args.defense),
                  args.seeds, arch=args.arch, iterations=args.iterations,
-                 clean_rows=not args.no_clean_rows, teachers=_csv(args.teacher))
+                 clean_rows=not args.no_clean_rows, teachers=_csv(args.teacher),
+                 target=args.target, poison_ratio=args.poison_ratio)
     rows = run_bench(
         cells,
         Path(args.out),
@@ -636,6 +638,13 @@ def build_parser() -> argparse.ArgumentParser:
                        default="standard",
                        help="teacher kind: standard, pgd[:eps=..], nasty[:omega=..] "
                             "(abd_plugin.kit.teachers; bench: comma-separated)")
+        q.add_argument("--target", type=number(Int(0)), default=0,
+                       help="target class of the teachers' backdoor (below the number of "
+                            "classes)")
+        q.add_argument("--poison-ratio", type=number(Num(0, 1, lo_open=True, hi_open=True),
+                                                     float), default=0.1,
+                       help="fraction of the teachers' training set poisoned, in (0, 1) "
+                            "(clean label triggers: at most all images of the target class)")
 
     b = add_subcommand(sub, "bench", "grid of methods x triggers x defenses x seeds (resumable)",
                        cmd_bench, _check_cell)
@@ -761,8 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the teacher's architecture (abd-plugin list)")
     au.add_argument("--dataset", type=registered("dataset"), default="mnist5k",
                     help="what the teacher classifies (input shape and classes)")
-    au.add_argument("--input-range", type=_range_pair, default=(0.0, 1.0),
-                    help="low,high of valid inputs as the teacher receives them")
+    au.add_argument("--input-range", type=_range_pair, default=None,
+                    help="low,high of valid inputs as the teacher receives them (default: the "
+                         "dataset's: 0,1, or -2,2 for the normalised tinted32)")
     audit_flags(au)
     au.add_argument("--out", type=writable_dir, default="out",
                     help="where audit.png and audit.json go")
