@@ -248,7 +248,7 @@ def run_cell(cell: Cell, *, progress: Callable[[int, int, str], None] | None = N
         real = (x_real, y_real)
     c = info.channels
     h = spec.size or info.size
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = distill(
         method,
         teacher,
@@ -265,7 +265,9 @@ def run_cell(cell: Cell, *, progress: Callable[[int, int, str], None] | None = N
         normalize=norm,
     )
     seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - c0  # this process's CPU time: comparable on a shared box
     row: dict[str, Any] = {**asdict(cell), **evaluate(student), "seconds": round(seconds, 1),
+                           "cpu_seconds": round(cpu_seconds, 1),
                            "teacher_acc": tmeta["acc"], "teacher_asr": evaluate(teacher)["asr"],
                            "history": result.history}
     if racc_eps is not None:
