@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from abd_testutils import TinyCNN, _poisoned_digits_cnn
-
 from abd_plugin import ABDConfig, ABDGuard, InputGradientAlignment
+from abd_testutils import TinyCNN, _poisoned_digits_cnn
 
 
 class _Gen(nn.Module):
