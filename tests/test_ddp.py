@@ -39,6 +39,8 @@ def _worker(out_dir: str) -> None:
 
     from abd_plugin import ABDConfig, ABDGuard
     from abd_plugin.kit.models import get_model
+    from abd_plugin.retrospection import RetrospectionReport
+    from abd_plugin.vaccine import VaccineReport
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -106,9 +108,11 @@ def _worker(out_dir: str) -> None:
             "rank": rank, "world": world,
             "layers": list(sv.ensemble.layers),
             "perms": {k: v.clone() for k, v in sv.ensemble.perms.items()},
-            "status": sv.status, "trials": list(sv.trials), "sv_calls": rep.sv_calls,
+            "status": sv.status, "trials": list(sv.trials),
+            "sv_calls": rep.get(VaccineReport).calls,
             "trunk_module": sv.ensemble.trunk_module,
-            "sr_local": local, "sr_reduced": reduced, "sr_steps": rep.sr_steps, "steps": guard.step,
+            "sr_local": local, "sr_reduced": reduced,
+            "sr_steps": rep.get(RetrospectionReport).steps, "steps": guard.step,
             "student": torch.cat([p.detach().reshape(-1) for p in student.parameters()]),
             "generator": torch.cat([p.detach().reshape(-1) for p in generator.parameters()]),
         }, Path(out_dir) / f"rank{rank}.pt")

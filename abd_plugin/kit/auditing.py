@@ -41,7 +41,7 @@ def plot_audit(rep: AuditReport, path: Path, title: str = "") -> None:
 
 
 def audit_teacher_file(path: str, arch: str, dataset: str, *, input_range: Any = (0.0, 1.0),
-                       settings: AuditSettings | None = None) -> AuditReport:
+                       settings: AuditSettings | None = None, seed: int = 0) -> AuditReport:
     """Audit a state_dict file (``abd-plugin poison --out``, or your own) of a kit architecture."""
     from abd_plugin import load_teacher
 
@@ -50,12 +50,12 @@ def audit_teacher_file(path: str, arch: str, dataset: str, *, input_range: Any =
     info = dataset_info(dataset)
     model = load_teacher(path, build_model(arch, dataset))
     return audit(model, (info.channels, info.size, info.size), input_range=input_range,
-                 settings=settings or AuditSettings())
+                 settings=settings or AuditSettings(), seed=seed)
 
 
 def audit_table(archs: Sequence[str], triggers: Sequence[str], seeds: Sequence[int], *,
                 dataset: str = "mnist5k", settings: AuditSettings | None = None,
-                out: Path | None = None, log: Callable[[str], None] = print
+                seed: int = 0, out: Path | None = None, log: Callable[[str], None] = print
                 ) -> list[dict[str, Any]]:
     """Audit every kit teacher (arch x trigger x training seed; ``"none"``: a clean teacher),
     training the ones not cached. Rows: verdict, suspect, p-value, z-score, seconds, and the
@@ -74,7 +74,8 @@ def audit_table(archs: Sequence[str], triggers: Sequence[str], seeds: Sequence[i
                 t0 = time.perf_counter()
                 model, meta = train_teacher(spec)
                 train_s = time.perf_counter() - t0
-                rep = audit(model, (info.channels, info.size, info.size), settings=settings)
+                rep = audit(model, (info.channels, info.size, info.size), settings=settings,
+                            seed=seed)
                 asr = meta.get("asr")
                 if asr is None:  # a clean teacher: its ASR with the benchmark's reference trigger
                     from .datasets import load_dataset

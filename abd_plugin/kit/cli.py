@@ -418,7 +418,7 @@ def _settings(args: argparse.Namespace) -> Any:
     from abd_plugin.audit import AuditSettings
 
     return AuditSettings(starts=args.starts, steps=args.steps, alpha=args.alpha,
-                         clean_alpha=args.clean_alpha, seed=args.seed)
+                         clean_alpha=args.clean_alpha)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -427,7 +427,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # a LeNet-sized audit gains nothing from threads
     rep = audit_teacher_file(args.teacher, args.arch, args.dataset, input_range=args.input_range,
-                             settings=_settings(args))
+                             settings=_settings(args), seed=args.seed)
     print(rep)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -447,7 +447,7 @@ def cmd_audit_table(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     audit_table(_csv(args.arch), _csv(args.trigger), args.seeds, dataset=args.dataset,
-                settings=_settings(args), out=Path(args.out),
+                settings=_settings(args), seed=args.seed, out=Path(args.out),
                 log=lambda m: print(m, file=sys.stderr))
     print((Path(args.out) / "audit.md").read_text())
     return 0

@@ -11,6 +11,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from abd_fakes import common  # noqa: E402
 from abd_fakes.common import TinyNet  # noqa: E402
 from abd_plugin.integrations.lightning import ABDCallback  # noqa: E402
+from abd_plugin.vaccine import VaccineReport  # noqa: E402
 from conftest import global_hook_counts, module_hooks  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def test_call_order_reweight_and_restore(events, fast_cfg):
     ev = [e for e in events if e != "sv"]
     assert ev == ["loss:S", "backward:S", "sr", "step:S"] * 4
     assert cb.sr_calls == 4 and cb.guard.step == 4
-    assert cb.guard.report().sv_calls == 4  # one suspicion mask per batch
+    assert cb.guard.report().get(VaccineReport).calls == 4  # one suspicion mask per batch
     assert "kd_loss_fn" not in vars(module)  # instance override removed
     assert global_hook_counts() == hooks0 and module_hooks(module) == 0
 
