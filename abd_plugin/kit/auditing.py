@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,9 @@ def plot_audit(rep: AuditReport, path: Path, title: str = "") -> None:
     ax.set_ylabel("maximum margin (data-free)")
     ax.set_title(title or f"audit: {rep.verdict}, suspect class {rep.suspect}", fontsize=9)
     ax.set_ylim(0, max(rep.statistic) * 1.35 if max(rep.statistic) > 0 else 1)
-    fig.tight_layout()
+    with warnings.catch_warnings():  # the rotated p-value labels of tiny bars may not fit
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
