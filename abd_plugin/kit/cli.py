@@ -487,7 +487,8 @@ def _import_factory(arch: str) -> Callable[[], Any]:
     try:
         obj: Any = importlib.import_module(mod_name)
     except ModuleNotFoundError as exc:
-        if exc.name and mod_name.startswith(exc.name):  # the module itself (or its package)
+        if exc.name and (mod_name == exc.name or mod_name.startswith(exc.name + ".")):
+            # the module itself (or its package), not something it imports
             raise UsageError(
                 f"argument --arch: cannot import module {mod_name!r} ({_first_line(exc)}); it "
                 f"must be importable from the current directory ({cwd}) or PYTHONPATH") from None

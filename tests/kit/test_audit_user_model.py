@@ -61,6 +61,7 @@ def user_dir(tmp_path, monkeypatch):
     ``sys.modules`` are restored afterwards."""
     name = f"abd_user_net_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{name}.py").write_text(FACTORY)
+    (tmp_path / f"{name}_bad.py").write_text("import abd_missing_dependency_xyz  # noqa\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     ns: dict = {}
@@ -164,6 +165,9 @@ def test_unreadable_weights_are_one_line(user_dir, capsys):
      "argument --dataset: only for a kit --arch"),
     ("abd_no_such_module_xyz:make", ["--input-shape", "1,16,16", "--num-classes", "10"],
      "cannot import module 'abd_no_such_module_xyz'"),
+    ("{m}_bad:make", ["--input-shape", "1,16,16", "--num-classes", "10"],
+     "importing '{m}_bad' failed (ModuleNotFoundError: No module named "
+     "'abd_missing_dependency_xyz'); install what it imports"),
     ("{m}:nope", ["--input-shape", "1,16,16", "--num-classes", "10"], "has no attribute 'nope'"),
     ("{m}:NOT_CALLABLE", ["--input-shape", "1,16,16", "--num-classes", "10"], "is not callable"),
     ("{m}:make_dict", ["--input-shape", "1,16,16", "--num-classes", "10"],
