@@ -254,7 +254,7 @@ def run_host(host: Any, host_argv: list[str], defense: str, run_dir: Path, *,
         return host_acc
 
     saved_argv, saved_cwd = list(sys.argv), os.getcwd()
-    report = None
+    report, fill = None, None
     t0 = time.perf_counter()
     try:
         patches.set(host, "get_dataloader", _offline_dataloader(mean, std))
@@ -266,6 +266,7 @@ def run_host(host: Any, host_argv: list[str], defense: str, run_dir: Path, *,
             with abd.patch(host) as handle:  # no settings: the bare default guard
                 host.main()
             report = handle.guard.report()
+            fill = _find_key(_safe_state(handle.guard), "fill")
         else:
             host.main()
     finally:
@@ -291,7 +292,31 @@ def run_host(host: Any, host_argv: list[str], defense: str, run_dir: Path, *,
                     "erase_price", "erase_seconds", "student_steps"):
             row[key] = getattr(report, key, None)
         row["erase_rechecks"] = len(getattr(report, "erase_rechecks", []) or [])
+        audit = getattr(report, "audit", None) or {}
+        row["audit_input_range"] = audit.get("input_range")  # inferred from the first batch
+        row["erase_fill"] = None if fill is None else torch.as_tensor(fill).flatten().tolist()
     return row
+
+
+def _safe_state(guard: Any) -> Any:
+    try:
+        return guard.state_dict()
+    except Exception:  # informative only: the guard's state layout is not an API
+        return None
+
+
+def _find_key(obj: Any, key: str) -> Any:
+    """The first value under ``key`` in nested dicts/lists (None if absent)."""
+    if isinstance(obj, dict):
+        if obj.get(key) is not None:
+            return obj[key]
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    return None
 
 
 # ---------------------------------------------------------------------- the grid

@@ -58,6 +58,7 @@ def test_launcher_wiring_against_the_fake_host(tmp_path):
         assert r["audit_verdict"] in ("poisoned", "unsure", "clean")
         assert r["student_steps"] == 1 * 2 * 5
         assert "Teacher audit" in r["report"]
+        assert len(r["audit_input_range"]) == 2  # read off the host generator's first batch
         assert (out / "runs" / f"default-s{r['seed']}" / "guard_report.txt").is_file()
     assert all("audit_verdict" not in r for r in rows if r["defense"] == "none")
     table = (out / "table.md").read_text()
