@@ -77,8 +77,8 @@ class AuditSettings(Section):
         this.""")
     clean_alpha: float = spec(
         0.2, Num(0, 1, lo_open=True),
-        """... and ``clean`` when it is at least this (``unsure`` in between; must be >=
-        ``alpha``).""")
+        """The audit calls the teacher ``clean`` when that p-value is at least this (``unsure``
+        in between; must be >= ``alpha``).""")
     batch_size: int = spec(
         512, Int(1, 1_000_000),
         """Inputs optimised at once (classes are processed in chunks of this many inputs).""")
