@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from abd_plugin.eraser import EraserReport
 from abd_plugin.integrations import dfad as abd
 from abd_plugin.kit.datasets import load_dataset
 from abd_plugin.kit.metrics import accuracy, attack_success_rate
@@ -266,7 +267,8 @@ def run_host(host: Any, host_argv: list[str], defense: str, run_dir: Path, *,
             with abd.patch(host) as handle:  # no settings: the bare default guard
                 host.main()
             report = handle.guard.report()
-            fill = _find_key(_safe_state(handle.guard), "fill")
+            er_hook = handle.guard.eraser
+            fill = None if er_hook is None else er_hook.repair.fill
         else:
             host.main()
     finally:
@@ -286,37 +288,23 @@ def run_host(host: Any, host_argv: list[str], defense: str, run_dir: Path, *,
     if report is not None:
         (run_dir / "guard_report.txt").write_text(str(report) + "\n")
         row["report"] = str(report)
-        for key in ("audit_verdict", "audit_target", "audit_p_value", "audit_seconds",
-                    "erase_status", "erase_reason", "erase_target", "erase_pixels",
-                    "erase_fraction", "erase_updates", "erase_flip", "erase_keep",
-                    "erase_price", "erase_seconds", "student_steps"):
-            row[key] = getattr(report, key, None)
-        row["erase_rechecks"] = len(getattr(report, "erase_rechecks", []) or [])
-        audit = getattr(report, "audit", None) or {}
-        row["audit_input_range"] = audit.get("input_range")  # inferred from the first batch
+        a, er = report.audit, report.get(EraserReport)
+        audit = None if a is None else a.audit
+        row.update(
+            audit_verdict="off" if a is None else a.state,
+            audit_target=None if audit is None else audit.target,
+            audit_p_value=None if audit is None else audit.p_value,
+            audit_seconds=None if audit is None else audit.seconds,
+            audit_input_range=None if audit is None else audit.input_range,  # from the domain
+            student_steps=report.student_steps)
+        if er is not None:
+            row.update(erase_status=er.status, erase_reason=er.reason, erase_target=er.target,
+                       erase_pixels=er.pixels, erase_fraction=er.fraction,
+                       erase_updates=er.updates, erase_flip=er.flip, erase_keep=er.kept,
+                       erase_price=er.price, erase_seconds=er.seconds,
+                       erase_rechecks=len(er.rechecks))
         row["erase_fill"] = None if fill is None else torch.as_tensor(fill).flatten().tolist()
     return row
-
-
-def _safe_state(guard: Any) -> Any:
-    try:
-        return guard.state_dict()
-    except Exception:  # informative only: the guard's state layout is not an API
-        return None
-
-
-def _find_key(obj: Any, key: str) -> Any:
-    """The first value under ``key`` in nested dicts/lists (None if absent)."""
-    if isinstance(obj, dict):
-        if obj.get(key) is not None:
-            return obj[key]
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        for v in obj:
-            found = _find_key(v, key)
-            if found is not None:
-                return found
-    return None
 
 
 # ---------------------------------------------------------------------- the grid
