@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from . import _dist
 from ._replica import TeacherReplica, model_device, unwrap_model
 from .domain import infer_input_range
 from .hooks import DefenseHook, GuardContext, HookReport
@@ -464,19 +465,26 @@ class TeacherAudit(DefenseHook):
         domain = ctx.domain
         assert domain is not None, "the guard resolves the input domain before the hooks run"
         self._replica.to_device_of(x)
-        with ctx.suspended():
-            try:
-                self.result = audit(self.teacher, domain.shape,
-                                    input_range=domain.range, settings=self.settings,
-                                    logits_fn=self.logits_fn, replica=self._replica,
-                                    seed=self.seed)
-            except Exception as e:
-                raise RuntimeError(
-                    f"abd-plugin: the data-free teacher audit failed on inputs of shape "
-                    f"{domain.shape} ({type(e).__name__}: {e}); pass input_range=(low, high) "
-                    "if the range read off the first batch is wrong, or audit=False (then name "
-                    "the backdoor's target=... for the eraser)") from e
-        ctx.publish_audit(self.result)
+        result: AuditReport | None = None
+        error = None
+        if not ctx.distributed or _dist.rank() == 0:  # data-parallel: rank 0 audits for all
+            with ctx.suspended():
+                try:
+                    result = audit(self.teacher, domain.shape, input_range=domain.range,
+                                   settings=self.settings, logits_fn=self.logits_fn,
+                                   replica=self._replica, seed=self.seed)
+                except Exception as e:
+                    error = f"{type(e).__name__}: {e}"
+        if ctx.distributed:
+            result, error = _dist.broadcast((result, error))
+        if error is not None or result is None:
+            raise RuntimeError(
+                f"abd-plugin: the data-free teacher audit failed on inputs of shape "
+                f"{domain.shape} ({error}); pass input_range=(low, high) if the range read off "
+                "the first batch is wrong, or audit=False (then name the backdoor's target=... "
+                "for the eraser)")
+        self.result = result
+        ctx.publish_audit(result)
 
     def on_guard_enter(self, ctx: GuardContext) -> None:
         if self.result is not None:  # resumed: the hooks after this one read it

@@ -322,17 +322,18 @@ class TriggerEraser(DefenseHook):
         self._ensure_fill(x)
         return self.repair.apply(x, mask)
 
-    def learn(self, x: Tensor) -> None:
-        """One update of the mask on batch ``x`` (detached; frozen teacher)."""
+    def learn(self, x: Tensor, *, distributed: bool = False) -> None:
+        """One update of the mask on batch ``x`` (detached; frozen teacher); ``distributed``:
+        taken over every data-parallel rank (:meth:`RepairLearner.learn`)."""
         assert self.target is not None, "arm() first"
         self._ensure_fill(x)
-        self.learner.learn(x, self.target, self.controller.price)
+        self.learner.learn(x, self.target, self.controller.price, distributed=distributed)
 
-    def recheck(self) -> dict[str, Any] | None:
+    def recheck(self, *, distributed: bool = False) -> dict[str, Any] | None:
         """Re-audit the erased teacher for the target class now (see the module docstring);
         returns the check's record, or None when there is nothing to compare with."""
         return self.controller.check(self._replica.module, self.repair, self.audit, self.target,
-                                     self.learner.updates)
+                                     self.learner.updates, distributed=distributed)
 
     # ------------------------------------------------------------------ DefenseHook
     def on_teacher_input(self, ctx: GuardContext, x: Tensor) -> Tensor | None:
@@ -343,9 +344,9 @@ class TriggerEraser(DefenseHook):
         self._ensure_fill(x, ctx.domain)
         if self.learner.new_batch(x):
             with ctx.suspended():
-                self.learn(x)
+                self.learn(x, distributed=ctx.distributed)
                 if self.controller.due(self.learner.updates, self.audit):
-                    self.recheck()
+                    self.recheck(distributed=ctx.distributed)
         self.learner.prepare(x)
         self.erased_batches += 1
         if not self.settings.only_target:

@@ -61,8 +61,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from . import _amp
-from ._replica import TeacherReplica, unwrap_model
+from . import _amp, _dist
+from ._replica import TeacherReplica, hook_free_copy, unwrap_model
 from .config import ABDConfig
 from .defenses import Parts, build_defenses, schedule_for
 from .domain import InputDomain, resolve_domain
@@ -221,6 +221,10 @@ class _HookContext:
     def plain_teacher_forwards(self) -> int:
         return self._guard._plain_teacher_forwards
 
+    @property
+    def distributed(self) -> bool:
+        return self._guard.distributed
+
     def teacher_view(self, x: Tensor) -> Tensor:
         return self._guard.teacher_view(x)
 
@@ -312,6 +316,10 @@ class ABDGuard:
         self._terms = _TermCounter()
         self._plain_teacher_forwards = 0  # grad-enabled teacher forwards on a no-grad input
         self._handles: list[Any] = []
+        self._first_batch_checked = False
+        self._teacher_classes: int | None = None  # the teacher's logits width (first batch)
+        self._student_classes_checked = False
+        self._notes: dict[str, str] = {}  # what the guard noticed about the loop (report)
         self._attached = False
         self._suspended = 0
         self._terms_suspended = 0
@@ -383,6 +391,13 @@ class ABDGuard:
     @property
     def active(self) -> bool:
         return self._attached
+
+    @property
+    def distributed(self) -> bool:
+        """The student trains data-parallel over several ranks (DDP-wrapped, world > 1): the
+        hooks then take their decisions collectively (the same domain, audit, mask and
+        re-audits on every rank)."""
+        return _dist.data_parallel(self.student)
 
     @property
     def teacher_module(self) -> nn.Module:
@@ -500,8 +515,12 @@ class ABDGuard:
         x = args[0] if args and isinstance(args[0], Tensor) else None
         if x is None or not torch.is_floating_point(x) or x.dim() < 2:
             return None
+        if not self._first_batch_checked:
+            self._first_batch_checked = True
+            self._check_first_batch(x)
         if self.domain is None:  # where inputs live: resolved once, read by every hook
-            self.domain = resolve_domain(x, self.config.input_range)
+            domain = resolve_domain(x, self.config.input_range)
+            self.domain = _dist.broadcast(domain) if self.distributed else domain
         new = x
         for key, h in zip(self._state_keys, self.hooks, strict=True):
             out = self._call(key, h, "on_teacher_input", new)
@@ -515,6 +534,44 @@ class ABDGuard:
         if new is x:
             return None
         return (new,) + tuple(args[1:])
+
+    def _check_first_batch(self, x: Tensor) -> None:
+        """Before any defense runs on the first teacher batch: the teacher in train() mode is
+        worth a warning, and a teacher whose output the logits rule reads as another number of
+        classes than the student's (a ``(features, logits)`` tuple) is a clear error."""
+        if self._teacher_core.training:
+            msg = ("the teacher is in train() mode inside the guard: every batch your loop feeds "
+                   "it updates its BatchNorm running statistics (and dropout is active), so the "
+                   "teacher drifts during distillation; call teacher.eval() before the loop (the "
+                   "guard's own forwards run a frozen eval-mode copy and add nothing to it)")
+            self._notes["teacher_in_train_mode"] = msg
+            warn_once(self, "teacher_in_train_mode", f"abd-plugin: {msg}")
+        teacher_classes = student_classes = None
+        probe = x.detach()[:2]
+        with self.suspended(), torch.no_grad():
+            try:
+                model = self._replica.to_device_of(probe)
+                teacher_classes = extract_logits(model(_amp.as_input_of(model, probe)),
+                                                 self.config.logits_fn).shape[-1]
+                student = hook_free_copy(self._student_core).to(probe.device)  # eval, no hooks
+                student_classes = extract_logits(student(_amp.as_input_of(student, probe)),
+                                                 self.config.logits_fn).shape[-1]
+                del student
+            except Exception:  # a student that takes other inputs: checked at its forward
+                student_classes = None
+        self._teacher_classes = teacher_classes
+        self._check_classes(student_classes)
+
+    def _check_classes(self, student_classes: int | None) -> None:
+        t = self._teacher_classes
+        if t is None or student_classes is None or t == student_classes:
+            return
+        raise ValueError(
+            f"abd-plugin: the teacher's output gives {t} classes but the student's gives "
+            f"{student_classes} (the default rule takes a tensor output as it is, a tuple's "
+            "first element, a dict's 'logits' or an object's .logits): is one of them returning "
+            "features first? Pass logits_fn= to the guard to say where the logits are, e.g. "
+            "ABDGuard(teacher, student, logits_fn=lambda out: out[1])")
 
     def _teacher_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         if self._suspended or self._terms_suspended or not torch.is_grad_enabled():
@@ -545,6 +602,9 @@ class ABDGuard:
         if module.training and torch.is_floating_point(x):
             self.last_student_batch = x.detach()
             self._student_amp = _amp.capture(x.device.type)
+        if not self._student_classes_checked and self._teacher_classes is not None:
+            self._student_classes_checked = True
+            self._check_classes(extract_logits(output, self.config.logits_fn).shape[-1])
         if self._student_forward_seen:  # only then are the logits worth extracting
             self._dispatch("on_student_forward", x, extract_logits(output, self.config.logits_fn))
 
@@ -592,7 +652,7 @@ class ABDGuard:
         ``final``: the run is over (or reported), so one unused loss term is already telling;
         during the run (after each student step) only two or more terms none of which was
         back-propagated are. (A hook reports what only it can see in its own record.)"""
-        out = {}
+        out = dict(self._notes)
         attached, fired = self._terms.attached, self._terms.fired
         if fired == 0 and attached >= (1 if final else 2):
             out["sv_term_never_backpropagated"] = (

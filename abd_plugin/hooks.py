@@ -102,6 +102,12 @@ class GuardContext(Protocol):
         """Teacher forwards with gradients on, on an input that does not require grad (no
         synthesis batch)."""
 
+    @property
+    def distributed(self) -> bool:
+        """The student trains data-parallel over several ranks: a hook whose decisions must
+        agree across ranks takes them collectively (:mod:`abd_plugin._dist`; every rank reaches
+        the same hook calls in lockstep)."""
+
     def teacher_view(self, x: Tensor) -> Tensor:
         """``x`` as the guard's teacher sees it: every hook's :meth:`DefenseHook.view_input`
         in registration order (the trigger eraser's current mask when it is on; differentiable

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._dist import all_reduce_sum
 from ._replica import TeacherReplica, unwrap_model
 from .ensemble import ShuffledEnsemble, TrunkTap
 from .hooks import DefenseHook, GuardContext, HookReport, warn_once
@@ -184,20 +185,6 @@ class SVStatus(str, enum.Enum):
         return self.value
 
 
-def _dist_sum(values: Tensor) -> Tensor:
-    """Sum over ranks when torch.distributed is running (same decision on every rank)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dev = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
-               else values.device)  # NCCL reduces CUDA tensors only
-        buf = values.to(dev, copy=True)
-        dist.all_reduce(buf)
-        values = buf.to(values.device)
-    return values
-
-
-
 @dataclass
 class SVStats:
     """What the vaccine has seen: suspicion masks computed, samples flagged, the last term."""
@@ -231,12 +218,12 @@ def tail_ratio(d: Tensor, sigma: float) -> float:
     pooled over DDP ranks (moments first, then the count): every rank takes the same decision."""
     s = torch.log10(d.double().clamp_min(1e-30))
     n_local = torch.tensor(float(s.numel()), dtype=torch.float64)
-    mom = _dist_sum(torch.stack([s.sum(), s.pow(2).sum(), n_local]))
+    mom = all_reduce_sum(torch.stack([s.sum(), s.pow(2).sum(), n_local]))
     n = float(mom[2])
     mean = float(mom[0]) / n
     var = max(float(mom[1]) / n - mean * mean, 0.0) * n / max(n - 1, 1.0)
     thr = mean - sigma * var**0.5
-    return float(_dist_sum(torch.tensor([float((s < thr).sum())], dtype=torch.float64))[0]) / n
+    return float(all_reduce_sum(torch.tensor([float((s < thr).sum())], dtype=torch.float64))[0]) / n
 
 
 class ShufflingVaccine(DefenseHook):
@@ -445,7 +432,7 @@ class ShufflingVaccine(DefenseHook):
                 ds.append(d)
                 ms.append(m)
         d, m = torch.cat(ds), torch.cat(ms)
-        cnt = _dist_sum(torch.tensor([float(m.numel()), float(m.sum())], dtype=torch.float64))
+        cnt = all_reduce_sum(torch.tensor([float(m.numel()), float(m.sum())], dtype=torch.float64))
         return tail_ratio(d, self.settings.tail_sigma), float(cnt[1]) / float(cnt[0]), int(cnt[0])
 
     def _trial(self, kind: str) -> float:
@@ -517,7 +504,7 @@ class ShufflingVaccine(DefenseHook):
         cfg = self.settings
         if not cfg.adaptive:
             return
-        counts = _dist_sum(torch.tensor([float(mask.sum()), float(mask.numel())],
+        counts = all_reduce_sum(torch.tensor([float(mask.sum()), float(mask.numel())],
                                         dtype=torch.float64))
         frac = float(counts[0] / counts[1])  # the same on every rank: coefficients stay in sync
         lo, hi = cfg.coef_bounds

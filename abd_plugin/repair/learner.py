@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _amp
+from .. import _amp, _dist
 from .._replica import TeacherReplica
 from ..outputs import check_logits, extract_logits
 from .base import InputRepair
@@ -85,15 +85,20 @@ class RepairLearner:
         self._opt_state = None
 
     # ------------------------------------------------------------------ learning
-    def learn(self, x: Tensor, target: int, price: float) -> None:
-        """``steps`` Adam steps of the repair on batch ``x`` (detached; frozen teacher)."""
+    def learn(self, x: Tensor, target: int, price: float, *, distributed: bool = False) -> None:
+        """``steps`` Adam steps of the repair on batch ``x`` (detached; frozen teacher).
+
+        ``distributed``: every data-parallel rank calls this at the same update with its own
+        batch; the decision to skip (no target sample on any rank) and every step's gradient
+        are taken over all ranks, so all ranks hold the same repair (the flip term is the mean
+        over all ranks' target samples)."""
         self.prepare(x)
         params = self.repair.parameters()
         model = self._replica.to_device_of(x)
         xd = x.detach()
         if xd.is_inference():  # made under torch.inference_mode(): autograd needs a copy
             xd = xd.clone()
-        xd = _amp.as_input_of(model, xd)
+        xd = _amp.cast_to_model(model, xd)  # autocast is off below: the model's own dtype
         t = target
         with torch.enable_grad(), torch.autocast(xd.device.type, enabled=False):
             with torch.no_grad():
@@ -105,7 +110,11 @@ class RepairLearner:
             pred = z0.argmax(1)
             tgt = pred == t
             self.last_target_fraction = float(tgt.float().mean())
-            if not bool(tgt.any()):
+            n_targets = float(tgt.sum())
+            if distributed:
+                n_targets = float(_dist.all_reduce_sum(
+                    torch.tensor([n_targets], dtype=torch.float64))[0])
+            if n_targets == 0:
                 return
             other = ~tgt
             logp0 = F.log_softmax(z0.float(), dim=1)
@@ -113,13 +122,19 @@ class RepairLearner:
             for _ in range(self.steps):
                 xr, cost = self.repair.learning_view(xd)
                 z = extract_logits(model(xr), self.logits_fn).float()
-                loss = F.softmax(z[tgt], dim=1)[:, t].mean() + price * cost
+                if distributed:  # this rank's share of the mean over every rank's targets
+                    flip = F.softmax(z, dim=1)[:, t][tgt].sum() * (_dist.world_size() / n_targets)
+                else:
+                    flip = F.softmax(z[tgt], dim=1)[:, t].mean()
+                loss = flip + price * cost
                 if bool(other.any()) and self.keep_weight > 0:
                     loss = loss + self.keep_weight * F.kl_div(
                         F.log_softmax(z[other], dim=1), logp0[other], log_target=True,
                         reduction="batchmean")
                 self._opt.zero_grad(set_to_none=True)
-                grads = torch.autograd.grad(loss, params)
+                grads = list(torch.autograd.grad(loss, params))
+                if distributed:
+                    grads = _dist.all_reduce_mean(grads)
                 for p, g in zip(params, grads, strict=True):
                     p.grad = g
                 self._opt.step()
@@ -127,7 +142,8 @@ class RepairLearner:
                     p.grad = None
             with torch.no_grad():  # the last step's outputs, one step behind: no extra forward
                 pz = z.argmax(1)
-                self.last_flip = float((pz[tgt] != t).float().mean())
+                self.last_flip = (float((pz[tgt] != t).float().mean()) if bool(tgt.any())
+                                  else float("nan"))
                 self.last_kept = (float((pz[other] == pred[other]).float().mean())
                                   if bool(other.any()) else 1.0)
         self.updates += 1

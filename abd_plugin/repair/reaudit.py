@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from .. import _dist
 from .._replica import ViewedModel
 from .base import InputRepair
 
@@ -62,15 +63,31 @@ class ReauditController:
                 and (not self.rechecks or self.rechecks[-1]["update"] != updates))
 
     def check(self, model: nn.Module, repair: InputRepair, audit: AuditReport | None,
-              target: int | None, updates: int) -> dict[str, Any] | None:
+              target: int | None, updates: int, *, distributed: bool = False
+              ) -> dict[str, Any] | None:
         """Re-audit ``model`` seen through ``repair`` for ``target``; lower the price when the
         target still stands out. Returns the check's record, or None when there is nothing to
-        compare with (no audit, no repair yet)."""
-        from ..audit import max_margin_statistic, order_pvalues
-
+        compare with (no audit, no repair yet). ``distributed``: every data-parallel rank calls
+        it at the same update; rank 0 checks and every rank takes its decision."""
         a, t = audit, target
         if a is None or t is None or not repair.ready or len(a.statistic) < 3:
             return None
+        rec = None
+        if not distributed or _dist.rank() == 0:
+            rec = self._measure(model, repair, a, t, updates)
+        if distributed:
+            rec = _dist.broadcast(rec)
+        assert rec is not None
+        if rec["stands_out"] and self.price > self.price_low:
+            self.price = self.price_low
+        rec["price"] = self.price
+        self.rechecks.append(rec)
+        return rec
+
+    def _measure(self, model: nn.Module, repair: InputRepair, a: AuditReport, t: int,
+                 updates: int) -> dict[str, Any]:
+        from ..audit import max_margin_statistic, order_pvalues
+
         repaired = ViewedModel(model, repair.apply)
         stat = max_margin_statistic(repaired, a.input_shape, len(a.statistic),
                                     input_range=a.input_range, settings=self.audit_settings,
@@ -79,13 +96,8 @@ class ReauditController:
         mixed = torch.tensor(a.statistic, dtype=torch.float64)
         mixed[t] = stat[t]
         p = float(order_pvalues(mixed)[t])
-        stands_out = p < a.alpha
-        if stands_out and self.price > self.price_low:
-            self.price = self.price_low
-        rec = {"update": updates, "statistic": float(stat[t]), "p_value": p,
-               "stands_out": stands_out, "price": self.price}
-        self.rechecks.append(rec)
-        return rec
+        return {"update": updates, "statistic": float(stat[t]), "p_value": p,
+                "stands_out": p < a.alpha, "price": self.price}
 
     def state_dict(self) -> dict[str, Any]:
         return {"price": self.price, "rechecks": [dict(r) for r in self.rechecks]}
