@@ -15,7 +15,7 @@ from abd_fakes.common import TinyNet  # noqa: E402
 from abd_plugin.eraser import EraserReport  # noqa: E402
 from abd_plugin.integrations.lightning import ABDCallback  # noqa: E402
 from abd_plugin.vaccine import VaccineReport  # noqa: E402
-from conftest import global_hook_counts, module_hooks  # noqa: E402
+from conftest import global_hook_counts, module_hooks, state_differences  # noqa: E402
 
 
 class Distill(pl.LightningModule):
@@ -178,22 +178,6 @@ def test_csv_logger_gets_abd_figures(tmp_path):
     assert not any(k.startswith(("abd/sv", "abd/sr")) for k in rows[0])  # off: not logged
 
 
-def _differences(a, b, path=""):
-    """Where two guard states differ (wall times aside)."""
-    if isinstance(a, torch.Tensor):
-        return [] if isinstance(b, torch.Tensor) and torch.equal(a, b) else [path]
-    if isinstance(a, dict):
-        if a.keys() != b.keys():
-            return [path]
-        return [d for k in a if k != "seconds" for d in _differences(a[k], b[k], f"{path}/{k}")]
-    if isinstance(a, (list, tuple)):
-        if len(a) != len(b):
-            return [path]
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=True))
-                for d in _differences(x, y, f"{path}/{i}")]
-    return [] if a == b else [path]
-
-
 def test_log_false_logs_nothing_and_logging_changes_nothing(tmp_path):
     quiet = ABDCallback(log=False, **LOGGED)
     module_q, rows_q = _fit_csv(tmp_path / "quiet", quiet, steps=3, every=1)
@@ -204,7 +188,7 @@ def test_log_false_logs_nothing_and_logging_changes_nothing(tmp_path):
     assert _column(rows_l, "abd/erase/fraction") and _column(rows_l, "abd/audit/p_value")
     # logging ran no model and moved no counter: the same guard state and student as without
     assert loud.guard.step == quiet.guard.step == 3
-    assert _differences(loud.guard.state_dict(), quiet.guard.state_dict()) == []
+    assert state_differences(loud.guard.state_dict(), quiet.guard.state_dict()) == []
     for k, v in module_l.student.state_dict().items():
         assert torch.equal(v, module_q.student.state_dict()[k]), k
 
