@@ -178,6 +178,16 @@ def test_csv_logger_gets_abd_figures(tmp_path):
     assert not any(k.startswith(("abd/sv", "abd/sr")) for k in rows[0])  # off: not logged
 
 
+def test_csv_logger_gets_sv_sr_figures(tmp_path, fast_cfg):
+    cb = ABDCallback(**fast_cfg)  # SV (reweighting kd_loss_fn) and SR, no audit, no eraser
+    _, rows = _fit_csv(tmp_path, cb, steps=2, every=1)
+    report = cb.guard.report()
+    assert _column(rows, "abd/sr/steps") == [(0, 1.0), (1, 2.0)] and cb.sr_calls == 2
+    assert _column(rows, "abd/sv/calls") == [(0, 1.0), (1, 2.0)]
+    assert _column(rows, "abd/sv/coef")[-1][1] == report.get(VaccineReport).coef
+    assert not any(k.startswith(("abd/audit", "abd/erase")) for k in rows[0])
+
+
 def test_log_false_logs_nothing_and_logging_changes_nothing(tmp_path):
     quiet = ABDCallback(log=False, **LOGGED)
     module_q, rows_q = _fit_csv(tmp_path / "quiet", quiet, steps=3, every=1)

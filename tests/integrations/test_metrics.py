@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from abd_fakes.common import TinyNet
-from abd_plugin import ABDGuard, DefenseHook, HookReport
+from abd_plugin import ABDGuard, DefenseHook, GuardReport, HookReport
 from abd_plugin.eraser import EraserReport
+from abd_plugin.gradient_alignment import AlignmentReport
+from abd_plugin.hooks import OffReport
 from abd_plugin.integrations._metrics import (
     MetricsFeed,
     format_metrics,
@@ -113,6 +115,26 @@ def test_only_finite_numbers():
     assert record_metrics(EraserReport(), "abd/erase")["abd/erase/on"] == 0.0
     assert "abd/erase/flip" not in record_metrics(EraserReport(), "abd/erase")  # NaN: no data
     assert format_metrics({"abd/x": 0.123456789, "abd/y": 2.0}) == "abd/x: 0.123457  abd/y: 2"
+
+
+def test_names_by_record_type():
+    report = GuardReport(records={
+        "TeacherAudit": OffReport(name="TeacherAudit", line="off"),
+        "InputGradientAlignment": AlignmentReport(steps=2, last_loss=0.5, last_grad_norm=1.0,
+                                                  align_seconds=3.0, seconds=4.0),
+        "TriggerEraser": EraserReport(status="on", target=3, fraction=0.1, flip=0.9,
+                                      rechecks=[{"p_value": 0.3, "stands_out": False}]),
+        "MyEraser": EraserReport(status="off-clean"),  # a second record of a built-in type
+    })
+    assert report_metrics(report) == {
+        "abd/iga/steps": 2.0, "abd/iga/last_loss": 0.5, "abd/iga/last_grad_norm": 1.0,
+        "abd/erase/on": 1.0, "abd/erase/target": 3.0, "abd/erase/pixels": 0.0,
+        "abd/erase/mass": 0.0, "abd/erase/fraction": 0.1, "abd/erase/updates": 0.0,
+        "abd/erase/batches": 0.0, "abd/erase/flip": 0.9, "abd/erase/rechecks": 1.0,
+        "abd/erase/recheck_p_value": 0.3, "abd/erase/recheck_stands_out": 0.0,
+        "abd/MyEraser/on": 0.0, "abd/MyEraser/pixels": 0.0, "abd/MyEraser/mass": 0.0,
+        "abd/MyEraser/fraction": 0.0, "abd/MyEraser/updates": 0.0, "abd/MyEraser/batches": 0.0,
+        "abd/MyEraser/rechecks": 0.0}
 
 
 def test_sv_sr_figures_when_on():
