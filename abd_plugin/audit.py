@@ -372,10 +372,13 @@ def ensemble_favourite(replica: TeacherReplica, samples: Tensor, *,
     ens = ShuffledEnsemble(replica, n_models=3, layers=1, shuffle_linear=True, seed=seed,
                            logits_fn=logits_fn)
     x = samples.detach()
-    with torch.no_grad():
-        ens.discover(x[:2])
-        ens.set_layers(1, ens.draw(ens.candidates[-1:]))
-        pred = ens.logits(x).argmax(1)
+    try:
+        with torch.no_grad():
+            ens.discover(x[:2])
+            ens.set_layers(1, ens.draw(ens.candidates[-1:]))
+            pred = ens.logits(x).argmax(1)
+    finally:
+        ens.remove()  # the copy is the guard's: leave no hook on it
     return int(torch.bincount(pred.cpu()).argmax())
 
 

@@ -197,10 +197,14 @@ class ShuffledEnsemble:
             self._inv_cache[key] = inv
         return inv
 
-    def _install(self) -> None:
+    def remove(self) -> None:
+        """Take the ensemble's shuffle hooks off the teacher copy (set_layers puts them back)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def _install(self) -> None:
+        self.remove()
         mods = dict(self.replica.module.named_modules())
         for n in self.layers:
             self._handles.append(mods[n].register_forward_pre_hook(self._shuffle_hook(n)))
