@@ -8,7 +8,9 @@ own forward used.
   it, when autocast is off (under autocast the ops cast for themselves): the student batch SR
   reuses is in the student's dtype, while the teacher may be float64 or bfloat16.
 
-Both are no-ops when nothing differs, so float32 runs without autocast are untouched.
+* :func:`cast_to_model` casts unconditionally, for work that switches autocast off itself.
+
+All are no-ops when nothing differs, so float32 runs without autocast are untouched.
 """
 from __future__ import annotations
 
@@ -84,6 +86,16 @@ def floating_dtype(model: nn.Module) -> torch.dtype | None:
         if b.is_floating_point():
             return b.dtype
     return None
+
+
+def cast_to_model(model: nn.Module, x: Tensor) -> Tensor:
+    """``x`` cast to ``model``'s floating dtype whatever the autocast state: for work that runs
+    with autocast switched off (the eraser's mask updates), where a bfloat16 or float16 batch made
+    under the user's autocast would meet float32 weights."""
+    if not x.is_floating_point():
+        return x
+    dt = floating_dtype(model)
+    return x if dt is None or dt == x.dtype else x.to(dt)
 
 
 def as_input_of(model: nn.Module, x: Tensor) -> Tensor:

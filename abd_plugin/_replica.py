@@ -4,7 +4,7 @@ extra forwards and the user's teacher is never touched."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -117,3 +117,16 @@ def accumulate_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> float
                 p.grad.add_(g)
     return total ** 0.5
 
+
+
+class ViewedModel(nn.Module):
+    """``model(view(x))``: a frozen teacher copy that sees its inputs through a transform (a
+    repair's, or the guard's ``teacher_view``), for the re-audit and other hooks' own forwards."""
+
+    def __init__(self, model: nn.Module, view: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.view = view
+
+    def forward(self, x: Tensor) -> Any:
+        return self.model(self.view(x))

@@ -30,48 +30,64 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from . import _dist
 from ._replica import TeacherReplica, model_device, unwrap_model
+from .domain import infer_input_range
+from .hooks import DefenseHook, GuardContext, HookReport
 from .outputs import check_logits, extract_logits
-
-if TYPE_CHECKING:
-    from .config import ABDConfig
+from .validation import Bool, Int, Num, Section, section_or_default, spec
 
 Verdict = Literal["poisoned", "clean", "unsure"]
 RangeLike = tuple[float, float] | tuple[Sequence[float], Sequence[float]]
 
 
 @dataclass(frozen=True)
-class AuditSettings:
-    """How hard the audit searches (the defaults take about a second for a LeNet-5 on a CPU)."""
+class AuditSettings(Section):
+    """The audit's section of :class:`~abd_plugin.ABDConfig` (``ABDConfig(audit=...)``), also the
+    settings of :func:`audit` on its own. The defaults take about a second for a LeNet-5 on a
+    CPU. The random starts are drawn from the guard's ``seed`` (``audit(..., seed=)`` alone)."""
 
-    starts: int = 10
-    """Random starts per class; the statistic is the best margin over them."""
-    steps: int = 100
-    """Adam steps on the inputs per start."""
-    lr: float = 0.05
-    """Adam learning rate, in units of the input range's width."""
-    alpha: float = 0.05
-    """The teacher is called poisoned when the largest statistic's p-value is below this."""
-    clean_alpha: float = 0.2
-    """... and clean when that p-value is at least this; ``unsure`` in between."""
-    batch_size: int = 512
-    """Inputs optimised at once (classes are processed in chunks of this many inputs)."""
-    seed: int = 0
-    """Seed of the random starts (the audit's own generator; the global RNG is not touched)."""
+    switch: ClassVar[str] = "audit"
+    flat_prefix: ClassVar[str] = "audit_"
 
-    @classmethod
-    def from_config(cls, config: ABDConfig, **overrides: Any) -> AuditSettings:
-        """The settings an :class:`~abd_plugin.ABDConfig` asks for (``audit_*`` fields, ``seed``);
-        keyword ``overrides`` replace fields."""
-        base = dict(starts=config.audit_starts, steps=config.audit_steps,
-                    alpha=config.audit_alpha, clean_alpha=config.audit_clean_alpha,
-                    seed=config.seed)
-        return cls(**{**base, **overrides})
+    enabled: bool = spec(
+        True, Bool(),
+        """Audit the teacher for a backdoor, without data, at the first teacher forward inside
+        the guard (:func:`~abd_plugin.audit.audit`: per-class maximum-margin statistic, Gamma
+        null, verdict ``poisoned``/``unsure``/``clean`` and the suspected target class). The
+        verdict gates the trigger eraser; the report shows it. About a second for a LeNet-5 on a
+        CPU.""")
+    starts: int = spec(
+        10, Int(1, 10_000),
+        """Random starts per class of the margin search; the statistic is the best margin over
+        them.""")
+    steps: int = spec(
+        100, Int(1, 100_000),
+        """Adam steps on the inputs per start.""")
+    lr: float = spec(
+        0.05, Num(0, 1e3, lo_open=True),
+        """Adam learning rate of the margin search, in units of the input range's width.""")
+    alpha: float = spec(
+        0.05, Num(0, 1, lo_open=True, hi_open=True),
+        """The audit calls the teacher ``poisoned`` when the largest statistic's p-value is below
+        this.""")
+    clean_alpha: float = spec(
+        0.2, Num(0, 1, lo_open=True),
+        """The audit calls the teacher ``clean`` when that p-value is at least this (``unsure``
+        in between; must be >= ``alpha``).""")
+    batch_size: int = spec(
+        512, Int(1, 1_000_000),
+        """Inputs optimised at once (classes are processed in chunks of this many inputs).""")
+
+    def check(self) -> None:
+        if self.clean_alpha < self.alpha:
+            raise ValueError(f"{type(self).__name__}.clean_alpha ({self.clean_alpha}) must be >= "
+                             f"alpha ({self.alpha})")
 
 
 @dataclass(frozen=True)
@@ -220,44 +236,26 @@ def _range_tensors(input_range: Any, channels: int, dtype: torch.dtype,
     return low.to(device, dtype), high.to(device, dtype)
 
 
-def infer_input_range(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The valid input range, read off a batch ``x`` (B, C, ...) the teacher is fed.
-
-    Values all inside [0, 1] -> (0, 1); inside [-1, 1] -> (-1, 1); otherwise the batch's
-    per-channel minimum and maximum, widened by a quarter of their span on each side (a
-    generator whose output is normalised data). Pass ``input_range=`` to the guard or to
-    :func:`audit` to state it exactly.
-    """
-    v = x.detach().double()
-    c = v.shape[1] if v.dim() >= 2 else 1
-    flat = v.transpose(0, 1).reshape(c, -1) if v.dim() >= 2 else v.reshape(1, -1)
-    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
-    eps = 1e-6
-    if float(lo.min()) >= -eps and float(hi.max()) <= 1 + eps:
-        return (0.0,) * c, (1.0,) * c
-    if float(lo.min()) >= -1 - eps and float(hi.max()) <= 1 + eps:
-        return (-1.0,) * c, (1.0,) * c
-    span = (hi - lo).clamp_min(1e-3)
-    return tuple((lo - span / 4).tolist()), tuple((hi + span / 4).tolist())
-
-
 # ---------------------------------------------------------------------------------- the search
 def max_margin_statistic(
     model: nn.Module, input_shape: Sequence[int], num_classes: int, *,
-    input_range: Any = (0.0, 1.0), settings: AuditSettings = AuditSettings(),
+    input_range: Any = (0.0, 1.0), settings: AuditSettings | None = None,
     logits_fn: Callable[[Any], Tensor] | None = None, classes: Sequence[int] | None = None,
+    seed: int = 0,
 ) -> Tensor:
     """Per-class maximum margin ``r_c`` (float64, (K,)) of a frozen ``model`` over
-    ``settings.starts`` random starts in ``input_range``, each run ``settings.steps`` Adam steps.
-    The inputs are optimised in the unit cube and mapped affinely into the range. With
-    ``classes``, only those classes are searched (the others stay ``-inf``)."""
+    ``settings.starts`` random starts in ``input_range`` (drawn from ``seed``), each run
+    ``settings.steps`` Adam steps. The inputs are optimised in the unit cube and mapped affinely
+    into the range. With ``classes``, only those classes are searched (the others stay
+    ``-inf``)."""
+    settings = settings or AuditSettings()
     dev = model_device(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     shape = tuple(int(s) for s in input_shape)
     low, high = _range_tensors(input_range, shape[0], dtype, dev)
     view = (1, shape[0]) + (1,) * (len(shape) - 1)
     low, high = low.view(view), high.view(view)
-    gen = torch.Generator().manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(seed)
     n = settings.starts
     wanted = torch.arange(num_classes) if classes is None else torch.tensor(
         sorted({int(c) for c in classes}), dtype=torch.long)
@@ -297,7 +295,7 @@ def audit(
     teacher: nn.Module, input_shape: Sequence[int], *, input_range: Any = (0.0, 1.0),
     num_classes: int | None = None, settings: AuditSettings | None = None,
     samples: Tensor | None = None, logits_fn: Callable[[Any], Tensor] | None = None,
-    replica: TeacherReplica | None = None, **overrides: Any,
+    replica: TeacherReplica | None = None, seed: int = 0, **overrides: Any,
 ) -> AuditReport:
     """Audit ``teacher`` for a backdoor without any data.
 
@@ -314,13 +312,15 @@ def audit(
         logits_fn: extract logits from the model's output (default: tensor, tuple with logits
             first, dict with ``"logits"``, object with ``.logits``).
         replica: share the guard's frozen copy of the teacher.
+        seed: seed of the random starts (the audit's own generator; the global RNG is not
+            touched).
 
     Returns an :class:`AuditReport`; ``print(report)`` shows the verdict and a per-class table.
     """
     t0 = time.perf_counter()
     s = settings or AuditSettings()
     if overrides:
-        s = AuditSettings(**{**asdict(s), **overrides})
+        s = s.replace(**overrides)
     rep = replica or TeacherReplica(teacher)
     model = rep.module
     if model_device(model) != model_device(unwrap_model(teacher)):
@@ -341,7 +341,7 @@ def audit(
     if num_classes < 2:
         raise ValueError("the audit needs a classifier with at least 2 classes")
     stat = max_margin_statistic(model, shape, num_classes, input_range=(low, high),
-                                settings=s, logits_fn=logits_fn)
+                                settings=s, logits_fn=logits_fn, seed=seed)
     p = order_pvalues(stat)
     z = robust_z(stat)
     suspect = int(torch.argmax(stat))
@@ -367,14 +367,166 @@ def ensemble_favourite(replica: TeacherReplica, samples: Tensor, *,
                        logits_fn: Callable[[Any], Tensor] | None = None, seed: int = 0) -> int:
     """The class a channel-shuffled ensemble of the teacher (3 copies, last Conv/Linear layer's
     inputs permuted) predicts most often on ``samples``."""
-    from .config import ABDConfig
     from .ensemble import ShuffledEnsemble
 
-    cfg = ABDConfig(shuffle_layers=1, shuffle_linear=True, seed=seed, logits_fn=logits_fn)
-    ens = ShuffledEnsemble(replica, cfg)
+    ens = ShuffledEnsemble(replica, n_models=3, layers=1, shuffle_linear=True, seed=seed,
+                           logits_fn=logits_fn)
     x = samples.detach()
-    with torch.no_grad():
-        ens.discover(x[:2])
-        ens.set_layers(1, ens.draw(ens.candidates[-1:]))
-        pred = ens.logits(x).argmax(1)
+    try:
+        with torch.no_grad():
+            ens.discover(x[:2])
+            ens.set_layers(1, ens.draw(ens.candidates[-1:]))
+            pred = ens.logits(x).argmax(1)
+    finally:
+        ens.remove()  # the copy is the guard's: leave no hook on it
     return int(torch.bincount(pred.cpu()).argmax())
+
+
+# ---------------------------------------------------------------------------------- in a guard
+@dataclass
+class AuditRecord(HookReport):
+    """The audit's part of the guard's report.
+
+    Attributes:
+        state: ``"not run"`` (no teacher batch seen yet) or the verdict.
+        audit: the :class:`AuditReport`, once the audit ran.
+        ensemble_class: the class a channel-shuffled teacher ensemble predicts most on a few
+            recent teacher inputs (a second hint of the target), when it could be computed.
+    """
+
+    state: str = "not run"
+    audit: AuditReport | None = None
+    ensemble_class: int | None = None
+
+    @property
+    def verdict(self) -> str:
+        return self.state
+
+    def lines(self) -> list[str]:
+        a = self.audit
+        if a is None:
+            return ["  Teacher audit: not run (no teacher batch seen)"]
+        s = a.suspect
+        stat = (f"class {s}'s maximum margin {a.statistic[s]:.3g}, p = {a.p_value:.2g}, "
+                f"robust z = {a.z_score:.1f}; {a.seconds:.1f}s")
+        word = {"poisoned": f"the teacher looks BACKDOORED towards class {s}",
+                "unsure": f"the teacher MAY be backdoored towards class {s} (not significant)",
+                "clean": "no backdoor found"}[a.verdict]
+        out = [f"  Teacher audit: {word} ({stat})."]
+        if self.ensemble_class is not None:
+            agree = "agrees" if self.ensemble_class == s else "does not agree"
+            out.append(f"    The shuffled-teacher ensemble favours class {self.ensemble_class} "
+                       f"on the inputs seen ({agree}).")
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        d = super().as_dict()
+        if self.audit is not None:
+            d["audit"] = self.audit.as_dict()
+            if self.ensemble_class is not None:
+                d["audit"]["ensemble_class"] = self.ensemble_class
+                d["audit"]["agree"] = self.ensemble_class == self.audit.suspect
+        return d
+
+
+class TeacherAudit(DefenseHook):
+    """The data-free audit inside a guard: at the first teacher batch it audits a frozen copy of
+    the teacher inside the input domain the guard resolved (``ctx.domain``) and publishes the
+    result on the context (``ctx.audit``) for the hooks registered after it (the eraser's gate).
+
+    Args:
+        teacher: the teacher (never modified; the audit runs ``replica``).
+        settings: the :class:`AuditSettings` section.
+        seed: seed of the random starts.
+        logits_fn: how to find the logits in the teacher's output.
+        replica: the guard's frozen copy of the teacher.
+    """
+
+    name = "audit"
+
+    def __init__(self, teacher: nn.Module, settings: AuditSettings | None = None, *,
+                 seed: int = 0, logits_fn: Callable[[Any], Tensor] | None = None,
+                 replica: TeacherReplica | None = None) -> None:
+        self.teacher = teacher
+        self.settings = section_or_default(settings, AuditSettings, "TeacherAudit", "audit")
+        self.seed = seed
+        self.logits_fn = logits_fn
+        self._replica = replica or TeacherReplica(teacher)
+        self.result: AuditReport | None = None
+        self._teacher_batches = 0
+        self._recent_inputs: Tensor | None = None  # a few teacher inputs, for the report
+
+    def on_teacher_input(self, ctx: GuardContext, x: Tensor) -> Tensor | None:
+        if self.result is None:
+            self._run(ctx, x)
+        self._teacher_batches += 1
+        if self._teacher_batches % 20 == 1:  # a few inputs for the report's ensemble check
+            self._recent_inputs = x.detach()[:128].clone()  # on its device: no sync
+        return None
+
+    def _run(self, ctx: GuardContext, x: Tensor) -> None:
+        domain = ctx.domain
+        assert domain is not None, "the guard resolves the input domain before the hooks run"
+        self._replica.to_device_of(x)
+        result: AuditReport | None = None
+        error = None
+        if not ctx.distributed or _dist.rank() == 0:  # data-parallel: rank 0 audits for all
+            with ctx.suspended():
+                try:
+                    result = audit(self.teacher, domain.shape, input_range=domain.range,
+                                   settings=self.settings, logits_fn=self.logits_fn,
+                                   replica=self._replica, seed=self.seed)
+                except Exception as e:
+                    error = f"{type(e).__name__}: {e}"
+        if ctx.distributed:
+            result, error = _dist.broadcast((result, error))
+        if error is not None or result is None:
+            raise RuntimeError(
+                f"abd-plugin: the data-free teacher audit failed on inputs of shape "
+                f"{domain.shape} ({error}); pass input_range=(low, high) if the range read off "
+                "the first batch is wrong, or audit=False (then name the backdoor's target=... "
+                "for the eraser)")
+        self.result = result
+        ctx.publish_audit(result)
+
+    def on_guard_enter(self, ctx: GuardContext) -> None:
+        if self.result is not None:  # resumed: the hooks after this one read it
+            ctx.publish_audit(self.result)
+
+    def _ensemble_class(self) -> int | None:
+        """The shuffled-teacher ensemble's favourite class on recent teacher inputs (None when
+        it cannot be computed for this teacher)."""
+        from ._amp import as_input_of
+
+        x = self._recent_inputs
+        if x is None:
+            return None
+        try:
+            model = self._replica.to_device_of(x)
+            return ensemble_favourite(self._replica, as_input_of(model, x),
+                                      logits_fn=self.logits_fn, seed=self.seed)
+        except (ValueError, TypeError, RuntimeError):
+            return None
+
+    def report(self) -> AuditRecord:
+        if self.result is None:
+            return AuditRecord()
+        return AuditRecord(state=self.result.verdict, audit=self.result,
+                           ensemble_class=self._ensemble_class())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"audit": None if self.result is None else asdict(self.result)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        a = state.get("audit")
+        self.result = None if a is None else audit_report_from_dict(a)
+
+
+def audit_report_from_dict(d: dict[str, Any]) -> AuditReport:
+    """An :class:`AuditReport` from ``dataclasses.asdict`` of one (a saved state)."""
+    return AuditReport(**d)
+
+
+__all__ = ["AuditSettings", "AuditReport", "AuditRecord", "TeacherAudit", "audit",
+           "max_margin_statistic", "order_pvalues", "robust_z", "ensemble_favourite",
+           "infer_input_range", "audit_report_from_dict"]

@@ -1,4 +1,28 @@
-"""ABD configuration: one frozen dataclass, every field documented.
+"""ABD configuration: a frozen record of settings sections, each defined next to the code that
+reads it.
+
+Shape::
+
+    ABDConfig(
+        audit=AuditSettings(...),                  # abd_plugin.audit: the data-free audit
+        erase=EraseSettings(...),                  # abd_plugin.eraser: the trigger eraser
+        vaccine=VaccineSettings(...),              # abd_plugin.vaccine: Shuffling Vaccine (SV)
+        retrospection=RetrospectionSettings(...),  # abd_plugin.retrospection: SR
+        alignment=AlignmentSettings(...),          # abd_plugin.gradient_alignment: KDIGA
+        input_range=None, target=None, seed=0, logits_fn=None,   # read by every defense
+    )
+
+Each section is a frozen dataclass that checks its own fields and the rules between them when it
+is made; every defense is given only its own section (plus the four general fields). The guard
+builds its defenses from the sections through one list of factories
+(:mod:`abd_plugin.defenses`).
+
+**Flat keywords** keep working as a thin compatibility layer: ``ABDConfig(sv=True,
+erase_price=1.0)``, ``ABDGuard(teacher, student, audit_steps=20)``, ``config.erase_price`` and
+``config.replace(sr_lr=1e-3)`` name a section's field by its section's prefix (``audit_``,
+``erase_``, ``sv_``, ``sr_``, ``iga_``) or its old name (``shuffle_layers``, ``total_steps``, ...);
+a section's switch is ``audit``, ``erase``, ``sv``, ``sr`` or ``iga`` (a bool). ``help(ABDConfig)``
+lists every field with its flat keyword.
 
 The defaults are the recipe this project measured to defend without per-run knobs (README,
 "Results"): the guard audits the teacher without data at its first batch (:mod:`abd_plugin.audit`)
@@ -14,338 +38,174 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .schedule import SRSchedule
+from .audit import AuditSettings
+from .eraser import EraseSettings
+from .gradient_alignment import AlignmentSettings
+from .retrospection import RetrospectionSettings
+from .vaccine import Layers, LayerSpec, VaccineSettings
 from .validation import (
-    Bool,
-    Choice,
     Int,
     IsCallable,
-    Num,
     NumPair,
     Optional,
+    Section,
     Spec,
+    field_docs,
     field_specs,
     spec,
     validate_fields,
 )
 
-LayerSpec = str | int | Sequence[str]
+#: the sections: ABDConfig attribute -> section class
+SECTIONS: dict[str, type[Section]] = {
+    "audit": AuditSettings,
+    "erase": EraseSettings,
+    "vaccine": VaccineSettings,
+    "retrospection": RetrospectionSettings,
+    "alignment": AlignmentSettings,
+}
 
 
-class Layers(Spec):
-    """``shuffle_layers``: ``"auto"``, an int >= 1, or a non-empty list of module names."""
+class IsSection(Spec):
+    """A section object of one class (a bool and a dict of its fields are accepted when a
+    config is made, and turned into one)."""
+
+    def __init__(self, cls: type[Section]) -> None:
+        self.cls = cls
 
     def describe(self) -> str:
-        return "'auto', an integer >= 1, or a non-empty list of module names (str)"
+        return f"a {self.cls.__name__}"
 
     def problem(self, value: Any) -> type[Exception] | None:
-        if isinstance(value, str):
-            return None if value == "auto" else ValueError
-        if isinstance(value, int) and not isinstance(value, bool):
-            return None if value >= 1 else ValueError
-        if isinstance(value, (list, tuple)):
-            return None if value and all(isinstance(v, str) for v in value) else ValueError
-        return TypeError
+        return None if isinstance(value, self.cls) else TypeError
 
 
-@dataclass(frozen=True)
+def _flat_table() -> dict[str, tuple[str, str]]:
+    table: dict[str, tuple[str, str]] = {}
+    for attr, cls in SECTIONS.items():
+        for flat, name in cls.flat_names().items():
+            if flat in table:  # pragma: no cover - a development error, caught at import
+                raise TypeError(f"flat keyword {flat!r} of {cls.__name__}.{name} is also "
+                                f"{table[flat]}")
+            table[flat] = (attr, name)
+    return table
+
+
+#: flat keyword -> (section attribute, field)
+FLAT: dict[str, tuple[str, str]] = _flat_table()
+
+
+@dataclass(frozen=True, init=False)
 class ABDConfig:
-    """Every setting of the ABD defenses (a frozen dataclass; ``replace`` makes changed copies).
+    """Every setting of the ABD defenses: five sections and four general fields (a frozen
+    dataclass; :meth:`replace` makes changed copies).
 
     The field list with what each field means and accepts is generated below from the field
     declarations (``help(ABDConfig)`` shows it).
     """
 
-    # ------------------------------------------------------------ teacher audit (data-free)
-    audit: bool = spec(
-        True, Bool(),
-        """Audit the teacher for a backdoor, without data, at the first teacher forward inside
-        the guard (:func:`~abd_plugin.audit.audit`: per-class maximum-margin statistic, Gamma
-        null, verdict ``poisoned``/``unsure``/``clean`` and the suspected target class). The
-        verdict gates the trigger eraser; the report shows it. About a second for a LeNet-5 on a
-        CPU.""")
+    audit: AuditSettings = spec(
+        AuditSettings(), IsSection(AuditSettings),
+        """The data-free teacher audit (:class:`~abd_plugin.audit.AuditSettings`).""")
+    erase: EraseSettings = spec(
+        EraseSettings(), IsSection(EraseSettings),
+        """The trigger eraser (:class:`~abd_plugin.eraser.EraseSettings`).""")
+    vaccine: VaccineSettings = spec(
+        VaccineSettings(), IsSection(VaccineSettings),
+        """The Shuffling Vaccine (:class:`~abd_plugin.vaccine.VaccineSettings`).""")
+    retrospection: RetrospectionSettings = spec(
+        RetrospectionSettings(), IsSection(RetrospectionSettings),
+        """Self-Retrospection (:class:`~abd_plugin.retrospection.RetrospectionSettings`).""")
+    alignment: AlignmentSettings = spec(
+        AlignmentSettings(), IsSection(AlignmentSettings),
+        """Input-gradient alignment, KDIGA
+        (:class:`~abd_plugin.gradient_alignment.AlignmentSettings`).""")
     input_range: tuple[float, float] | None = spec(
         None, Optional(NumPair(-1e9, 1e9)),
         """``(low, high)`` of valid teacher inputs, in the units the teacher receives (after
         your normalisation). ``None``: read it off the first batch the teacher is fed (values
         in [0, 1] -> (0, 1), in [-1, 1] -> (-1, 1), else the batch's range widened by a
-        quarter), see :func:`~abd_plugin.audit.infer_input_range`.""")
-    audit_starts: int = spec(
-        10, Int(1, 10_000),
-        """Random starts per class of the audit's margin search.""")
-    audit_steps: int = spec(
-        100, Int(1, 100_000),
-        """Adam steps per start of the audit's margin search.""")
-    audit_alpha: float = spec(
-        0.05, Num(0, 1, lo_open=True, hi_open=True),
-        """The audit calls the teacher ``poisoned`` when the largest statistic's p-value is below
-        this.""")
-    audit_clean_alpha: float = spec(
-        0.2, Num(0, 1, lo_open=True),
-        """... and ``clean`` when it is at least this (``unsure`` in between; must be >=
-        ``audit_alpha``).""")
+        quarter), see :func:`~abd_plugin.domain.resolve_domain`.""")
     target: int | None = spec(
         None, Optional(Int(0)),
         """The backdoor's target class if you know it: the eraser then runs for this class
-        whatever the audit says (the audit still runs and is reported when ``audit`` is on).""")
-
-    # ------------------------------------------------------------ trigger eraser (default)
-    erase: bool = spec(
-        True, Bool(),
-        """Run the trigger eraser (:class:`~abd_plugin.eraser.TriggerEraser`) when the audit
-        flags the teacher (``erase_on``): a soft pixel mask, learned online on the batches the
-        teacher already sees, that erases from every teacher input the region which sends the
-        teacher's samples to the target class; the teacher then sees erased inputs everywhere in
-        the loop (student targets and generator loss alike).""")
-    erase_on: str = spec(
-        "flagged", Choice("poisoned", "flagged", "always"),
-        """When the eraser runs: ``"poisoned"`` (audit verdict poisoned), ``"flagged"``
-        (poisoned or unsure), ``"always"`` (for the audit's suspect class whatever the verdict;
-        measures what a false alarm costs). A ``target`` makes it run regardless.""")
-    erase_price: float = spec(
-        2.5, Num(0, 1e6),
-        """Price of erasing the whole input, in units of 'one target-class sample flipped':
-        the mask objective is ``mean p_t(erased target samples) + erase_price * mean(mask) +
-        erase_keep * KL(other samples)``. Lower: larger masks (spread triggers), more accuracy
-        cost. 5 left scattered, partial masks over an in-digit square (README, "Results"). The
-        re-audit (``erase_recheck``) lowers it to ``erase_price_low`` during a run when the mask
-        misses part of the trigger.""")
-    erase_recheck: int = spec(
-        50, Int(0, 1_000_000),
-        """Every ``erase_recheck`` mask updates (first after twice that many, once the mask has
-        settled), re-audit the *erased* teacher for the target class alone (the audit's margin
-        search through the mask, a tenth of an audit's cost) and compare its statistic with the
-        other classes' from the first audit. If the target still stands out (p <
-        ``audit_alpha``: the mask misses part of the trigger, as on a spread watermark), the
-        price drops to ``erase_price_low`` and the checks stop; they also stop after two checks in
-        a row find the target back among the others. 0: never re-audit. Needs the audit (a
-        ``target`` given with ``audit=False`` has no other classes to compare with).""")
-    erase_price_low: float = spec(
-        1.0, Num(0, 1e6),
-        """The price after a re-audit finds that the mask misses part of the trigger (larger
-        masks). With ``erase_price`` at or below it, no re-audit runs.""")
-    erase_keep: float = spec(
-        1.0, Num(0, 1e6),
-        """Weight of keeping the teacher's predictions on the samples it does not call the
-        target (KL between the erased and the original teacher).""")
-    erase_steps: int = spec(
-        2, Int(1, 1000),
-        """Adam steps on the mask per update.""")
-    erase_every: int = spec(
-        2, Int(1, 1_000_000),
-        """The mask is updated on every ``erase_every``-th distinct teacher batch (a batch fed
-        several times in a row, as ZSKT's student steps do, counts once).""")
-    erase_lr: float = spec(
-        0.1, Num(0, 1e3, lo_open=True),
-        """Adam learning rate of the mask's logits.""")
-    erase_fill: float | None = spec(
-        None, Optional(Num(-1e9, 1e9)),
-        """Value erased pixels take, in the teacher's input units. ``None``: the low end of the
-        input range, per channel - black in image space, whatever the normalisation: the low
-        end of ``input_range`` when given, else 0 for inputs in [0, 1], -1 for inputs in
-        [-1, 1], else each channel's minimum over the first batch the eraser sees. A number:
-        that value everywhere (0 is the data mean for mean-normalised inputs).""")
-    erase_only_target: bool = spec(
-        False, Bool(),
-        """Erase only the inputs the teacher calls the target class (one extra teacher forward
-        on those rows); the others reach the teacher unchanged.""")
-
-    # ------------------------------------------------------------------ Shuffling Vaccine (SV)
-    sv: bool = spec(
-        False, Bool(),
-        """Enable the Shuffling Vaccine (off by default: on the benchmark it did not cut the
-        backdoor; ``ABDConfig.paper()`` and ``ABDConfig.classic()`` turn it on).""")
-    sv_coef: float = spec(
-        0.1, Num(0, 1e4),
-        """Weight of the SV loss term ``-coef * mean_{suspicious} KL(p_T || p_shuffled) / C``
-        (paper: 0.1). On a fixed transfer set the same coefficient weights the anti-distillation of
-        suspicious samples in :meth:`ABDGuard.reweight`.""")
-    sv_reweight_cap: float = spec(
-        5.0, Num(0, lo_open=True),
-        """Bound of the anti-distillation in :meth:`ABDGuard.reweight`: a suspicious sample's
-        per-sample loss counts up to this value (in the loss's units; nats for a KL) and gives
-        no gradient beyond it, so the reweighted loss stays ``>= -sv_coef * sv_reweight_cap``
-        and cannot run away on a fixed transfer set (uncapped, it reached -1e5 and 11 % accuracy
-        on the test suite's digits task at coefficient 1). 5 nats of ``KL(p_T || p_S)`` on a
-        confidently classified sample means the student gives the teacher's class about
-        ``e^-5``, under 1 %, of the teacher's probability: pushing further only costs accuracy.
-        Below the cap the rule is the paper's, unchanged.""")
-    sv_adaptive: bool = spec(
-        False, Bool(),
-        """Adapt the coefficient online so that the suspicious fraction of synthetic batches is
-        driven down to ``sv_target_fraction`` (a multiplicative controller, see
-        :class:`~abd_plugin.vaccine.ShufflingVaccine`). Off in the paper.""")
-    sv_target_fraction: float = spec(
-        0.2, Num(0, 1, lo_open=True, hi_open=True),
-        """Target suspicious fraction for ``sv_adaptive``.""")
-    sv_adapt_rate: float = spec(
-        0.05, Num(0, 1e3, lo_open=True),
-        """Step of the log-coefficient controller per SV call (``sv_adaptive``).""")
-    sv_coef_bounds: tuple[float, float] = spec(
-        (1e-3, 1e3), NumPair(0, 1e6),
-        """Clamp for the adaptive coefficient.""")
-    n_shuffle_models: int = spec(
-        3, Int(1, 1024),
-        """Number of channel-shuffled teacher copies averaged into the ensemble (paper: 3).""")
-    shuffle_layers: LayerSpec = spec(
-        "auto", Layers(),
-        """Which layers get their input channels permuted: ``"auto"`` (choose the depth per teacher
-        from the verification pool), an int k (the last k conv layers in forward order; paper: 5),
-        or a list of module names.""")
-    shuffle_linear: bool = spec(
-        False, Bool(),
-        """Also count ``nn.Linear`` layers when picking the last k layers (``"auto"`` always
-        considers them).""")
-    auto_max_depth: int = spec(
-        6, Int(1),
-        """Largest depth tried by ``shuffle_layers="auto"``.""")
-    sv_grad_through_ensemble: bool = spec(
-        True, Bool(),
-        """Back-propagate the SV term through the shuffled ensemble as well as the teacher (paper:
-        yes; ``--no_shuf_grad`` turns it off).""")
-    verify: bool = spec(
-        True, Bool(),
-        """Verify the vaccine (tail-ratio test) before switching SV on.""")
-    verify_batches: int = spec(
-        50, Int(1),
-        """Synthetic batches pooled for verification (paper: ``pseudo_test_batches``, 50).""")
-    verify_skip: int = spec(
-        10, Int(0),
-        """First synthetic batches ignored before pooling (paper: 10).""")
-    tail_sigma: float = spec(
-        3.0, Num(0, 100),
-        """A sample is in the low-divergence tail when ``log10 d < mean - tail_sigma * std``.""")
-    tail_ratio_threshold: float = spec(
-        0.02, Num(-1, 1, hi_open=True),
-        """Accept the vaccine when the tail holds more than this fraction (paper: 0.02). A
-        tail ratio lies in [0, 1]: 1 or more would never accept; a negative value accepts
-        every shuffle (``"auto"`` still picks the best-scoring depth).""")
-    max_shuffle_trials: int = spec(
-        8, Int(1),
-        """Shuffles tried (the first plus re-makes) before SV gives up (paper: 8).""")
-
-    # ------------------------------------------------------------------ Self-Retrospection (SR)
-    sr: bool = spec(
-        False, Bool(),
-        """Enable Self-Retrospection. It only runs inside its window (below). Off by default (on
-        the benchmark it traded accuracy for ASR); ``paper()`` and ``classic()`` turn it on.""")
-    sr_start_step: int | None = spec(
-        None, Optional(Int(0)),
-        """First student optimizer step (0-based, counted by the guard) at which SR runs.""")
-    sr_start_fraction: float | None = spec(
-        None, Optional(Num(0, 1)),
-        """Or: SR starts at ``int(sr_start_fraction * total_steps)`` (the paper resumes at
-        99.3-99.5 % of ZSKT training; the last 1-2 of 200 epochs for CMI).""")
-    total_steps: int | None = spec(
-        None, Optional(Int(1)),
-        """Total student optimizer steps of the run, needed by ``sr_start_fraction``.""")
-    sr_lr: float | None = spec(
-        None, Optional(Num(0, lo_open=True)),
-        """Learning rate of the student optimizer's steps inside the SR window. The paper resumes SR
-        from a late checkpoint with a fresh optimizer at 5e-4 or 1e-4, while a cosine schedule has
-        almost reached zero there; the optimizer's own value is put back after every step, so its
-        scheduler is unaffected. ``None``: leave the optimizer alone.""")
-    sr_every: int = spec(
-        1, Int(1),
-        """Run SR on every ``sr_every``-th student step inside the window.""")
-    sr_inner_rounds: int = spec(
-        10, Int(0),
-        """Adam steps synthesising the universal perturbation per SR step (paper sweeps: 10,
-        20).""")
-    sr_pert_lr: float = spec(
-        0.1, Num(0, 1e3, lo_open=True),
-        """Adam learning rate of the perturbation synthesis (paper: 0.1).""")
-    sr_pert_model: str = spec(
-        "teacher", Choice("teacher", "student"),
-        """Model whose deviation the perturbation maximises: ``"teacher"`` (paper sweeps) or
-        ``"student"``.""")
-    sr_pert_l2: float = spec(
-        1e-3, Num(0),
-        """L2 penalty on the perturbation during synthesis (ZSKT: 1e-3; CMI: 0).""")
-    sr_epsilon: float | None = spec(
-        None, Optional(Num(0, lo_open=True)),
-        """Project the perturbation onto an L2 ball of this radius (the poster's C_eps; the official
-        code never projects). ``None``: no projection.""")
-    sr_epsilon_rms: float | None = spec(
-        None, Optional(Num(0, lo_open=True)),
-        """Or: the L2 radius as a root-mean-square per element, ``eps = sr_epsilon_rms *
-        sqrt(numel(delta))`` (resolution independent; a 3x3 white patch on a 32x32 grey image has
-        an RMS of about 0.09).""")
-    sr_warm_start: bool = spec(
-        False, Bool(),
-        """Carry the perturbation (and its Adam state) from one SR step to the next instead of
-        restarting from zero (off in the paper).""")
-    sr_init_std: float = spec(
-        1e-3, Num(0, 1e3),
-        """Std of the seeded Gaussian start of the perturbation (zero, the official start, is a
-        stationary point of the deviation objective).""")
-    sr_fixed_point_iters: int = spec(
-        5, Int(0),
-        """Truncated Neumann iterations K of the implicit hypergradient (paper: 5).""")
-    sr_inner_step: float = spec(
-        0.1, Num(0, 1e3, lo_open=True),
-        """Step size eta of the fixed-point map ``delta - eta * grad L_in`` (paper: 0.1).""")
-    sr_inner_l2: float = spec(
-        1e-3, Num(0),
-        """L2 penalty inside ``L_in`` (paper: 1e-3).""")
-    sr_outer_portion: float = spec(
-        0.02, Num(0, 1, lo_open=True),
-        """Fraction of the batch that carries the perturbation in the outer loss (paper: 0.02;
-        at least one sample).""")
-    sr_outer_target: str = spec(
-        "student", Choice("student", "teacher"),
-        """What the perturbed samples are pulled towards in the outer loss: ``"student"`` (the
-        student's own clean prediction, detached: the paper) or ``"teacher"`` (the teacher's
-        prediction on the clean input: the unlearning then also distills, which keeps accuracy).""")
-    sr_scale: float = spec(
-        1.0, Num(0, 1e4),
-        """Multiplier of the SR gradient added to the student's ``.grad``.""")
-    sr_temperature: float = spec(
-        1.0, Num(0.01, 100),
-        """Softmax temperature of the SR divergences.""")
-
-    # ------------------------------------------------------------------ general
+        whatever the audit says (the audit still runs and is reported when it is on).""")
     seed: int = spec(
         0, Int(0, 2**63 - 2),
-        """Seed of the guard's own RNG (permutations, SR sample choice). The global RNG is never
-        touched.""")
+        """Seed of the guard's own random generators (the audit's starts, permutations, SR sample
+        choice). The global RNG is never touched.""")
     logits_fn: Callable[[Any], Any] | None = spec(
         None, Optional(IsCallable()),
         """Extract logits from a model output; default handles tensors, tuples (logits first),
         dicts with ``"logits"`` and objects with ``.logits``.""", compare=False)
 
-    def __post_init__(self) -> None:
-        validate_fields(self, _SPECS)  # every field against its spec (the table above)
-        if self.sr_epsilon is not None and self.sr_epsilon_rms is not None:
-            raise ValueError("ABDConfig: give sr_epsilon or sr_epsilon_rms, not both")
-        if self.audit_clean_alpha < self.audit_alpha:
-            raise ValueError(
-                f"ABDConfig.audit_clean_alpha ({self.audit_clean_alpha}) must be >= audit_alpha "
-                f"({self.audit_alpha})")
+    def __init__(self, *, audit: Any = None, erase: Any = None, vaccine: Any = None,
+                 retrospection: Any = None, alignment: Any = None,
+                 input_range: tuple[float, float] | None = None, target: int | None = None,
+                 seed: int = 0, logits_fn: Callable[[Any], Any] | None = None,
+                 **flat: Any) -> None:
+        given = {"audit": audit, "erase": erase, "vaccine": vaccine,
+                 "retrospection": retrospection, "alignment": alignment}
+        sections = {attr: _section(attr, value, None) for attr, value in given.items()}
+        unknown = sorted(set(flat) - set(FLAT))
+        if unknown:
+            raise TypeError(f"unknown ABDConfig field(s) {unknown}; see help(ABDConfig) for the "
+                            "list")
+        changes: dict[str, dict[str, Any]] = {}
+        for key, value in flat.items():
+            attr, name = FLAT[key]
+            check, _ = _SECTION_FIELD_SPECS[attr][name]
+            check.validate(f"ABDConfig.{key}", value)  # the name the caller used
+            changes.setdefault(attr, {})[name] = value
+        for attr, fields in changes.items():
+            try:
+                sections[attr] = sections[attr].replace(**fields)
+            except ValueError as err:  # a rule between fields: name them as the caller did
+                names = ", ".join(k for k in flat if FLAT[k][0] == attr)
+                raise ValueError(f"ABDConfig({names}): {err}") from None
+        for attr, value in sections.items():
+            object.__setattr__(self, attr, value)
+        object.__setattr__(self, "input_range", input_range)
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "seed", seed)
+        object.__setattr__(self, "logits_fn", logits_fn)
+        validate_fields(self, _SPECS)
         if self.input_range is not None and not self.input_range[0] < self.input_range[1]:
             raise ValueError(f"ABDConfig.input_range must be (low, high) with low < high, got "
                              f"{self.input_range}")
 
+    def __getattr__(self, name: str) -> Any:
+        # flat names (the compatibility layer): only reached when normal lookup fails
+        where = FLAT.get(name)
+        if where is None:
+            raise AttributeError(f"'ABDConfig' object has no attribute {name!r}")
+        return getattr(getattr(self, where[0]), where[1])
+
     def replace(self, **changes: Any) -> ABDConfig:
-        """A copy with some fields changed (unknown names raise a clear error)."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise TypeError(
-                f"unknown ABDConfig field(s) {sorted(unknown)}; see help(ABDConfig) for the list"
-            )
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed: sections, general fields or flat keywords (unknown
+        names raise a clear error). A bool or dict given for a section changes the current
+        section (its ``enabled`` switch, or the fields named)."""
+        kw: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        flat = {}
+        for key, value in changes.items():
+            if key in SECTIONS:
+                kw[key] = _section(key, value, getattr(self, key))
+            elif key in kw:
+                kw[key] = value
+            else:
+                flat[key] = value
+        return ABDConfig(**kw, **flat)
 
     @property
     def sr_start(self) -> int | None:
-        """The first SR step resolved from ``sr_start_step``/``sr_start_fraction``, or ``None``
-        when the SR window only opens through ``with guard.retrospection():`` (see
-        :class:`~abd_plugin.schedule.SRSchedule`)."""
-        return SRSchedule.from_config(self).start
+        """The first SR step resolved from the retrospection section's ``start_step`` /
+        ``start_fraction``, or ``None`` when the SR window only opens through ``with
+        guard.retrospection():`` (see :class:`~abd_plugin.schedule.SRSchedule`)."""
+        return self.retrospection.schedule().start
 
     @classmethod
     def classic(cls, **overrides: Any) -> ABDConfig:
@@ -378,22 +238,57 @@ class ABDConfig:
         return cls(**base)
 
 
+def _section(attr: str, value: Any, current: Section | None) -> Section:
+    """The section ``attr`` from what was given: a section object, a bool (its ``enabled``
+    switch), a dict of its fields, or None (``current``, else the default)."""
+    cls = SECTIONS[attr]
+    base = current if current is not None else cls()
+    if value is None:
+        return base
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, bool):
+        return base.replace(enabled=value)
+    if isinstance(value, Mapping):
+        return base.replace(**dict(value))
+    raise TypeError(f"ABDConfig.{attr} must be a {cls.__name__}, True/False (its switch) or a "
+                    f"dict of its fields, got {value!r}")
+
+
 _SPECS = field_specs(ABDConfig)  # raises at import for a field declared without a spec
+#: per section: field -> (spec, doc)
+_SECTION_FIELD_SPECS = {attr: field_specs(cls) for attr, cls in SECTIONS.items()}
 
 
-def _field_docs(cls: type) -> str:
-    parts = []
-    for f in dataclasses.fields(cls):
-        check, doc = _SPECS[f.name]
+def _docs() -> str:
+    general = [f for f in dataclasses.fields(ABDConfig) if f.name not in SECTIONS]
+    parts = ["General fields (name = default):", ""]
+    specs = _SPECS
+    for f in general:
+        check, doc = specs[f.name]
         parts.append(f"{f.name} = {f.default!r}\n    accepts {check.describe()}\n"
-                     + textwrap.indent(inspect.cleandoc(doc), "    "))
-    return "\n\n".join(parts)
+                     + "\n".join("    " + line for line in inspect.cleandoc(doc).splitlines()))
+        parts.append("")
+    for attr, cls in SECTIONS.items():
+        flat = {name: key for key, name in cls.flat_names().items()}
+        parts.append(f"Section {attr} = {cls.__name__}(...)  ({cls.__module__}):")
+        parts.append("")
+        def title(f: dataclasses.Field, a: str = attr, fl: dict[str, str] = flat) -> str:
+            return f"{a}.{f.name} = {f.default!r}    (flat keyword: {fl[f.name]})"
+
+        parts.append(field_docs(cls, title))
+        parts.append("")
+    return "\n".join(parts)
 
 
 ABDConfig.__doc__ = (
     inspect.cleandoc(ABDConfig.__doc__ or "").split("\n\nThe field list")[0]
-    + "\n\nEvery field is checked when a config is made (also by ``replace``, ``paper()``, "
-    "``tuned()``): a value of the wrong type raises ``TypeError``, one out of range ``ValueError``,"
-    " both naming the field and what it accepts.\n\nFields (name = default):\n\n"
-    + _field_docs(ABDConfig)
+    + "\n\nA section can be given as a section object, as a bool (its ``enabled`` switch) or as a "
+    "dict of its fields; every field can also be given by its flat keyword. Every field is "
+    "checked when a config is made (also by ``replace``, ``paper()``, ``tuned()``): a value of "
+    "the wrong type raises ``TypeError``, one out of range ``ValueError``, both naming the field "
+    "and what it accepts; the rules between fields are checked by their section.\n\n" + _docs()
 )
+
+__all__ = ["ABDConfig", "SECTIONS", "FLAT", "Layers", "LayerSpec", "AuditSettings",
+           "EraseSettings", "VaccineSettings", "RetrospectionSettings", "AlignmentSettings"]

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from ._amp import as_input_of
 from ._replica import TeacherReplica
-from .config import ABDConfig
 from .outputs import check_logits, extract_logits
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -48,21 +47,31 @@ def _in_group_channels(mod: nn.Module) -> int:
 
 
 class ShuffledEnsemble:
-    """``config.n_shuffle_models`` channel-shuffled copies of a teacher, averaged.
+    """``n_models`` channel-shuffled copies of a teacher, averaged.
 
     Call :meth:`discover` once on a batch, then :meth:`set_layers` with permutations from
     :meth:`draw`; :meth:`logits` gives the ensemble's mean logits (differentiable in ``x``).
 
     Args:
         replica: the frozen, hook-free teacher copy the ensemble runs.
-        config: reads ``n_shuffle_models``, ``shuffle_layers``, ``shuffle_linear``, ``seed``
-            (the permutations' own RNG) and ``logits_fn``.
+        n_models: shuffled copies averaged.
+        layers: which layers are shuffled: ``"auto"`` (the verification chooses the depth; Conv
+            and Linear layers are candidates), an int k (the last k conv layers in forward
+            order), or a list of module names.
+        shuffle_linear: also count ``nn.Linear`` layers as candidates for an int ``layers``.
+        seed: seed of the permutations' own RNG.
+        logits_fn: how to find the logits in the teacher's output.
     """
 
-    def __init__(self, replica: TeacherReplica, config: ABDConfig) -> None:
+    def __init__(self, replica: TeacherReplica, *, n_models: int = 3,
+                 layers: str | int | Sequence[str] = "auto", shuffle_linear: bool = False,
+                 seed: int = 0, logits_fn: Callable[[Any], Tensor] | None = None) -> None:
         self.replica = replica
-        self.config = config
-        self.generator = torch.Generator().manual_seed(config.seed)  # permutations only
+        self.n_models = int(n_models)
+        self.layer_spec = layers
+        self.shuffle_linear = bool(shuffle_linear)
+        self.logits_fn = logits_fn
+        self.generator = torch.Generator().manual_seed(seed)  # permutations only
         self.candidates: list[str] = []  # shufflable layer names, forward order
         self.layers: list[str] = []  # layers shuffled now
         self.depth = 0
@@ -101,20 +110,20 @@ class ShuffledEnsemble:
         finally:
             for h in handles:
                 h.remove()
-        logits = extract_logits(out, self.config.logits_fn)
+        logits = extract_logits(out, self.logits_fn)
         check_logits(logits, x.shape[0], "teacher logits")
         self.num_classes = int(logits.shape[1])
         mods = dict(rep.named_modules())
-        linear = self.config.shuffle_linear or isinstance(self.config.shuffle_layers, str)
+        linear = self.shuffle_linear or isinstance(self.layer_spec, str)
         kinds = _CONV + ((nn.Linear,) if linear else ())
         shuf = [n for n in order
                 if isinstance(mods[n], kinds) and _in_group_channels(mods[n]) >= 2]
         return order, shuf, counts
 
     def discover(self, probe: Tensor) -> None:
-        """Find the candidate layers (``config.shuffle_layers``) by a dry run on ``probe``."""
+        """Find the candidate layers (``layers``) by a dry run on ``probe``."""
         order, shuf, counts = self._dry_run(probe)
-        spec = self.config.shuffle_layers
+        spec = self.layer_spec
         mods = dict(self.replica.module.named_modules())
         if isinstance(spec, (list, tuple)):
             missing = [n for n in spec if n not in mods]
@@ -146,9 +155,9 @@ class ShuffledEnsemble:
         return self._probe.device
 
     def initial_depth(self) -> int:
-        """Depth before verification: ``shuffle_layers`` as an int (capped), every listed layer,
+        """Depth before verification: ``layers`` as an int (capped), every listed layer,
         or 1 for ``"auto"`` (verification picks the depth)."""
-        spec = self.config.shuffle_layers
+        spec = self.layer_spec
         if isinstance(spec, int):
             return min(spec, len(self.candidates))
         if isinstance(spec, str):
@@ -157,9 +166,9 @@ class ShuffledEnsemble:
 
     # ------------------------------------------------------------------ permutations
     def draw(self, names: Sequence[str]) -> dict[str, Tensor]:
-        """``n_shuffle_models`` fresh permutations of each layer's input channels (per group)."""
+        """``n_models`` fresh permutations of each layer's input channels (per group)."""
         mods = dict(self.replica.module.named_modules())
-        k = self.config.n_shuffle_models
+        k = self.n_models
         out = {}
         for n in names:
             c = _in_group_channels(mods[n])
@@ -188,10 +197,14 @@ class ShuffledEnsemble:
             self._inv_cache[key] = inv
         return inv
 
-    def _install(self) -> None:
+    def remove(self) -> None:
+        """Take the ensemble's shuffle hooks off the teacher copy (set_layers puts them back)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def _install(self) -> None:
+        self.remove()
         mods = dict(self.replica.module.named_modules())
         for n in self.layers:
             self._handles.append(mods[n].register_forward_pre_hook(self._shuffle_hook(n)))
@@ -234,13 +247,13 @@ class ShuffledEnsemble:
     def full(self, x: Tensor) -> Tensor:
         """The ensemble without a shared trunk: every member runs the whole replica."""
         rep = self.replica.to_device_of(x)
-        k = self.config.n_shuffle_models
+        k = self.n_models
         self._active = True
         try:
             out = rep(as_input_of(rep, x).repeat(k, *([1] * (x.dim() - 1))))
         finally:
             self._active = False
-        z = extract_logits(out, self.config.logits_fn)
+        z = extract_logits(out, self.logits_fn)
         return z.view(k, x.shape[0], -1).mean(0)
 
     def trunk_input(self, x: Tensor, at: str) -> Tensor:
@@ -264,7 +277,7 @@ class ShuffledEnsemble:
         """Ensemble logits from the input ``trunk`` of module ``at`` (shared by all members)."""
         rep = self.replica.to_device_of(x)
         mod = dict(rep.named_modules())[at]
-        k = self.config.n_shuffle_models
+        k = self.n_models
         expanded = trunk.repeat(k, *([1] * (trunk.dim() - 1)))
 
         def swap(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -277,7 +290,7 @@ class ShuffledEnsemble:
         finally:
             self._active = False
             h.remove()
-        z = extract_logits(out, self.config.logits_fn)
+        z = extract_logits(out, self.logits_fn)
         return z.view(k, trunk.shape[0], -1).mean(0)
 
     def _find_trunk_module(self) -> str | None:

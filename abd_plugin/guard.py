@@ -41,8 +41,13 @@ teacher with a float32 student).
 One guard per student: a second guard attached to a student that an active guard already wraps
 raises ``RuntimeError`` (SR would run twice per step). When a defense cannot do its job (student
 in ``eval()`` mode, SV term never back-propagated, no synthesis batch seen, SR gradient NaN), the
-report says so (``warnings``, ``sr_skipped``) and an :class:`~abd_plugin.hooks.ABDWarning` is
-issued once per guard.
+report says so (``warnings``; SR's record counts ``skipped`` steps) and an
+:class:`~abd_plugin.hooks.ABDWarning` is issued once per guard.
+
+The guard imports no defense: it builds them from the config's sections through
+:mod:`abd_plugin.defenses` (the default: the audit, then the trigger eraser), registers the
+user's ``hooks`` after them, and treats all alike. Its report is the hooks' records in that
+order (:class:`GuardReport`).
 """
 from __future__ import annotations
 
@@ -50,23 +55,28 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from . import _amp
-from ._replica import TeacherReplica, unwrap_model
-from .audit import AuditReport, AuditSettings, ensemble_favourite, infer_input_range
-from .audit import audit as run_audit
+from . import _amp, _dist
+from ._replica import TeacherReplica, hook_free_copy, unwrap_model
 from .config import ABDConfig
-from .eraser import EraserStatus, TriggerEraser
-from .hooks import DefenseHook, GuardContext, warn_once
+from .defenses import Parts, build_defenses, schedule_for
+from .domain import InputDomain, resolve_domain
+from .hooks import DefenseHook, GuardContext, HookReport, MappingReport, OffReport, warn_once
 from .outputs import check_input, check_logits, extract_logits, replace_logits
-from .retrospection import SelfRetrospection
 from .schedule import SRSchedule
-from .vaccine import ShufflingVaccine
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .audit import AuditRecord, AuditReport
+    from .eraser import TriggerEraser
+    from .retrospection import SelfRetrospection
+    from .vaccine import ShufflingVaccine
+
+R = TypeVar("R", bound=HookReport)
 
 
 class _TermCounter:
@@ -114,122 +124,58 @@ _ACTIVE_STUDENTS: dict[int, weakref.ReferenceType[ABDGuard]] = {}
 
 @dataclass
 class GuardReport:
-    """What the guard did (a plain, printable record; ``print(report)`` says it in words)."""
+    """What the guard did: the audit's record plus one record per hook, in registration order
+    (``print(report)`` says it in words).
 
-    #: the data-free teacher audit (:class:`~abd_plugin.audit.AuditReport` as a dict), or None
-    audit: dict[str, Any] | None = None
-    audit_verdict: str = "not run"
-    audit_target: int | None = None
-    audit_p_value: float = float("nan")
-    audit_seconds: float = 0.0
-    #: the class a channel-shuffled teacher ensemble predicts most on recent teacher inputs
-    ensemble_class: int | None = None
-    erase_status: str = "off"
-    erase_reason: str = "erase=False"
-    erase_target: int | None = None
-    #: mask positions above 0.5, the mask's sum, and its mean over the input
-    erase_pixels: int = 0
-    erase_mass: float = 0.0
-    erase_fraction: float = 0.0
-    erase_updates: int = 0
-    erase_batches: int = 0
-    #: at the last update: target-class samples the erased teacher moves off the target, other
-    #: samples whose class it keeps, and the fraction the teacher called the target
-    erase_flip: float = float("nan")
-    erase_keep: float = float("nan")
-    erase_target_fraction: float = float("nan")
-    #: the mask's price now (``erase_price`` unless a re-audit lowered it)
-    erase_price: float = float("nan")
-    #: the erased teacher's re-audits: update, target statistic, p-value, stands_out, price after
-    erase_rechecks: list[dict[str, Any]] = field(default_factory=list)
-    erase_seconds: float = 0.0
-    sv_status: str = "off"
-    sv_message: str = "SV: off"
-    sv_coef: float = 0.0
-    shuffle_depth: int = 0
-    shuffled_layers: list[str] = field(default_factory=list)
-    trunk_module: str | None = None
-    verification_trials: list[dict[str, Any]] = field(default_factory=list)
-    suspicious_fraction: float = float("nan")
-    last_suspicious_fraction: float = float("nan")
-    last_penalty: float = 0.0
-    sv_calls: int = 0
-    sv_seconds: float = 0.0
-    sr_steps: int = 0
-    sr_seconds: float = 0.0
-    sr_last_delta_norm: float = 0.0
-    sr_last_outer_loss: float = 0.0
-    sr_last_grad_norm: float = 0.0
+    Attributes:
+        records: ``{key: record}``: each hook's :class:`~abd_plugin.hooks.HookReport` under its
+            ``state_key`` (the audit's :class:`~abd_plugin.audit.AuditRecord`, the eraser's
+            :class:`~abd_plugin.eraser.EraserReport`, ...; a user's hook likewise, a plain dict
+            as a :class:`~abd_plugin.hooks.MappingReport`), and an
+            :class:`~abd_plugin.hooks.OffReport` for each built-in defense that is off.
+        student_steps: student optimizer steps seen.
+        loss_terms_attached, loss_terms_backpropagated: loss terms (the vaccine's) attached to
+            teacher logits, and how many were back-propagated (once each at most).
+        warnings: what a defense could not do, in words (each also issued once as an
+            ``ABDWarning``).
+
+    ``report.get(EraserReport)`` returns the first record of a type (None when there is none);
+    ``report.audit`` the audit's record.
+    """
+
+    records: dict[str, HookReport] = field(default_factory=dict)
+    #: the key of the audit's record in ``records`` (None: the guard has no audit)
+    audit_key: str | None = None
     student_steps: int = 0
-    sr_start: int | None = None
-    #: SV loss terms attached to teacher logits / back-propagated (once each at most)
-    sv_terms_attached: int = 0
-    sv_terms_backpropagated: int = 0
-    #: SR steps that did nothing, by reason (``abd_plugin.retrospection.SKIP_REASONS``)
-    sr_skipped: dict[str, int] = field(default_factory=dict)
-    #: what a defense could not do, in words (each also issued once as an ``ABDWarning``)
+    loss_terms_attached: int = 0
+    loss_terms_backpropagated: int = 0
     warnings: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, kind: type[R]) -> R | None:
+        """The first record of type ``kind``, or None."""
+        for rec in self.records.values():
+            if isinstance(rec, kind):
+                return rec
+        return None
+
+    @property
+    def audit(self) -> AuditRecord | None:
+        """The audit's record (None when the guard has no audit)."""
+        if self.audit_key is None:
+            return None
+        return self.records[self.audit_key]  # type: ignore[return-value]
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"records": {k: r.as_dict() for k, r in self.records.items()},
+                "audit_key": self.audit_key, "student_steps": self.student_steps,
+                "loss_terms_attached": self.loss_terms_attached,
+                "loss_terms_backpropagated": self.loss_terms_backpropagated,
+                "warnings": list(self.warnings)}
 
     def __str__(self) -> str:
         lines = ["abd-plugin guard report"]
-        a = self.audit
-        if a is None:
-            lines.append("  Teacher audit: not run" + (" (audit=False)" if self.audit_verdict ==
-                                                        "off" else " (no teacher batch seen)"))
-        else:
-            s = a["suspect"]
-            stat = (f"class {s}'s maximum margin {a['statistic'][s]:.3g}, p = {a['p_value']:.2g}, "
-                    f"robust z = {a['z_score']:.1f}; {a['seconds']:.1f}s")
-            word = {"poisoned": f"the teacher looks BACKDOORED towards class {s}",
-                    "unsure": f"the teacher MAY be backdoored towards class {s} (not significant)",
-                    "clean": "no backdoor found"}[a["verdict"]]
-            lines.append(f"  Teacher audit: {word} ({stat}).")
-            if self.ensemble_class is not None:
-                agree = "agrees" if self.ensemble_class == s else "does not agree"
-                lines.append(f"    The shuffled-teacher ensemble favours class "
-                             f"{self.ensemble_class} on the inputs seen ({agree}).")
-        if self.erase_status == "on":
-            pct = 100 * self.erase_fraction
-            lines.append(
-                f"  Trigger eraser: ON for class {self.erase_target} ({self.erase_reason}). The "
-                f"teacher saw every input with {self.erase_pixels} position(s) erased (mask "
-                f"{pct:.1f} % of the input), learned in {self.erase_updates} update(s), "
-                f"{self.erase_seconds:.1f}s.")
-            if self.erase_updates:
-                lines.append(
-                    f"    At the last update the erasure moved {100 * self.erase_flip:.0f} % of "
-                    f"the samples the teacher called class {self.erase_target} "
-                    f"({100 * self.erase_target_fraction:.0f} % of the batch) to other classes "
-                    f"and kept {100 * self.erase_keep:.0f} % of the others' classes.")
-            if self.erase_rechecks:
-                last = self.erase_rechecks[-1]
-                lowered = [r for r in self.erase_rechecks if r["stands_out"]]
-                still = "still stands out" if last["stands_out"] else "no longer stands out"
-                lines.append(
-                    f"    Re-audited the erased teacher {len(self.erase_rechecks)} time(s); at "
-                    f"update {last['update']} class {self.erase_target}'s maximum margin was "
-                    f"{last['statistic']:.3g} (p = {last['p_value']:.2g} against the other "
-                    f"classes: {still})." + (f" The mask missed part of the trigger at update "
-                                             f"{lowered[0]['update']}: its price was lowered to "
-                                             f"{self.erase_price:.3g} (larger masks)."
-                                             if lowered else ""))
-        else:
-            lines.append(f"  Trigger eraser: off ({self.erase_reason}).")
-        if self.sv_status != "off" or self.sv_calls:
-            lines.append(f"  {self.sv_message}; suspicious fraction "
-                         f"{self.suspicious_fraction:.3f} over {self.sv_calls} synthesis "
-                         f"batches, {self.sv_seconds:.2f}s")
-        else:
-            lines.append("  Shuffling Vaccine: off.")
-        if self.sr_steps or self.sr_start is not None or self.sr_seconds:
-            lines.append(f"  Self-Retrospection: {self.sr_steps} step(s) (window starts at "
-                         f"step {self.sr_start}), {self.sr_seconds:.2f}s.")
-        else:
-            lines.append("  Self-Retrospection: did not run.")
+        for rec in self.records.values():
+            lines += rec.lines()
         lines.append(f"  Student optimizer steps seen: {self.student_steps}.")
         lines += [f"  WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -259,6 +205,26 @@ class _HookContext:
     def audit(self) -> AuditReport | None:
         return self._guard.audit_report
 
+    def publish_audit(self, report: AuditReport) -> None:
+        self._guard.audit_report = report
+
+    @property
+    def domain(self) -> InputDomain | None:
+        return self._guard.domain
+
+    @property
+    def loss_terms(self) -> tuple[int, int]:
+        terms = self._guard._terms
+        return terms.attached, terms.fired
+
+    @property
+    def plain_teacher_forwards(self) -> int:
+        return self._guard._plain_teacher_forwards
+
+    @property
+    def distributed(self) -> bool:
+        return self._guard.distributed
+
     def teacher_view(self, x: Tensor) -> Tensor:
         return self._guard.teacher_view(x)
 
@@ -283,8 +249,9 @@ class ABDGuard:
     Args:
         teacher: the untrusted teacher (never modified).
         student: the student being distilled (may be DDP-wrapped).
-        config: an :class:`ABDConfig`; keyword ``overrides`` replace its fields.
-        hooks: extra :class:`DefenseHook` objects run after SV and SR.
+        config: an :class:`ABDConfig`; keyword ``overrides`` replace its fields (sections or
+            flat keywords, e.g. ``erase_price=1.0``).
+        hooks: extra :class:`DefenseHook` objects, registered after the built-in defenses.
         loss_scale: a callable giving the current loss scale (``scaler.get_scale``) under AMP.
     """
 
@@ -305,7 +272,8 @@ class ABDGuard:
         cfg = config or ABDConfig()
         if overrides:
             cfg = cfg.replace(**overrides)
-        if cfg.sr and cfg.sr_start_fraction is not None and cfg.total_steps is None:
+        sr = cfg.retrospection
+        if sr.enabled and sr.start_fraction is not None and sr.total_steps is None:
             raise ValueError("sr_start_fraction needs total_steps=<number of student optimizer "
                              "steps in the run>; pass ABDGuard(..., total_steps=N)")
         self.config = cfg
@@ -316,22 +284,21 @@ class ABDGuard:
         self._replica = TeacherReplica(teacher)
         #: when SR runs; :meth:`set_schedule` updates it (``self.config`` keeps the values the
         #: guard was built with)
-        self.sr_schedule = SRSchedule.from_config(cfg)
-        self.eraser: TriggerEraser | None = (
-            TriggerEraser(teacher, cfg, replica=self._replica) if cfg.erase else None)
-        self.sv: ShufflingVaccine | None = (
-            ShufflingVaccine(teacher, cfg, replica=self._replica) if cfg.sv else None)
-        self.sr: SelfRetrospection | None = (
-            SelfRetrospection(student, teacher, cfg, replica=self._replica,
-                              schedule=self.sr_schedule) if cfg.sr else None)
-        self.hooks: list[DefenseHook] = [
-            h for h in (self.eraser, self.sv, self.sr) if h is not None]
+        self.sr_schedule: SRSchedule = schedule_for(cfg)
+        built = build_defenses(Parts(teacher, student, cfg, self._replica, self.sr_schedule,
+                                     loss_scale))
+        #: the hooks in registration order: the built-in defenses the config asks for, then
+        #: ``hooks``
+        self.hooks: list[DefenseHook] = [h for h in built if isinstance(h, DefenseHook)]
+        self._off: list[OffReport] = [h for h in built if isinstance(h, OffReport)]
+        self._order: list[DefenseHook | OffReport] = list(built)
         for h in hooks:
             if not isinstance(h, DefenseHook):
                 raise TypeError(f"hooks must be DefenseHook instances, got {type(h).__name__}")
             if any(h is g for g in self.hooks):
                 raise ValueError(f"hook {h!r} is registered twice")
             self.hooks.append(h)
+            self._order.append(h)
         self._state_keys = _state_keys(self.hooks)
         self._ctx: GuardContext = _HookContext(self)
         self._seconds = dict.fromkeys(self._state_keys, 0.0)  # per hook, all its calls
@@ -339,15 +306,20 @@ class ABDGuard:
             type(h).on_student_forward is not DefenseHook.on_student_forward for h in self.hooks)
         self.loss_scale = loss_scale
         self.step = 0
-        #: the data-free audit of the teacher (runs at the first teacher batch; None before)
+        #: the data-free audit of the teacher (the audit hook publishes it at the first teacher
+        #: batch; None before, or without an audit)
         self.audit_report: AuditReport | None = None
-        self._recent_inputs: Tensor | None = None  # a few teacher inputs, for the report
-        self._teacher_batches = 0
+        #: where the teacher's inputs live (resolved at the first floating-point teacher batch)
+        self.domain: InputDomain | None = None
         self.last_student_batch: Tensor | None = None
         self._student_amp: _amp.AutocastState | None = None  # autocast of that batch's forward
         self._terms = _TermCounter()
         self._plain_teacher_forwards = 0  # grad-enabled teacher forwards on a no-grad input
         self._handles: list[Any] = []
+        self._first_batch_checked = False
+        self._teacher_classes: int | None = None  # the teacher's logits width (first batch)
+        self._student_classes_checked = False
+        self._notes: dict[str, str] = {}  # what the guard noticed about the loop (report)
         self._attached = False
         self._suspended = 0
         self._terms_suspended = 0
@@ -421,6 +393,13 @@ class ABDGuard:
         return self._attached
 
     @property
+    def distributed(self) -> bool:
+        """The student trains data-parallel over several ranks (DDP-wrapped, world > 1): the
+        hooks then take their decisions collectively (the same domain, audit, mask and
+        re-audits on every rank)."""
+        return _dist.data_parallel(self.student)
+
+    @property
     def teacher_module(self) -> nn.Module:
         """The teacher without DDP/``torch.compile`` wrappers: the module whose forward the guard
         hooks (an adapter that hooks the teacher as well hooks this one)."""
@@ -443,12 +422,32 @@ class ABDGuard:
             self._suspended -= 1
 
     def teacher_view(self, x: Tensor) -> Tensor:
-        """``x`` as the teacher sees it inside this guard: erased by the trigger eraser's current
-        mask when it is on, else ``x`` (no learning, no counters)."""
-        er = self.eraser
-        if er is None or er.status is not EraserStatus.ON or er.mask() is None:
-            return x
-        return er.erase(x)
+        """``x`` as the teacher sees it inside this guard: every hook's
+        :meth:`~abd_plugin.DefenseHook.view_input` in registration order (the trigger eraser's
+        current mask when it is on); ``x`` itself when no hook changes it (no learning, no
+        counters)."""
+        for h in self.hooks:
+            x = h.view_input(x)
+        return x
+
+    def hook_named(self, name: str) -> DefenseHook | None:
+        """The first registered hook whose :attr:`~abd_plugin.DefenseHook.name` is ``name``."""
+        return next((h for h in self.hooks if h.name == name), None)
+
+    @property
+    def eraser(self) -> TriggerEraser | None:
+        """The trigger eraser hook, when the config built one."""
+        return self.hook_named("erase")  # type: ignore[return-value]
+
+    @property
+    def sv(self) -> ShufflingVaccine | None:
+        """The Shuffling Vaccine hook, when the config built one."""
+        return self.hook_named("sv")  # type: ignore[return-value]
+
+    @property
+    def sr(self) -> SelfRetrospection | None:
+        """The Self-Retrospection hook, when the config built one."""
+        return self.hook_named("sr")  # type: ignore[return-value]
 
     @contextmanager
     def loss_terms_suspended(self) -> Iterator[None]:
@@ -502,25 +501,6 @@ class ABDGuard:
         finally:
             self._seconds[key] += time.perf_counter() - t0
 
-    def _run_audit(self, x: Tensor) -> None:
-        """The data-free audit, on the first float batch the teacher is fed (its shape and,
-        unless ``input_range`` is given, its value range say where inputs live)."""
-        cfg = self.config
-        rng = cfg.input_range if cfg.input_range is not None else infer_input_range(x)
-        settings = AuditSettings.from_config(cfg)
-        self._replica.to_device_of(x)
-        with self.suspended():
-            try:
-                self.audit_report = run_audit(self.teacher, tuple(x.shape[1:]), input_range=rng,
-                                              settings=settings, logits_fn=cfg.logits_fn,
-                                              replica=self._replica)
-            except Exception as e:
-                raise RuntimeError(
-                    f"abd-plugin: the data-free teacher audit failed on inputs of shape "
-                    f"{tuple(x.shape[1:])} ({type(e).__name__}: {e}); pass input_range=(low, high) "
-                    "if the range read off the first batch is wrong, or audit=False (then name "
-                    "the backdoor's target=... for the eraser)") from e
-
     def _teacher_pre_hook(self, module: nn.Module, args: Any) -> Any:
         if self._suspended:
             return None
@@ -535,11 +515,12 @@ class ABDGuard:
         x = args[0] if args and isinstance(args[0], Tensor) else None
         if x is None or not torch.is_floating_point(x) or x.dim() < 2:
             return None
-        if self.config.audit and self.audit_report is None:
-            self._run_audit(x)
-        self._teacher_batches += 1
-        if self._teacher_batches % 20 == 1:  # a few inputs for the report's ensemble check
-            self._recent_inputs = x.detach()[:128].clone()  # on its device: no sync
+        if not self._first_batch_checked:
+            self._first_batch_checked = True
+            self._check_first_batch(x)
+        if self.domain is None:  # where inputs live: resolved once, read by every hook
+            domain = resolve_domain(x, self.config.input_range)
+            self.domain = _dist.broadcast(domain) if self.distributed else domain
         new = x
         for key, h in zip(self._state_keys, self.hooks, strict=True):
             out = self._call(key, h, "on_teacher_input", new)
@@ -553,6 +534,44 @@ class ABDGuard:
         if new is x:
             return None
         return (new,) + tuple(args[1:])
+
+    def _check_first_batch(self, x: Tensor) -> None:
+        """Before any defense runs on the first teacher batch: the teacher in train() mode is
+        worth a warning, and a teacher whose output the logits rule reads as another number of
+        classes than the student's (a ``(features, logits)`` tuple) is a clear error."""
+        if self._teacher_core.training:
+            msg = ("the teacher is in train() mode inside the guard: every batch your loop feeds "
+                   "it updates its BatchNorm running statistics (and dropout is active), so the "
+                   "teacher drifts during distillation; call teacher.eval() before the loop (the "
+                   "guard's own forwards run a frozen eval-mode copy and add nothing to it)")
+            self._notes["teacher_in_train_mode"] = msg
+            warn_once(self, "teacher_in_train_mode", f"abd-plugin: {msg}")
+        teacher_classes = student_classes = None
+        probe = x.detach()[:2]
+        with self.suspended(), torch.no_grad():
+            try:
+                model = self._replica.to_device_of(probe)
+                teacher_classes = extract_logits(model(_amp.as_input_of(model, probe)),
+                                                 self.config.logits_fn).shape[-1]
+                student = hook_free_copy(self._student_core).to(probe.device)  # eval, no hooks
+                student_classes = extract_logits(student(_amp.as_input_of(student, probe)),
+                                                 self.config.logits_fn).shape[-1]
+                del student
+            except Exception:  # a student that takes other inputs: checked at its forward
+                student_classes = None
+        self._teacher_classes = teacher_classes
+        self._check_classes(student_classes)
+
+    def _check_classes(self, student_classes: int | None) -> None:
+        t = self._teacher_classes
+        if t is None or student_classes is None or t == student_classes:
+            return
+        raise ValueError(
+            f"abd-plugin: the teacher's output gives {t} classes but the student's gives "
+            f"{student_classes} (the default rule takes a tensor output as it is, a tuple's "
+            "first element, a dict's 'logits' or an object's .logits): is one of them returning "
+            "features first? Pass logits_fn= to the guard to say where the logits are, e.g. "
+            "ABDGuard(teacher, student, logits_fn=lambda out: out[1])")
 
     def _teacher_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         if self._suspended or self._terms_suspended or not torch.is_grad_enabled():
@@ -583,6 +602,9 @@ class ABDGuard:
         if module.training and torch.is_floating_point(x):
             self.last_student_batch = x.detach()
             self._student_amp = _amp.capture(x.device.type)
+        if not self._student_classes_checked and self._teacher_classes is not None:
+            self._student_classes_checked = True
+            self._check_classes(extract_logits(output, self.config.logits_fn).shape[-1])
         if self._student_forward_seen:  # only then are the logits worth extracting
             self._dispatch("on_student_forward", x, extract_logits(output, self.config.logits_fn))
 
@@ -627,10 +649,10 @@ class ABDGuard:
     # ------------------------------------------------------------------ silent no-ops
     def _no_ops(self, final: bool) -> dict[str, str]:
         """What the guard's own bookkeeping shows a defense could not do: {key: message}.
-        ``final``: the run is over (or reported), so one unused SV term, or no synthesis batch
-        at all, is already telling; during the run (after each student step) only two or more
-        SV terms none of which was back-propagated are."""
-        out = {}
+        ``final``: the run is over (or reported), so one unused loss term is already telling;
+        during the run (after each student step) only two or more terms none of which was
+        back-propagated are. (A hook reports what only it can see in its own record.)"""
+        out = dict(self._notes)
         attached, fired = self._terms.attached, self._terms.fired
         if fired == 0 and attached >= (1 if final else 2):
             out["sv_term_never_backpropagated"] = (
@@ -638,14 +660,6 @@ class ABDGuard:
                 "back-propagated: the synthesizer's loss does not go through the teacher's logits "
                 "(teacher(x).detach()?), so SV changed nothing. Keep the teacher's logits in the "
                 "graph, or add guard.vaccine_penalty(x, t) to that loss yourself")
-        sv = self.sv
-        if (final and sv is not None and self._plain_teacher_forwards and sv.stats.calls == 0
-                and sv.observed == 0):
-            out["sv_never_ran"] = (
-                f"SV never ran: the teacher ran {self._plain_teacher_forwards} time(s) with "
-                "gradients on, but never on an input that requires grad, so no synthesis batch "
-                "reached the vaccine (a generator output made under no_grad or detached?). Keep "
-                "the synthesizer's output in the graph, or call guard.vaccine_penalty(x, t)")
         return out
 
     def _check_no_ops(self, final: bool) -> None:
@@ -709,24 +723,10 @@ class ABDGuard:
         with self._explicit(self.sr), _amp.replay(amp):
             return self.sr.retrospect(x)
 
-    def _ensemble_class(self) -> int | None:
-        """The shuffled-teacher ensemble's favourite class on recent teacher inputs (a second
-        hint of the target; None when it cannot be computed for this teacher)."""
-        x = self._recent_inputs
-        if x is None:
-            return None
-        try:
-            with self.suspended():
-                model = self._replica.to_device_of(x)
-                return ensemble_favourite(self._replica, _amp.as_input_of(model, x),
-                                          logits_fn=self.config.logits_fn, seed=self.config.seed)
-        except (ValueError, TypeError, RuntimeError):
-            return None
-
     # ------------------------------------------------------------------ state and report
-    #: version of :meth:`state_dict`'s layout (2: hooks keyed by ``state_key``, the vaccine's
-    #: ``stats`` a dict, the hooks' time kept by the guard)
-    STATE_VERSION = 2
+    #: version of :meth:`state_dict`'s layout (3: the input domain and the audit (as the audit
+    #: hook's state) saved; 2: hooks keyed by ``state_key``, the audit at the top level)
+    STATE_VERSION = 3
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -736,56 +736,48 @@ class ABDGuard:
             "seconds": dict(self._seconds),
             "sv_terms": [self._terms.attached, self._terms.fired],
             "plain_teacher_forwards": self._plain_teacher_forwards,
-            "audit": None if self.audit_report is None else asdict(self.audit_report),
+            "domain": None if self.domain is None else self.domain.as_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         version = state.get("version")
-        if version != self.STATE_VERSION:
+        if version == 2:  # the audit at the top level: it is the audit hook's state now
+            state = dict(state, hooks={"TeacherAudit": {"audit": state.get("audit")},
+                                       **state["hooks"]})
+        elif version != self.STATE_VERSION:
             raise ValueError(
                 f"ABDGuard state version {version!r}, expected {self.STATE_VERSION}: saved by "
                 "another abd-plugin release (or not by abd-plugin); resume with that release")
         self.step = int(state["step"])
         self._terms = _TermCounter(*state.get("sv_terms", (0, 0)))
         self._plain_teacher_forwards = int(state.get("plain_teacher_forwards", 0))
-        audit = state.get("audit")
-        self.audit_report = None if audit is None else AuditReport(**audit)
+        domain = state.get("domain")
+        self.domain = None if domain is None else InputDomain.from_dict(domain)
         for key, h in zip(self._state_keys, self.hooks, strict=True):
             if key in state["hooks"]:
                 h.load_state_dict(state["hooks"][key])
             self._seconds[key] = float(state.get("seconds", {}).get(key, 0.0))
 
     def report(self) -> GuardReport:
-        rep = GuardReport(student_steps=self.step, sr_start=self.sr_schedule.start,
-                          sv_terms_attached=self._terms.attached,
-                          sv_terms_backpropagated=self._terms.fired)
-        a = self.audit_report
-        if a is not None:
-            rep.audit = a.as_dict()
-            rep.audit_verdict, rep.audit_target = a.verdict, a.target
-            rep.audit_p_value, rep.audit_seconds = a.p_value, a.seconds
-            rep.ensemble_class = self._ensemble_class()
-            if rep.ensemble_class is not None:
-                rep.audit["ensemble_class"] = rep.ensemble_class
-                rep.audit["agree"] = rep.ensemble_class == a.suspect
-        elif not self.config.audit:
-            rep.audit_verdict = "off"
-        known = set(GuardReport.__dataclass_fields__)
-        for key, h in zip(self._state_keys, self.hooks, strict=True):
-            for k, v in h.report().items():
-                if k == "warnings":
-                    rep.warnings += list(v)
-                elif k in known:
-                    setattr(rep, k, v)
-                else:
-                    rep.extra[f"{h.name}.{k}"] = v
-            # the time the guard measured: sv_seconds, sr_seconds, else extra["<name>.seconds"]
-            if f"{h.name}_seconds" in known:
-                setattr(rep, f"{h.name}_seconds", self._seconds[key])
-            else:
-                rep.extra[f"{h.name}.seconds"] = self._seconds[key]
-        no_ops = self._no_ops(final=True)
-        if "sv_term_never_backpropagated" in no_ops:
-            rep.sv_message += " - but its loss term never reached a backward (see warnings)"
-        rep.warnings = list(no_ops.values()) + rep.warnings
-        return rep
+        """What every hook did (their records, in registration order) and the guard's own
+        counts."""
+        records: dict[str, HookReport] = {}
+        keys = dict(zip(map(id, self.hooks), self._state_keys, strict=True))
+        for item in self._order:
+            if isinstance(item, OffReport):
+                records[item.name] = item
+                continue
+            key = keys[id(item)]
+            rec = item.report()
+            if not isinstance(rec, HookReport):  # a plain dict (the hook API before records)
+                rec = MappingReport(name=item.name, values=dict(rec))
+            rec.seconds = self._seconds[key]
+            records[key] = rec
+        warnings = list(self._no_ops(final=True).values())
+        for rec in records.values():
+            warnings += rec.warnings
+        audit = self.hook_named("audit")
+        return GuardReport(records=records, audit_key=None if audit is None else keys[id(audit)],
+                           student_steps=self.step,
+                           loss_terms_attached=self._terms.attached,
+                           loss_terms_backpropagated=self._terms.fired, warnings=warnings)

@@ -20,15 +20,25 @@ class's ``on_*`` members, so a callback the guard never calls fails there):
 7. ``on_guard_exit`` when the block ends, normally or by an exception.
 
 The guard calls every callback through one dispatcher (``ABDGuard._dispatch``), which also
-times each hook (``sv_seconds``/``sr_seconds`` in the report): a new event is one method here
-and one dispatch call in the guard. Hooks hold their own state and expose it through
+times each hook (the ``seconds`` of its report record): a new event is one method here and one
+dispatch call in the guard. Hooks hold their own state and expose it through
 ``state_dict``/``load_state_dict`` so that a resumed run continues exactly where it stopped; the
 guard saves it under :attr:`DefenseHook.state_key`.
+
+The built-in defenses are hooks like a user's: the guard builds them from the config through one
+list of factories (:mod:`abd_plugin.defenses`: the audit, the trigger eraser, SV, SR, KDIGA) and
+registers the user's hooks after them. Each hook reports through its own record (a
+:class:`HookReport` subclass whose :meth:`~HookReport.lines` print it); the guard's report is
+those records in registration order. A hook that changes the teacher's input also says how in
+:meth:`DefenseHook.view_input`, so that ``ctx.teacher_view`` shows other hooks the same repaired
+teacher. The audit publishes its verdict on the context (``ctx.audit``) and the guard resolves
+where inputs live once (``ctx.domain``) for every hook to read.
 """
 from __future__ import annotations
 
 import warnings
 from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -36,6 +46,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
     from .audit import AuditReport
+    from .domain import InputDomain
 
 
 class ABDWarning(UserWarning):
@@ -73,11 +84,90 @@ class GuardContext(Protocol):
         """The data-free teacher audit, once it ran (at the first teacher batch); None before,
         or when ``audit=False``."""
 
+    def publish_audit(self, report: AuditReport) -> None:
+        """Make ``report`` the guard's audit (:attr:`audit`); the audit hook calls it."""
+
+    @property
+    def domain(self) -> InputDomain | None:
+        """Where the teacher's inputs live (:class:`~abd_plugin.domain.InputDomain`), resolved
+        once at the first floating-point teacher batch (from ``input_range`` or that batch);
+        None before."""
+
+    @property
+    def loss_terms(self) -> tuple[int, int]:
+        """Loss terms attached to teacher logits so far, and how many were back-propagated."""
+
+    @property
+    def plain_teacher_forwards(self) -> int:
+        """Teacher forwards with gradients on, on an input that does not require grad (no
+        synthesis batch)."""
+
+    @property
+    def distributed(self) -> bool:
+        """The student trains data-parallel over several ranks: a hook whose decisions must
+        agree across ranks takes them collectively (:mod:`abd_plugin._dist`; every rank reaches
+        the same hook calls in lockstep)."""
+
     def teacher_view(self, x: Tensor) -> Tensor:
-        """``x`` as the guard's teacher sees it: with the trigger eraser's current mask applied
-        when the eraser is on (differentiable in ``x``; nothing is learned or counted), else
-        ``x`` itself. A hook that runs its own copy of the teacher uses it to query the same,
+        """``x`` as the guard's teacher sees it: every hook's :meth:`DefenseHook.view_input`
+        in registration order (the trigger eraser's current mask when it is on; differentiable
+        in ``x``; nothing is learned or counted); ``x`` itself (the same object) when no hook
+        changes it. A hook that runs its own copy of the teacher uses it to query the same,
         repaired teacher as the loop."""
+
+
+@dataclass
+class HookReport:
+    """Base of the record a hook's :meth:`DefenseHook.report` returns: the guard's report is the
+    audit's record plus one record per hook, printed through :meth:`lines`.
+
+    Attributes:
+        seconds: wall time of all the hook's callbacks (filled by the guard, which times them).
+        warnings: what the hook could not do, in words (the report prints them at its end).
+    """
+
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """The report's lines for this hook, indented by two spaces (none by default)."""
+        return []
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict of the record, with its type's name under ``"kind"``."""
+        d = asdict(self)
+        d["kind"] = type(self).__name__
+        return d
+
+
+@dataclass
+class MappingReport(HookReport):
+    """The record of a hook whose :meth:`~DefenseHook.report` returns a plain dict."""
+
+    name: str = ""
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        if not self.values:
+            return []
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in self.values.items())
+        return [f"  {self.name}: {shown}."]
+
+
+@dataclass
+class OffReport(HookReport):
+    """The record of a built-in defense this guard did not build (its section is off): its
+    ``name`` (the key it would have had) and the report's ``line`` for it."""
+
+    name: str = ""
+    line: str = ""
+
+    def lines(self) -> list[str]:
+        return [self.line]
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 class DefenseHook:
@@ -127,11 +217,19 @@ class DefenseHook:
     ) -> None:
         """The optimizer stepped the student."""
 
+    def view_input(self, x: Tensor) -> Tensor:
+        """``x`` as this hook makes the teacher see it, without learning or counting anything
+        (differentiable in ``x``). Hooks whose :meth:`on_teacher_input` changes teacher inputs
+        override it with the same transform; :meth:`GuardContext.teacher_view` chains them."""
+        return x
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
 
-    def report(self) -> dict[str, Any]:
-        return {}
+    def report(self) -> HookReport | dict[str, Any]:
+        """What the hook did: a :class:`HookReport` record (or a plain dict, shown as a
+        :class:`MappingReport`). The guard fills its ``seconds``."""
+        return HookReport()

@@ -30,7 +30,9 @@ code lets them drift), and nothing is ever accumulated into the teacher.
 """
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +46,135 @@ from ._replica import (
     preserved_buffers,
     unwrap_model,
 )
-from .config import ABDConfig
-from .hooks import DefenseHook, GuardContext, warn_once
+from .hooks import DefenseHook, GuardContext, HookReport, warn_once
 from .hypergrad import fixed_point_hypergradient
 from .outputs import check_input, extract_logits
 from .schedule import SRSchedule
+from .validation import Bool, Choice, Int, Num, Optional, Section, section_or_default, spec
+
+
+@dataclass(frozen=True)
+class RetrospectionSettings(Section):
+    """Self-Retrospection's section of :class:`~abd_plugin.ABDConfig`
+    (``ABDConfig(retrospection=...)``; flat keyword ``sr`` for ``enabled``, ``sr_<field>`` for
+    the others, ``total_steps`` as it is)."""
+
+    switch: ClassVar[str] = "sr"
+    flat_prefix: ClassVar[str] = "sr_"
+
+    enabled: bool = spec(
+        False, Bool(),
+        """Enable Self-Retrospection. It only runs inside its window (below). Off by default (on
+        the benchmark it traded accuracy for ASR); ``paper()`` and ``classic()`` turn it on.""")
+    start_step: int | None = spec(
+        None, Optional(Int(0)),
+        """First student optimizer step (0-based, counted by the guard) at which SR runs.""")
+    start_fraction: float | None = spec(
+        None, Optional(Num(0, 1)),
+        """Or: SR starts at ``int(start_fraction * total_steps)`` (the paper resumes at
+        99.3-99.5 % of ZSKT training; the last 1-2 of 200 epochs for CMI).""")
+    total_steps: int | None = spec(
+        None, Optional(Int(1)),
+        """Total student optimizer steps of the run, needed by ``start_fraction``.""",
+        flat="total_steps")
+    lr: float | None = spec(
+        None, Optional(Num(0, lo_open=True)),
+        """Learning rate of the student optimizer's steps inside the SR window. The paper resumes SR
+        from a late checkpoint with a fresh optimizer at 5e-4 or 1e-4, while a cosine schedule has
+        almost reached zero there; the optimizer's own value is put back after every step, so its
+        scheduler is unaffected. ``None``: leave the optimizer alone.""")
+    every: int = spec(
+        1, Int(1),
+        """Run SR on every ``every``-th student step inside the window.""")
+    inner_rounds: int = spec(
+        10, Int(0),
+        """Adam steps synthesising the universal perturbation per SR step (paper sweeps: 10,
+        20).""")
+    pert_lr: float = spec(
+        0.1, Num(0, 1e3, lo_open=True),
+        """Adam learning rate of the perturbation synthesis (paper: 0.1).""")
+    pert_model: str = spec(
+        "teacher", Choice("teacher", "student"),
+        """Model whose deviation the perturbation maximises: ``"teacher"`` (paper sweeps) or
+        ``"student"``.""")
+    pert_l2: float = spec(
+        1e-3, Num(0),
+        """L2 penalty on the perturbation during synthesis (ZSKT: 1e-3; CMI: 0).""")
+    epsilon: float | None = spec(
+        None, Optional(Num(0, lo_open=True)),
+        """Project the perturbation onto an L2 ball of this radius (the poster's C_eps; the official
+        code never projects). ``None``: no projection.""")
+    epsilon_rms: float | None = spec(
+        None, Optional(Num(0, lo_open=True)),
+        """Or: the L2 radius as a root-mean-square per element, ``eps = epsilon_rms *
+        sqrt(numel(delta))`` (resolution independent; a 3x3 white patch on a 32x32 grey image has
+        an RMS of about 0.09).""")
+    warm_start: bool = spec(
+        False, Bool(),
+        """Carry the perturbation (and its Adam state) from one SR step to the next instead of
+        restarting from zero (off in the paper).""")
+    init_std: float = spec(
+        1e-3, Num(0, 1e3),
+        """Std of the seeded Gaussian start of the perturbation (zero, the official start, is a
+        stationary point of the deviation objective).""")
+    fixed_point_iters: int = spec(
+        5, Int(0),
+        """Truncated Neumann iterations K of the implicit hypergradient (paper: 5).""")
+    inner_step: float = spec(
+        0.1, Num(0, 1e3, lo_open=True),
+        """Step size eta of the fixed-point map ``delta - eta * grad L_in`` (paper: 0.1).""")
+    inner_l2: float = spec(
+        1e-3, Num(0),
+        """L2 penalty inside ``L_in`` (paper: 1e-3).""")
+    outer_portion: float = spec(
+        0.02, Num(0, 1, lo_open=True),
+        """Fraction of the batch that carries the perturbation in the outer loss (paper: 0.02;
+        at least one sample).""")
+    outer_target: str = spec(
+        "student", Choice("student", "teacher"),
+        """What the perturbed samples are pulled towards in the outer loss: ``"student"`` (the
+        student's own clean prediction, detached: the paper) or ``"teacher"`` (the teacher's
+        prediction on the clean input: the unlearning then also distills, which keeps accuracy).""")
+    scale: float = spec(
+        1.0, Num(0, 1e4),
+        """Multiplier of the SR gradient added to the student's ``.grad``.""")
+    temperature: float = spec(
+        1.0, Num(0.01, 100),
+        """Softmax temperature of the SR divergences.""")
+
+    def check(self) -> None:
+        if self.epsilon is not None and self.epsilon_rms is not None:
+            raise ValueError(f"{type(self).__name__}: give epsilon or epsilon_rms, not both")
+
+    def schedule(self) -> SRSchedule:
+        """A fresh :class:`~abd_plugin.schedule.SRSchedule` with this section's window."""
+        return SRSchedule(start_step=self.start_step, start_fraction=self.start_fraction,
+                          total_steps=self.total_steps, every=self.every, lr=self.lr)
+
+
+@dataclass
+class RetrospectionReport(HookReport):
+    """Self-Retrospection's part of the guard's report.
+
+    Attributes:
+        steps: SR steps that added a gradient; ``start``: the window's first step (None: only
+            ``guard.retrospection()`` opens it).
+        last_delta_norm, last_outer_loss, last_grad_norm: of the last step.
+        skipped: steps that did nothing, by reason (:data:`SKIP_REASONS`).
+    """
+
+    steps: int = 0
+    start: int | None = None
+    last_delta_norm: float = 0.0
+    last_outer_loss: float = 0.0
+    last_grad_norm: float = 0.0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        if self.steps or self.start is not None or self.seconds:
+            return [f"  Self-Retrospection: {self.steps} step(s) (window starts at step "
+                    f"{self.start}), {self.seconds:.2f}s."]
+        return ["  Self-Retrospection: did not run."]
 
 
 def _kl(clean_logits: Tensor, pert_logits: Tensor, temperature: float) -> Tensor:
@@ -78,13 +204,22 @@ SKIP_REASONS = {
 class SelfRetrospection(DefenseHook):
     """Self-Retrospection as a :class:`DefenseHook`; usable on its own::
 
-        sr = SelfRetrospection(student, teacher, ABDConfig())
+        sr = SelfRetrospection(student, teacher)
         loss_kd.backward()
         sr.retrospect(x)          # adds SR gradients to student .grad
         optimizer.step()
 
-    As a hook it runs at the student steps its ``schedule`` (by default built from the config;
-    a guard passes its own) opens, at the schedule's learning rate if it has one.
+    As a hook it runs at the student steps its ``schedule`` (by default built from the
+    settings; a guard passes its own) opens, at the schedule's learning rate if it has one.
+
+    Args:
+        student: the student (may be DDP-wrapped: the gradients are averaged over ranks).
+        teacher: the teacher (needed when ``pert_model="teacher"``); a frozen replica runs.
+        settings: the :class:`RetrospectionSettings` section.
+        seed: the guard's seed (SR draws from ``seed + 1``).
+        logits_fn: how to find the logits in a model's output.
+        replica: share the guard's frozen copy of the teacher.
+        schedule: the SR window (default: ``settings.schedule()``).
     """
 
     name = "sr"
@@ -93,20 +228,24 @@ class SelfRetrospection(DefenseHook):
         self,
         student: nn.Module,
         teacher: nn.Module | None = None,
-        config: ABDConfig | None = None,
+        settings: RetrospectionSettings | None = None,
         *,
+        seed: int = 0,
+        logits_fn: Callable[[Any], Tensor] | None = None,
         replica: TeacherReplica | None = None,
         schedule: SRSchedule | None = None,
     ) -> None:
-        self.config = config or ABDConfig()
-        self.schedule = schedule or SRSchedule.from_config(self.config)
-        if self.config.sr_pert_model == "teacher" and teacher is None and replica is None:
+        self.settings = section_or_default(settings, RetrospectionSettings, "SelfRetrospection",
+                                           "retrospection")
+        self.logits_fn = logits_fn
+        self.schedule = schedule or self.settings.schedule()
+        if self.settings.pert_model == "teacher" and teacher is None and replica is None:
             raise ValueError(
                 "sr_pert_model='teacher' needs the teacher: SelfRetrospection(student, teacher)"
             )
         self.student = student
         self._replica = replica or (TeacherReplica(teacher) if teacher is not None else None)
-        self._gen = torch.Generator().manual_seed(self.config.seed + 1)
+        self._gen = torch.Generator().manual_seed(seed + 1)
         self._delta: Tensor | None = None
         self._delta_opt_state: dict[str, Any] | None = None
         self._cache: tuple[Tensor, Tensor] | None = None
@@ -120,15 +259,15 @@ class SelfRetrospection(DefenseHook):
 
     # ------------------------------------------------------------------ pieces
     def _pert_model(self, x: Tensor) -> nn.Module:
-        if self.config.sr_pert_model == "teacher":
+        if self.settings.pert_model == "teacher":
             assert self._replica is not None
             return self._replica.to_device_of(x)
         return unwrap_model(self.student)
 
     def synthesize(self, x: Tensor) -> Tensor:
         """(A): the universal perturbation (1, *x.shape[1:]) maximising the model's deviation."""
-        cfg = self.config
-        cache_ok = cfg.sr_pert_model == "teacher" and not cfg.sr_warm_start
+        cfg = self.settings
+        cache_ok = cfg.pert_model == "teacher" and not cfg.warm_start
         if (
             cache_ok
             and self._cache is not None
@@ -140,29 +279,29 @@ class SelfRetrospection(DefenseHook):
             return self._cache[1]
         model = self._pert_model(x)
         shape = (1,) + tuple(x.shape[1:])
-        if cfg.sr_warm_start and self._delta is not None and tuple(self._delta.shape) == shape:
+        if cfg.warm_start and self._delta is not None and tuple(self._delta.shape) == shape:
             delta = self._delta.detach().to(x.device, x.dtype).clone().requires_grad_(True)
         else:
             # delta = 0 is a stationary point of KL(p(x) || p(x + delta)) (zero gradient), where the
             # official code starts; start from small seeded noise instead
-            init = torch.randn(shape, generator=self._gen, dtype=torch.float64) * cfg.sr_init_std
+            init = torch.randn(shape, generator=self._gen, dtype=torch.float64) * cfg.init_std
             delta = init.to(x.device, x.dtype).requires_grad_(True)
             self._delta_opt_state = None
-        opt = torch.optim.Adam([delta], lr=cfg.sr_pert_lr)
-        if cfg.sr_warm_start and self._delta_opt_state is not None:
+        opt = torch.optim.Adam([delta], lr=cfg.pert_lr)
+        if cfg.warm_start and self._delta_opt_state is not None:
             try:
                 opt.load_state_dict(self._delta_opt_state)
             except (ValueError, KeyError):
                 pass
-        eps = cfg.sr_epsilon
-        if cfg.sr_epsilon_rms is not None:
-            eps = cfg.sr_epsilon_rms * delta.numel() ** 0.5
-        if cfg.sr_inner_rounds > 0:
+        eps = cfg.epsilon
+        if cfg.epsilon_rms is not None:
+            eps = cfg.epsilon_rms * delta.numel() ** 0.5
+        if cfg.inner_rounds > 0:
             with torch.no_grad():
-                clean = extract_logits(model(as_input_of(model, x)), cfg.logits_fn).detach()
-            for _ in range(cfg.sr_inner_rounds):
-                pert = extract_logits(model(as_input_of(model, x + delta)), cfg.logits_fn)
-                loss = -_kl(clean, pert, cfg.sr_temperature) + cfg.sr_pert_l2 * delta.pow(2).sum()
+                clean = extract_logits(model(as_input_of(model, x)), self.logits_fn).detach()
+            for _ in range(cfg.inner_rounds):
+                pert = extract_logits(model(as_input_of(model, x + delta)), self.logits_fn)
+                loss = -_kl(clean, pert, cfg.temperature) + cfg.pert_l2 * delta.pow(2).sum()
                 (g,) = torch.autograd.grad(loss, delta)
                 delta.grad = g
                 opt.step()
@@ -172,7 +311,7 @@ class SelfRetrospection(DefenseHook):
                         n = delta.norm()
                         if n > eps:
                             delta.mul_(eps / n)
-        if cfg.sr_warm_start:
+        if cfg.warm_start:
             self._delta = delta.detach().clone()
             self._delta_opt_state = opt.state_dict()
         out = delta.detach()
@@ -182,45 +321,45 @@ class SelfRetrospection(DefenseHook):
 
     def gradients(self, x: Tensor, delta: Tensor | None = None) -> list[Tensor]:
         """(B): SR hypergradient for each trainable student parameter (not written anywhere)."""
-        cfg = self.config
+        cfg = self.settings
         student = unwrap_model(self.student)
         params = [p for p in student.parameters() if p.requires_grad]
         if delta is None:
             delta = self.synthesize(x)
         b = x.shape[0]
-        n_out = max(1, int(cfg.sr_outer_portion * b))
+        n_out = max(1, int(cfg.outer_portion * b))
         rows = torch.randperm(b, generator=self._gen)[:n_out].to(x.device)
         mask = torch.zeros((b,) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype)
         mask[rows] = 1
-        t = cfg.sr_temperature
+        t = cfg.temperature
 
         def logits(inp: Tensor) -> Tensor:
-            return extract_logits(student(as_input_of(student, inp)), cfg.logits_fn)
+            return extract_logits(student(as_input_of(student, inp)), self.logits_fn)
 
         clean = logits(x).detach()
 
         def l_in(d: Tensor) -> Tensor:
-            return -_kl(clean, logits(x + d), t) + cfg.sr_inner_l2 * d.pow(2).sum()
+            return -_kl(clean, logits(x + d), t) + cfg.inner_l2 * d.pow(2).sum()
 
         def fp_map(inner: list[Tensor], _p: Any) -> list[Tensor]:
             d = inner[0]
             (g,) = torch.autograd.grad(l_in(d), d, create_graph=True)
-            return [d - cfg.sr_inner_step * g]
+            return [d - cfg.inner_step * g]
 
         target = clean
-        if cfg.sr_outer_target == "teacher":
+        if cfg.outer_target == "teacher":
             if self._replica is None:
                 raise ValueError("sr_outer_target='teacher' needs the teacher")
             with torch.no_grad():
                 rep = self._replica.to_device_of(x)
-                target = extract_logits(rep(as_input_of(rep, x)), cfg.logits_fn).detach()
+                target = extract_logits(rep(as_input_of(rep, x)), self.logits_fn).detach()
 
         def outer(inner: list[Tensor], _p: Any) -> Tensor:
             loss = _kl(target, logits(x + mask * inner[0]), t)
             self.last_outer_loss = float(loss.detach())
             return loss
 
-        return fixed_point_hypergradient(params, [delta], fp_map, outer, cfg.sr_fixed_point_iters)
+        return fixed_point_hypergradient(params, [delta], fp_map, outer, cfg.fixed_point_iters)
 
     def retrospect(self, x: Tensor, *, scale: float | None = None) -> dict[str, float]:
         """One SR step on batch ``x``: add the SR gradient to the student's ``.grad``.
@@ -236,7 +375,7 @@ class SelfRetrospection(DefenseHook):
             delta = self.synthesize(x)
             grads = self.gradients(x, delta)
         grads = self._all_reduce(grads)
-        s = self.config.sr_scale if scale is None else scale
+        s = self.settings.scale if scale is None else scale
         params = [p for p in student.parameters() if p.requires_grad]
         with torch.no_grad():
             scaled = [g.to(p.dtype) * s for p, g in zip(params, grads, strict=True)]
@@ -304,14 +443,13 @@ class SelfRetrospection(DefenseHook):
                 g["lr"] = lr
             self._saved_lrs = None
 
-    def report(self) -> dict[str, Any]:
-        return {"sr_steps": self.steps,
-                "sr_last_delta_norm": self.last_delta_norm,
-                "sr_last_outer_loss": self.last_outer_loss,
-                "sr_last_grad_norm": self.last_grad_norm,
-                "sr_skipped": dict(self.skipped),
-                "warnings": [f"SR skipped {n} step(s): {SKIP_REASONS[k]}"
-                             for k, n in self.skipped.items()]}
+    def report(self) -> RetrospectionReport:
+        return RetrospectionReport(
+            steps=self.steps, start=self.schedule.start, last_delta_norm=self.last_delta_norm,
+            last_outer_loss=self.last_outer_loss, last_grad_norm=self.last_grad_norm,
+            skipped=dict(self.skipped),
+            warnings=[f"SR skipped {n} step(s): {SKIP_REASONS[k]}"
+                      for k, n in self.skipped.items()])
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "rng": self._gen.get_state(),

@@ -6,10 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .config import ABDConfig
 
 
 @dataclass
@@ -21,8 +17,8 @@ class SRSchedule:
     ``int(start_fraction * total_steps)``; with neither, only :meth:`forced` opens the window.
 
     Attributes:
-        start_step, start_fraction, total_steps, every: the ``ABDConfig`` fields
-            ``sr_start_step``, ``sr_start_fraction``, ``total_steps`` and ``sr_every``.
+        start_step, start_fraction, total_steps, every: the retrospection section's fields
+            (flat ``sr_start_step``, ``sr_start_fraction``, ``total_steps``, ``sr_every``).
         lr: the learning rate of the student's optimizer steps inside the window (``sr_lr``;
             None: the optimizer's own).
         auto: SR, with its ``lr``, runs from the guard's optimizer-step hook. A host that runs
@@ -37,11 +33,6 @@ class SRSchedule:
     lr: float | None = None
     auto: bool = True
     _forced: int = field(default=0, repr=False)
-
-    @classmethod
-    def from_config(cls, config: ABDConfig) -> SRSchedule:
-        return cls(start_step=config.sr_start_step, start_fraction=config.sr_start_fraction,
-                   total_steps=config.total_steps, every=config.sr_every, lr=config.sr_lr)
 
     @property
     def start(self) -> int | None:

@@ -23,18 +23,155 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._dist import all_reduce_sum
 from ._replica import TeacherReplica, unwrap_model
-from .config import ABDConfig
 from .ensemble import ShuffledEnsemble, TrunkTap
-from .hooks import DefenseHook, GuardContext
+from .hooks import DefenseHook, GuardContext, HookReport, warn_once
 from .outputs import check_input, check_logits
+from .validation import Bool, Int, Num, NumPair, Section, Spec, section_or_default, spec
+
+LayerSpec = str | int | Sequence[str]
+
+
+class Layers(Spec):
+    """``layers``: ``"auto"``, an int >= 1, or a non-empty list of module names."""
+
+    def describe(self) -> str:
+        return "'auto', an integer >= 1, or a non-empty list of module names (str)"
+
+    def problem(self, value: Any) -> type[Exception] | None:
+        if isinstance(value, str):
+            return None if value == "auto" else ValueError
+        if isinstance(value, int) and not isinstance(value, bool):
+            return None if value >= 1 else ValueError
+        if isinstance(value, (list, tuple)):
+            return None if value and all(isinstance(v, str) for v in value) else ValueError
+        return TypeError
+
+
+@dataclass(frozen=True)
+class VaccineSettings(Section):
+    """The Shuffling Vaccine's section of :class:`~abd_plugin.ABDConfig`
+    (``ABDConfig(vaccine=...)``; flat keyword ``sv`` for ``enabled``, ``sv_<field>`` for most
+    others)."""
+
+    switch: ClassVar[str] = "sv"
+    flat_prefix: ClassVar[str] = "sv_"
+
+    enabled: bool = spec(
+        False, Bool(),
+        """Enable the Shuffling Vaccine (off by default: on the benchmark it did not cut the
+        backdoor; ``ABDConfig.paper()`` and ``ABDConfig.classic()`` turn it on).""")
+    coef: float = spec(
+        0.1, Num(0, 1e4),
+        """Weight of the SV loss term ``-coef * mean_{suspicious} KL(p_T || p_shuffled) / C``
+        (paper: 0.1). On a fixed transfer set the same coefficient weights the anti-distillation of
+        suspicious samples in :meth:`ABDGuard.reweight`.""")
+    reweight_cap: float = spec(
+        5.0, Num(0, lo_open=True),
+        """Bound of the anti-distillation in :meth:`ABDGuard.reweight`: a suspicious sample's
+        per-sample loss counts up to this value (in the loss's units; nats for a KL) and gives
+        no gradient beyond it, so the reweighted loss stays ``>= -coef * reweight_cap``
+        and cannot run away on a fixed transfer set (uncapped, it reached -1e5 and 11 % accuracy
+        on the test suite's digits task at coefficient 1). 5 nats of ``KL(p_T || p_S)`` on a
+        confidently classified sample means the student gives the teacher's class about
+        ``e^-5``, under 1 %, of the teacher's probability: pushing further only costs accuracy.
+        Below the cap the rule is the paper's, unchanged.""")
+    adaptive: bool = spec(
+        False, Bool(),
+        """Adapt the coefficient online so that the suspicious fraction of synthetic batches is
+        driven down to ``target_fraction`` (a multiplicative controller, see
+        :class:`~abd_plugin.vaccine.ShufflingVaccine`). Off in the paper.""")
+    target_fraction: float = spec(
+        0.2, Num(0, 1, lo_open=True, hi_open=True),
+        """Target suspicious fraction for ``adaptive``.""")
+    adapt_rate: float = spec(
+        0.05, Num(0, 1e3, lo_open=True),
+        """Step of the log-coefficient controller per SV call (``adaptive``).""")
+    coef_bounds: tuple[float, float] = spec(
+        (1e-3, 1e3), NumPair(0, 1e6),
+        """Clamp for the adaptive coefficient.""")
+    n_models: int = spec(
+        3, Int(1, 1024),
+        """Number of channel-shuffled teacher copies averaged into the ensemble (paper: 3).""",
+        flat="n_shuffle_models")
+    layers: LayerSpec = spec(
+        "auto", Layers(),
+        """Which layers get their input channels permuted: ``"auto"`` (choose the depth per teacher
+        from the verification pool), an int k (the last k conv layers in forward order; paper: 5),
+        or a list of module names.""", flat="shuffle_layers")
+    shuffle_linear: bool = spec(
+        False, Bool(),
+        """Also count ``nn.Linear`` layers when picking the last k layers (``"auto"`` always
+        considers them).""", flat="shuffle_linear")
+    auto_max_depth: int = spec(
+        6, Int(1),
+        """Largest depth tried by ``layers="auto"``.""", flat="auto_max_depth")
+    grad_through_ensemble: bool = spec(
+        True, Bool(),
+        """Back-propagate the SV term through the shuffled ensemble as well as the teacher (paper:
+        yes; ``--no_shuf_grad`` turns it off).""")
+    verify: bool = spec(
+        True, Bool(),
+        """Verify the vaccine (tail-ratio test) before switching SV on.""", flat="verify")
+    verify_batches: int = spec(
+        50, Int(1),
+        """Synthetic batches pooled for verification (paper: ``pseudo_test_batches``, 50).""",
+        flat="verify_batches")
+    verify_skip: int = spec(
+        10, Int(0),
+        """First synthetic batches ignored before pooling (paper: 10).""", flat="verify_skip")
+    tail_sigma: float = spec(
+        3.0, Num(0, 100),
+        """A sample is in the low-divergence tail when ``log10 d < mean - tail_sigma * std``.""",
+        flat="tail_sigma")
+    tail_ratio_threshold: float = spec(
+        0.02, Num(-1, 1, hi_open=True),
+        """Accept the vaccine when the tail holds more than this fraction (paper: 0.02). A
+        tail ratio lies in [0, 1]: 1 or more would never accept; a negative value accepts
+        every shuffle (``"auto"`` still picks the best-scoring depth).""",
+        flat="tail_ratio_threshold")
+    max_shuffle_trials: int = spec(
+        8, Int(1),
+        """Shuffles tried (the first plus re-makes) before SV gives up (paper: 8).""",
+        flat="max_shuffle_trials")
+
+
+@dataclass
+class VaccineReport(HookReport):
+    """The Shuffling Vaccine's part of the guard's report.
+
+    Attributes:
+        status: ``collecting``/``enabled``/``disabled``; ``message``: what it did, in words.
+        coef: the coefficient now; ``depth``, ``layers``, ``trunk_module``: the shuffle.
+        trials: the verification trials (depth, tail ratio, agreement, samples, kind).
+        suspicious_fraction: over all synthesis batches; ``last_suspicious_fraction``: the last.
+        last_penalty: the last loss term; ``calls``: synthesis batches seen.
+    """
+
+    status: str = "collecting"
+    message: str = ""
+    coef: float = 0.0
+    depth: int = 0
+    layers: list[str] = field(default_factory=list)
+    trunk_module: str | None = None
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    suspicious_fraction: float = float("nan")
+    last_suspicious_fraction: float = float("nan")
+    last_penalty: float = 0.0
+    calls: int = 0
+
+    def lines(self) -> list[str]:
+        return [f"  {self.message}; suspicious fraction {self.suspicious_fraction:.3f} over "
+                f"{self.calls} synthesis batches, {self.seconds:.2f}s"]
 
 
 class SVStatus(str, enum.Enum):
@@ -46,20 +183,6 @@ class SVStatus(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-def _dist_sum(values: Tensor) -> Tensor:
-    """Sum over ranks when torch.distributed is running (same decision on every rank)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dev = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
-               else values.device)  # NCCL reduces CUDA tensors only
-        buf = values.to(dev, copy=True)
-        dist.all_reduce(buf)
-        values = buf.to(values.device)
-    return values
-
 
 
 @dataclass
@@ -95,12 +218,12 @@ def tail_ratio(d: Tensor, sigma: float) -> float:
     pooled over DDP ranks (moments first, then the count): every rank takes the same decision."""
     s = torch.log10(d.double().clamp_min(1e-30))
     n_local = torch.tensor(float(s.numel()), dtype=torch.float64)
-    mom = _dist_sum(torch.stack([s.sum(), s.pow(2).sum(), n_local]))
+    mom = all_reduce_sum(torch.stack([s.sum(), s.pow(2).sum(), n_local]))
     n = float(mom[2])
     mean = float(mom[0]) / n
     var = max(float(mom[1]) / n - mean * mean, 0.0) * n / max(n - 1, 1.0)
     thr = mean - sigma * var**0.5
-    return float(_dist_sum(torch.tensor([float((s < thr).sum())], dtype=torch.float64))[0]) / n
+    return float(all_reduce_sum(torch.tensor([float((s < thr).sum())], dtype=torch.float64))[0]) / n
 
 
 class ShufflingVaccine(DefenseHook):
@@ -108,13 +231,15 @@ class ShufflingVaccine(DefenseHook):
 
     Standalone use::
 
-        sv = ShufflingVaccine(teacher, ABDConfig(verify=False))
+        sv = ShufflingVaccine(teacher, VaccineSettings(verify=False))
         t = teacher(x)                        # x from the generator, in the graph
         loss_g = my_generator_loss(...) + sv.penalty(x, t)
 
     Args:
         teacher: the (possibly poisoned) teacher; never modified.
-        config: an :class:`ABDConfig` (SV fields are read).
+        settings: the :class:`VaccineSettings` section.
+        seed: seed of the permutations.
+        logits_fn: how to find the logits in the teacher's output.
         replica: share a :class:`~abd_plugin._replica.TeacherReplica` with other defenses.
     """
 
@@ -123,19 +248,25 @@ class ShufflingVaccine(DefenseHook):
     def __init__(
         self,
         teacher: nn.Module,
-        config: ABDConfig | None = None,
+        settings: VaccineSettings | None = None,
         *,
+        seed: int = 0,
+        logits_fn: Callable[[Any], Tensor] | None = None,
         replica: TeacherReplica | None = None,
     ) -> None:
-        self.config = config or ABDConfig()
+        self.settings = s = section_or_default(settings, VaccineSettings, "ShufflingVaccine",
+                                               "vaccine")
         self.teacher = teacher
         self._replica = replica or TeacherReplica(teacher)
-        self.ensemble = ShuffledEnsemble(self._replica, self.config)
-        self.coef = float(self.config.sv_coef)
+        self.ensemble = ShuffledEnsemble(self._replica, n_models=s.n_models, layers=s.layers,
+                                         shuffle_linear=s.shuffle_linear, seed=seed,
+                                         logits_fn=logits_fn)
+        self.coef = float(s.coef)
         self.built = False  # the ensemble is built lazily on the first batch
         self._pending_state: dict[str, Any] | None = None
+        self._ctx: GuardContext | None = None  # the guard's context while attached (reports)
         # verification
-        self.status = SVStatus.COLLECTING if self.config.verify else SVStatus.ENABLED
+        self.status = SVStatus.COLLECTING if s.verify else SVStatus.ENABLED
         self.trials: list[dict[str, Any]] = []
         self.observed = 0
         self._pool_x: list[Tensor] = []
@@ -226,7 +357,7 @@ class ShufflingVaccine(DefenseHook):
         if self.ensemble.trunk_module != trunk_module:
             trunk = None  # built or verified just now: ``trunk`` is another module's input
         z = self.ensemble_logits(x, trunk)
-        if not self.config.sv_grad_through_ensemble:
+        if not self.settings.grad_through_ensemble:
             z = z.detach()
         d, mask = divergence_and_mask(teacher_logits, z)
         self.stats.record(mask)
@@ -241,7 +372,7 @@ class ShufflingVaccine(DefenseHook):
 
     def reweight(self, per_sample_loss: Tensor, mask: Tensor) -> Tensor:
         """Fixed-transfer-set rule: ``mean(kept) - coef * mean(min(suspicious, cap))`` with
-        ``cap = config.sv_reweight_cap``.
+        ``cap = settings.reweight_cap``.
 
         The anti-distillation term is bounded: each suspicious sample's loss counts up to
         ``cap`` and gives no gradient beyond it, so the student pushes a suspicious sample away
@@ -266,7 +397,7 @@ class ShufflingVaccine(DefenseHook):
         zero = per_sample_loss.sum() * 0
         kept = per_sample_loss[keep].mean() if keep.any() else zero
         coef = self.coef if self.status == SVStatus.ENABLED else 0.0
-        susp = (per_sample_loss[mask].clamp(max=self.config.sv_reweight_cap).mean()
+        susp = (per_sample_loss[mask].clamp(max=self.settings.reweight_cap).mean()
                 if mask.any() and coef > 0 else zero)
         return kept - coef * susp
 
@@ -280,11 +411,11 @@ class ShufflingVaccine(DefenseHook):
         if not self.verifying:
             return
         self.observed += 1
-        if self.observed <= self.config.verify_skip:
+        if self.observed <= self.settings.verify_skip:
             return
         self._pool_x.append(x.detach().to("cpu", copy=True))
         self._pool_t.append(teacher_logits.detach().to("cpu", copy=True).float())
-        if len(self._pool_x) >= self.config.verify_batches:
+        if len(self._pool_x) >= self.settings.verify_batches:
             if not self.built:
                 self.build(x)
             self.verify()
@@ -301,8 +432,8 @@ class ShufflingVaccine(DefenseHook):
                 ds.append(d)
                 ms.append(m)
         d, m = torch.cat(ds), torch.cat(ms)
-        cnt = _dist_sum(torch.tensor([float(m.numel()), float(m.sum())], dtype=torch.float64))
-        return tail_ratio(d, self.config.tail_sigma), float(cnt[1]) / float(cnt[0]), int(cnt[0])
+        cnt = all_reduce_sum(torch.tensor([float(m.numel()), float(m.sum())], dtype=torch.float64))
+        return tail_ratio(d, self.settings.tail_sigma), float(cnt[1]) / float(cnt[0]), int(cnt[0])
 
     def _trial(self, kind: str) -> float:
         """Score the current shuffle, record the trial (``kind``: ``"depth"`` for the automatic
@@ -323,8 +454,8 @@ class ShufflingVaccine(DefenseHook):
     def verify(self) -> SVStatus:
         """Run the tail-ratio test on the pool (choosing the depth when ``shuffle_layers='auto'``);
         returns the new status, enabled or disabled."""
-        cfg, ens = self.config, self.ensemble
-        if isinstance(cfg.shuffle_layers, str):  # auto: score every depth once
+        cfg, ens = self.settings, self.ensemble
+        if isinstance(cfg.layers, str):  # auto: score every depth once
             best: tuple[float, int, dict[str, Tensor]] | None = None
             for depth in range(1, min(cfg.auto_max_depth, len(ens.candidates)) + 1):
                 perms = ens.draw(ens.candidates[-depth:])
@@ -351,7 +482,7 @@ class ShufflingVaccine(DefenseHook):
         """What the vaccine did (not what it was configured to do)."""
         if self.verifying:
             seen = "" if self.observed else "; no synthesis batch seen yet"
-            return (f"SV: verifying ({len(self._pool_x)}/{self.config.verify_batches} batches "
+            return (f"SV: verifying ({len(self._pool_x)}/{self.settings.verify_batches} batches "
                     f"pooled{seen})")
         if self.status == SVStatus.ENABLED:
             if not self.built:
@@ -366,18 +497,18 @@ class ShufflingVaccine(DefenseHook):
         depths = f", {n_depth} depth(s) scored first" if n_depth else ""
         return (f"SV: no vaccine found after {self.shuffles_tried} shuffle(s) at depth "
                 f"{self.ensemble.depth}{depths} (best tail ratio {best:.4f} <= "
-                f"{self.config.tail_ratio_threshold}) - SV is off; SR is still available")
+                f"{self.settings.tail_ratio_threshold}) - SV is off; SR is still available")
 
     # ------------------------------------------------------------------ adaptive coefficient
     def _adapt(self, mask: Tensor) -> None:
-        cfg = self.config
-        if not cfg.sv_adaptive:
+        cfg = self.settings
+        if not cfg.adaptive:
             return
-        counts = _dist_sum(torch.tensor([float(mask.sum()), float(mask.numel())],
+        counts = all_reduce_sum(torch.tensor([float(mask.sum()), float(mask.numel())],
                                         dtype=torch.float64))
         frac = float(counts[0] / counts[1])  # the same on every rank: coefficients stay in sync
-        lo, hi = cfg.sv_coef_bounds
-        step = cfg.sv_adapt_rate * (frac - cfg.sv_target_fraction) / cfg.sv_target_fraction
+        lo, hi = cfg.coef_bounds
+        step = cfg.adapt_rate * (frac - cfg.target_fraction) / cfg.target_fraction
         # the clamp decided in log space first: math.exp of a large step would overflow
         if self.coef <= 0 or step < math.log(lo / self.coef):
             self.coef = float(lo)
@@ -388,11 +519,15 @@ class ShufflingVaccine(DefenseHook):
 
     # ------------------------------------------------------------------ DefenseHook
     def on_guard_enter(self, ctx: GuardContext) -> None:
+        self._ctx = ctx
         # after the guard's own teacher hook, which calls on_teacher_forward (see TrunkTap.attach)
         self._tap.attach(unwrap_model(self.teacher))
 
     def on_guard_exit(self, ctx: GuardContext) -> None:
         self._tap.detach()
+        never = self._never_ran(ctx)
+        if never:
+            warn_once(self, "sv_never_ran", f"abd-plugin: {never}")
 
     def on_teacher_forward(
         self, ctx: GuardContext, x: Tensor, teacher_logits: Tensor
@@ -400,22 +535,30 @@ class ShufflingVaccine(DefenseHook):
         pen = self.penalty(x, teacher_logits, trunk=self._tap.take())
         return pen if pen.requires_grad else None
 
-    def report(self) -> dict[str, Any]:
-        st = self.stats
-        return {
-            "sv_status": self.status.value,
-            "sv_message": self.message,
-            "sv_coef": self.coef,
-            "shuffle_depth": self.ensemble.depth,
-            "shuffled_layers": list(self.ensemble.layers),
-            "trunk_module": self.ensemble.trunk_module,
-            "verification_trials": list(self.trials),
-            "suspicious_fraction": (st.sum_suspicious / st.sum_samples if st.sum_samples
-                                    else float("nan")),
-            "last_suspicious_fraction": st.last_fraction,
-            "last_penalty": st.last_penalty,
-            "sv_calls": st.calls,
-        }
+    def _never_ran(self, ctx: GuardContext | None) -> str | None:
+        """Why SV never ran although the teacher did, when that is so (else None)."""
+        plain = 0 if ctx is None else ctx.plain_teacher_forwards
+        if not plain or self.stats.calls or self.observed:
+            return None
+        return (f"SV never ran: the teacher ran {plain} time(s) with gradients on, but never on "
+                "an input that requires grad, so no synthesis batch reached the vaccine (a "
+                "generator output made under no_grad or detached?). Keep the synthesizer's "
+                "output in the graph, or call guard.vaccine_penalty(x, t)")
+
+    def report(self) -> VaccineReport:
+        st, ctx = self.stats, self._ctx
+        message = self.message
+        if ctx is not None and ctx.loss_terms[0] >= 1 and ctx.loss_terms[1] == 0:
+            message += " - but its loss term never reached a backward (see warnings)"
+        never = self._never_ran(ctx)
+        return VaccineReport(
+            status=self.status.value, message=message, coef=self.coef,
+            depth=self.ensemble.depth, layers=list(self.ensemble.layers),
+            trunk_module=self.ensemble.trunk_module, trials=list(self.trials),
+            suspicious_fraction=(st.sum_suspicious / st.sum_samples if st.sum_samples
+                                 else float("nan")),
+            last_suspicious_fraction=st.last_fraction, last_penalty=st.last_penalty,
+            calls=st.calls, warnings=[never] if never else [])
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

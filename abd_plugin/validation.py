@@ -15,11 +15,13 @@ is not an accepted ``int``), and an integer setting refuses floats (``2.5``, als
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Callable, Sequence
 from dataclasses import field
-from typing import Any
+from typing import Any, ClassVar
 
 
 def _fmt(v: float) -> str:
@@ -163,10 +165,16 @@ class IsCallable(Spec):
         return None if callable(value) else TypeError
 
 
-def spec(default: Any, check: Spec, doc: str, **kw: Any) -> Any:
+def spec(default: Any, check: Spec, doc: str, *, flat: str | None = None, **kw: Any) -> Any:
     """A dataclass field with its accepted values (``check``) and its meaning (``doc``), read by
-    the class's validation and its generated docstring (``ABDConfig``)."""
-    return field(default=default, metadata={"check": check, "doc": doc}, **kw)
+    the class's validation and its generated docstring. In a :class:`Section`, ``flat`` is the
+    field's name among :class:`~abd_plugin.ABDConfig`'s flat keywords when it is not the
+    section's prefix plus the field's name (``erase.price`` is ``erase_price``; the vaccine's
+    ``n_models`` is ``n_shuffle_models``)."""
+    meta: dict[str, Any] = {"check": check, "doc": doc}
+    if flat is not None:
+        meta["flat"] = flat
+    return field(default=default, metadata=meta, **kw)
 
 
 def field_specs(cls: Any) -> dict[str, tuple[Spec, str]]:
@@ -193,5 +201,86 @@ def validate_fields(obj: Any, specs: dict[str, tuple[Spec, str]]) -> None:
         check.validate(f"{cls}.{name}", getattr(obj, name))
 
 
+def field_docs(cls: Any, title: Callable[[Any], str] | None = None) -> str:
+    """The field list of a spec-declared dataclass in words: one entry per field with its
+    default, what it accepts and what it means (``help()`` shows it). ``title(field)`` names a
+    field's entry (default: ``name = default``)."""
+    import dataclasses
+
+    specs = field_specs(cls)
+    parts = []
+    for f in dataclasses.fields(cls):
+        check, doc = specs[f.name]
+        head = title(f) if title is not None else f"{f.name} = {f.default!r}"
+        parts.append(f"{head}\n    accepts {check.describe()}\n"
+                     + textwrap.indent(inspect.cleandoc(doc), "    "))
+    return "\n\n".join(parts)
+
+
+_SECTION_SPECS: dict[type, dict[str, tuple[Spec, str]]] = {}
+
+
+class Section:
+    """Base of a settings section of :class:`~abd_plugin.ABDConfig`: a frozen dataclass whose
+    fields are declared with :func:`spec`, defined next to the code that reads it (the audit's
+    in ``audit.py``, the eraser's in ``eraser.py``, ...). Every field is checked against its spec
+    when a section is made (also by :meth:`replace`); :meth:`check` adds the rules that tie
+    fields together, in one place.
+
+    Subclasses set :attr:`switch` (the flat keyword that turns the section's defense on or off,
+    e.g. ``"sv"``, mapped to the ``enabled`` field) and :attr:`flat_prefix` (flat keyword =
+    prefix + field name unless the field's spec names another)."""
+
+    switch: ClassVar[str] = ""
+    flat_prefix: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        cls = type(self)
+        specs = _SECTION_SPECS.get(cls)
+        if specs is None:
+            specs = _SECTION_SPECS[cls] = field_specs(cls)
+        validate_fields(self, specs)
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields (raise ``ValueError`` naming the fields); none by default."""
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with some fields changed (unknown names raise a clear error)."""
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        unknown = set(changes) - names
+        if unknown:
+            raise TypeError(f"unknown {type(self).__name__} field(s) {sorted(unknown)}; it has "
+                            f"{sorted(names)}")
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    @classmethod
+    def flat_names(cls) -> dict[str, str]:
+        """``{flat keyword: field}`` of this section (``ABDConfig``'s compatibility layer)."""
+        import dataclasses
+
+        out = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name == "enabled" and cls.switch:
+                out[cls.switch] = f.name
+            else:
+                out[f.metadata.get("flat", cls.flat_prefix + f.name)] = f.name
+        return out
+
+
+def section_or_default(value: Any, cls: type, owner: str, attr: str) -> Any:
+    """``value`` when it is a ``cls`` section, ``cls()`` for None; a clear ``TypeError`` naming the
+    fix otherwise (an ``ABDConfig`` passed where its section belongs)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    hint = (f"; pass its section, {owner}(..., config.{attr}, seed=config.seed, "
+            "logits_fn=config.logits_fn)" if hasattr(value, attr) else "")
+    raise TypeError(f"{owner} takes a {cls.__name__}, got {type(value).__name__}{hint}")
+
+
 __all__ = ["Spec", "Bool", "Int", "Num", "NumPair", "Choice", "Optional", "IsCallable", "spec",
-           "field_specs", "validate_fields"]
+           "field_specs", "validate_fields", "field_docs", "Section", "section_or_default"]

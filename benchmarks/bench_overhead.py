@@ -55,6 +55,8 @@ from zskt import ZSKTLoop  # noqa: E402
 
 from abd_plugin import ABDConfig, ABDGuard  # noqa: E402
 from abd_plugin.audit import audit  # noqa: E402
+from abd_plugin.retrospection import RetrospectionReport  # noqa: E402
+from abd_plugin.vaccine import VaccineReport  # noqa: E402
 
 #: SV + SR as published (off in the default config, which is the audit + the trigger eraser)
 CLASSIC = ABDConfig.classic()
@@ -76,6 +78,11 @@ TINY_PAIRS = [("cnn5:8", "cnn5:4", 16, [8])]
 TARGETS = {"sv_gen_step": 1.15, "sr_vs_official": 0.5, "whole_run": 1.02, "eraser_run": 1.3}
 PAPER_ZSKT_ITERS = 80_000  # ZSKT CIFAR-10 pseudo batches (the ABD code's default)
 
+
+
+def _sr_steps(guard: ABDGuard) -> int:
+    sr = guard.report().get(RetrospectionReport)
+    return 0 if sr is None else sr.steps
 
 def _loadavg() -> list[float] | None:
     """1/5/15-minute load averages: a busy shared CPU makes every timing noisier."""
@@ -176,12 +183,13 @@ def bench_generator(pair: Pair, args: argparse.Namespace, official: Any) -> dict
         )
         out = {"cases": _summ(times, peaks), "sv": {}}
         for name, g in guards.items():
-            rep = g.report()
+            sv = g.report().get(VaccineReport)
+            assert sv is not None
             out["sv"][name] = {
-                "trunk_module": rep.trunk_module,
-                "shuffled_layers": rep.shuffled_layers,
-                "status": rep.sv_status,
-                "calls": rep.sv_calls,
+                "trunk_module": sv.trunk_module,
+                "shuffled_layers": sv.layers,
+                "status": sv.status,
+                "calls": sv.calls,
             }
     finally:
         for g in guards.values():
@@ -229,7 +237,7 @@ def bench_student(pair: Pair, args: argparse.Namespace, official: Any) -> dict[s
         )
         cache = getattr(guards["student/sr_repeat"].sr, "_cache", None)
         out = {"cases": _summ(times, peaks),
-               "sr_steps": {n: g.report().sr_steps for n, g in guards.items()},
+               "sr_steps": {n: _sr_steps(g) for n, g in guards.items()},
                # the repeat case's SR holds the perturbation of its batch (its calls were hits)
                "sr_repeat_cached": bool(cache is not None and torch.equal(cache[0], x))}
         med = {k: v["median_s"] for k, v in out["cases"].items()}
@@ -274,7 +282,7 @@ def bench_run(pair: Pair, args: argparse.Namespace) -> dict[str, Any]:
                 times[name].append(time_once(run, pair.device))
             finally:
                 if guard is not None:
-                    sr_steps[name] = guard.report().sr_steps
+                    sr_steps[name] = _sr_steps(guard)
                     guard.detach()
     lp = pair.loop()  # the default guard's one-off audit of this teacher (its own clock)
     x = pair.x

@@ -22,6 +22,25 @@ What changes in the module while ``fit`` runs (all undone at the end of ``fit``)
   Lightning runs ``training_step`` and ``backward`` inside ``optimizer.step(closure)``, after
   torch's step pre-hooks, so the schedule's automatic mode is switched off
   (``sr_schedule.auto = False``) and the callback runs SR itself.
+
+What it logs (``log=True``, the default) to the trainer's loggers (TensorBoard, CSV, ...; each
+logger's ``log_metrics``, at the step Lightning logs the batch under, as Lightning's
+``LearningRateMonitor`` does): the audit's figures once, at the end of the first training batch
+after the audit ran (``abd/audit/verdict`` (0 clean, 1 unsure, 2 poisoned), ``abd/audit/poisoned``
+(1/0), ``abd/audit/p_value``, ``abd/audit/z_score``, ``abd/audit/statistic``,
+``abd/audit/suspect``, ``abd/audit/target`` (not when clean), ``abd/audit/seconds``), and at the
+steps Lightning writes logs (every ``Trainer(log_every_n_steps=...)``) the other defenses'
+figures: the trigger eraser's ``abd/erase/on``, ``.../target``, ``.../fraction`` (mask area),
+``.../pixels``, ``.../mass``, ``.../flip``, ``.../kept``, ``.../target_fraction``,
+``.../price``, ``.../updates``, ``.../batches``, ``.../rechecks``; SV's ``abd/sv/...``
+(``enabled``, ``coef``, ``depth``, ``trials``, ``suspicious_fraction``, ...), SR's ``abd/sr/...``
+(``steps``, ``start``, ``last_delta_norm``, ...), KDIGA's ``abd/iga/...`` (``steps``,
+``last_loss``, ``last_grad_norm``) when they are on, and a user hook's numbers under
+``abd/<state_key>/...`` (the full list: :mod:`abd_plugin.integrations._metrics`). A figure with
+no data yet (NaN, e.g. ``flip`` before the eraser's first update) is left out. The numbers are
+read off the hooks' records (:func:`abd_plugin.integrations._metrics.live_report`): logging runs
+neither the teacher nor the student (nor a copy of the teacher) and changes no counter of the
+guard. ``Trainer(log_every_n_steps=0)`` or no logger: nothing is logged.
 """
 from __future__ import annotations
 
@@ -34,6 +53,7 @@ from torch import Tensor, nn
 from abd_plugin import ABDConfig, ABDGuard
 
 from ._common import HostMismatchError, _OncePerStep, split_config
+from ._metrics import MetricsFeed
 
 try:  # Lightning 2.x
     from lightning.pytorch import Callback
@@ -59,16 +79,21 @@ class ABDCallback(Callback):
             ``kd_loss_fn`` if present; ``None`` disables.
         per_sample_loss: fast per-sample version of that loss ``(s, t) -> (B,)``; default calls
             the host's method on each sample.
+        log: log the defenses' figures under ``abd/`` to the trainer's loggers at
+            ``log_every_n_steps`` (the module docstring lists the names); ``False``: log nothing.
     """
 
     def __init__(self, teacher: ModuleRef = "teacher", student: ModuleRef = "student", *,
                  config: ABDConfig | None = None, sr_start_fraction: float | None = None,
                  reweight: str | None = "auto", per_sample_loss: PerSampleLoss | None = None,
-                 **overrides: Any) -> None:
+                 log: bool = True, **overrides: Any) -> None:
         self.config, self._frac = split_config(config, sr_start_fraction, overrides)
         self.teacher_ref, self.student_ref = teacher, student
         self.reweight = reweight
         self.per_sample_loss = per_sample_loss
+        # not ``self.log``: Lightning sets ``callback.log``/``log_dict`` to the module's at fit
+        self.log_figures = log
+        self._feed: MetricsFeed | None = None
         self.guard: ABDGuard | None = None
         self._gate: _OncePerStep | None = None
         self._handles: list = []
@@ -105,6 +130,9 @@ class ABDCallback(Callback):
         if self._frac is not None:
             self.guard.set_schedule(int(trainer.estimated_stepping_batches),
                                     sr_start_fraction=self._frac)
+        if self._feed is None or self._feed.guard is not self.guard:
+            self._feed = MetricsFeed(self.guard)
+        self._feed.reset()  # each fit's logs get the audit's figures once
         self.guard.attach()
         self._gate = _OncePerStep(self.guard)
         self._gate.install()
@@ -167,6 +195,25 @@ class ABDCallback(Callback):
         guard.retrospect()
         self.sr_calls += 1
 
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        feed = self._feed
+        if (not self.log_figures or feed is None or not trainer.loggers
+                or not trainer.log_every_n_steps):
+            return
+        log_step = _log_step(trainer)
+        if not (log_step or feed.audit_pending()):
+            return
+        metrics = feed.take(rest=log_step)
+        if not metrics:
+            return
+        # straight to the loggers, at the step Lightning writes this batch's metrics under (as
+        # LearningRateMonitor does): pl_module.log_dict would repeat the audit's figures in
+        # every later row of the epoch (on-step values stay in Lightning's results until then)
+        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
     def _restore(self, pl_module: nn.Module) -> None:
         for h in self._handles:
             h.remove()
@@ -213,6 +260,22 @@ class ABDCallback(Callback):
             self.guard.load_state_dict(st)
         else:
             self._pending_state = st
+
+
+def _log_step(trainer: Any) -> bool:
+    """Whether Lightning writes this training batch's logged metrics: what Lightning's own
+    monitors ask (``LearningRateMonitor``, ``DeviceStatsMonitor``: every ``log_every_n_steps``
+    optimizer steps, and at the last), less the batches that only accumulate gradients (Lightning
+    writes the row of the batch that steps)."""
+    loop = getattr(trainer, "fit_loop", None)
+    accumulating = getattr(loop, "_should_accumulate", None)
+    if callable(accumulating) and accumulating():
+        return False
+    should = getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", None)
+    if isinstance(should, bool):
+        return should
+    n = int(getattr(trainer, "log_every_n_steps", 50) or 0)  # pragma: no cover - other layouts
+    return n > 0 and int(trainer.global_step) % n == 0  # pragma: no cover
 
 
 def patch(*args: Any, **kwargs: Any) -> ABDCallback:

@@ -61,6 +61,17 @@ def stamp(x: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _poisoned_digits_cnn():
+    """Trained single-threaded whatever the session's thread count (another count changes the
+    last bits of the weights, and tests that pin numbers depend on them)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_poisoned_digits_cnn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_poisoned_digits_cnn():
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -95,3 +106,10 @@ def _poisoned_digits_cnn():
     return model, x[test], y[test]
 
 
+
+
+def record_of(report, kind):
+    """The guard report's record of type ``kind`` (it must be there)."""
+    out = report.get(kind)
+    assert out is not None, f"no {kind.__name__} in {list(report.records)}"
+    return out

@@ -166,3 +166,15 @@ def test_bad_input_range_is_refused(kwargs, match):
 def test_bad_input_shape_is_refused():
     with pytest.raises(ValueError, match="without the batch"):
         audit(TinyCNN(4).eval(), (0, 8, 8), steps=1, starts=1)
+
+
+def test_the_ensemble_check_leaves_no_hook_on_the_teacher_copy():
+    from abd_plugin._replica import TeacherReplica
+    from abd_plugin.audit import ensemble_favourite
+    from abd_testutils import make_pair
+
+    teacher, _ = make_pair()
+    rep = TeacherReplica(teacher)
+    for _ in range(3):
+        ensemble_favourite(rep, torch.rand(8, 1, 8, 8))
+    assert not any(m._forward_pre_hooks for m in rep.module.modules())

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from abd_plugin import ABDConfig, ABDGuard
-from abd_plugin.config import Layers
+from abd_plugin.config import FLAT, SECTIONS
+from abd_plugin.vaccine import Layers
 from abd_plugin.validation import (
     Bool,
     Choice,
@@ -29,17 +30,51 @@ from abd_plugin.validation import (
 )
 from abd_testutils import TinyGenerator, make_pair
 
-SPECS = field_specs(ABDConfig)
+GENERAL = [f.name for f in dataclasses.fields(ABDConfig) if f.name not in SECTIONS]
+#: every keyword ABDConfig takes besides the section objects: the general fields and the flat
+#: keywords of every section's fields
+SPECS = {name: field_specs(ABDConfig)[name] for name in GENERAL}
+SPECS.update({flat: field_specs(SECTIONS[attr])[name] for flat, (attr, name) in FLAT.items()})
 
 
 def test_help_shows_what_every_field_means_and_accepts():
     text = pydoc.render_doc(ABDConfig, renderer=pydoc.plaintext)
-    for f in dataclasses.fields(ABDConfig):
-        check, doc = SPECS[f.name]
-        first = doc.strip().splitlines()[0].strip()
-        assert f"{f.name} = {f.default!r}" in text, f.name
-        assert first in text, f.name
-        assert f"accepts {check.describe()}" in text, f.name
+    for name in GENERAL:
+        check, doc = SPECS[name]
+        assert f"{name} = {getattr(ABDConfig(), name)!r}" in text, name
+        assert doc.strip().splitlines()[0].strip() in text, name
+        assert f"accepts {check.describe()}" in text, name
+    for attr, cls in SECTIONS.items():
+        assert f"Section {attr} = {cls.__name__}(...)" in text, attr
+        flat = {name: key for key, name in cls.flat_names().items()}
+        for f in dataclasses.fields(cls):
+            check, doc = field_specs(cls)[f.name]
+            head = f"{attr}.{f.name} = {f.default!r}    (flat keyword: {flat[f.name]})"
+            assert head in text, head
+            assert doc.strip().splitlines()[0].strip() in text, f.name
+            assert f"accepts {check.describe()}" in text, f.name
+
+
+def test_sections_and_flat_keywords_are_one_config():
+    from abd_plugin.audit import AuditSettings
+    from abd_plugin.eraser import EraseSettings
+
+    a = ABDConfig(erase=EraseSettings(price=1.0), audit=AuditSettings(steps=20), sv=True)
+    b = ABDConfig(erase_price=1.0, audit_steps=20, vaccine={"enabled": True})
+    assert a == b and a.erase.price == a.erase_price == 1.0 and a.vaccine.enabled and a.sv
+    # a bool is the section's switch, and replace keeps the section's other fields
+    c = b.replace(audit=False)
+    assert not c.audit.enabled and c.audit.steps == 20 and c.erase.price == 1.0
+    assert c.replace(erase={"keep_weight": 0.5}).erase_keep == 0.5
+    with pytest.raises(TypeError, match="unknown ABDConfig field"):
+        ABDConfig(erase_pricee=1.0)
+    with pytest.raises(TypeError, match="ABDConfig.audit must be a AuditSettings"):
+        ABDConfig(audit="yes")
+    # a rule between two fields is the section's, named as the caller named the fields
+    with pytest.raises(ValueError, match=r"ABDConfig\(audit_clean_alpha\).*must be >= alpha"):
+        ABDConfig(audit_clean_alpha=0.01)
+    with pytest.raises(ValueError, match="clean_alpha .* must be >= alpha"):
+        AuditSettings(clean_alpha=0.01)
 
 
 def test_a_field_declared_without_a_spec_is_refused_at_class_definition():
@@ -172,19 +207,25 @@ def _tiny_run(cfg: ABDConfig) -> dict:
             assert math.isfinite(loss_g.item()) and math.isfinite(loss_s.item())
     for p in list(student.parameters()) + list(gen.parameters()):
         assert torch.isfinite(p).all()
-    rep = g.report().as_dict()
-    no_data = {  # NaN means "no data" there, by contract
-        "suspicious_fraction": rep["sv_calls"] == 0,
-        "audit_p_value": rep["audit"] is None,
-        "erase_flip": rep["erase_updates"] == 0, "erase_keep": rep["erase_updates"] == 0,
-        "erase_target_fraction": rep["erase_status"] != "on",
-    }
-    for k, v in rep.items():
-        if no_data.get(k):
-            continue
-        if k != "last_suspicious_fraction":
-            assert _finite(v), (k, v)
-    return rep
+    rep = g.report()
+    out = {"sv_calls": 0, "sr_steps": 0}
+    for rec in rep.records.values():
+        d = rec.as_dict()
+        no_data = {  # NaN means "no data" there, by contract
+            "suspicious_fraction": d.get("calls") == 0,
+            "last_suspicious_fraction": True,
+            "flip": d.get("updates") == 0, "kept": d.get("updates") == 0,
+            "target_fraction": d.get("status") != "on", "price": d.get("status") != "on",
+            "last_loss": d.get("steps") == 0,
+        }
+        for k, v in d.items():
+            if not no_data.get(k):
+                assert _finite(v), (d["kind"], k, v)
+        if d["kind"] == "VaccineReport":
+            out["sv_calls"] = d["calls"]
+        if d["kind"] == "RetrospectionReport":
+            out["sr_steps"] = d["steps"]
+    return out
 
 
 #: the drawn fields go on top of a config where SV, SR, the audit and (when the audit flags the
@@ -208,3 +249,18 @@ def test_any_field_values_give_a_clean_error_or_a_finite_run(kw):
     rep = _tiny_run(cfg)
     event(f"config accepted: ran (SV {'on' if rep['sv_calls'] else 'off'}, SR "
           f"{'on' if rep['sr_steps'] else 'off'})")
+
+
+def test_a_defense_given_the_whole_config_names_its_section():
+    from abd_plugin import SelfRetrospection, ShufflingVaccine
+    from abd_plugin.eraser import TriggerEraser
+    from abd_testutils import make_pair
+
+    teacher, student = make_pair()
+    with pytest.raises(TypeError, match=r"takes a VaccineSettings, got ABDConfig; pass its "
+                                        r"section, ShufflingVaccine\(\.\.\., config\.vaccine"):
+        ShufflingVaccine(teacher, ABDConfig())
+    with pytest.raises(TypeError, match=r"config\.retrospection"):
+        SelfRetrospection(student, teacher, ABDConfig())
+    with pytest.raises(TypeError, match=r"config\.erase"):
+        TriggerEraser(teacher, ABDConfig())

@@ -12,6 +12,11 @@ need. The test then asserts, across ranks:
   on every rank and equal the mean of the local ones (``SelfRetrospection._all_reduce``: DDP
   all-reduces only what ``backward`` produced);
 * the student and generator parameters stay identical, and the guard counted every student step.
+
+A second guarded run, the default guard (the audit, and the eraser armed for a given target)
+on inputs of a rank-dependent, unknown scale, checks that every rank takes the same decisions:
+the same input domain, audit verdict and target, the same mask after every update, and the same
+re-audits.
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ def _worker(out_dir: str) -> None:
 
     from abd_plugin import ABDConfig, ABDGuard
     from abd_plugin.kit.models import get_model
+    from abd_plugin.retrospection import RetrospectionReport
+    from abd_plugin.vaccine import VaccineReport
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -102,13 +109,17 @@ def _worker(out_dir: str) -> None:
         sv = guard.sv
         assert sv is not None
         rep = guard.report()
+        default = _default_guard_run(teacher, student, generator, opt_s, rank)
         torch.save({
+            **default,
             "rank": rank, "world": world,
             "layers": list(sv.ensemble.layers),
             "perms": {k: v.clone() for k, v in sv.ensemble.perms.items()},
-            "status": sv.status, "trials": list(sv.trials), "sv_calls": rep.sv_calls,
+            "status": sv.status, "trials": list(sv.trials),
+            "sv_calls": rep.get(VaccineReport).calls,
             "trunk_module": sv.ensemble.trunk_module,
-            "sr_local": local, "sr_reduced": reduced, "sr_steps": rep.sr_steps, "steps": guard.step,
+            "sr_local": local, "sr_reduced": reduced,
+            "sr_steps": rep.get(RetrospectionReport).steps, "steps": guard.step,
             "student": torch.cat([p.detach().reshape(-1) for p in student.parameters()]),
             "generator": torch.cat([p.detach().reshape(-1) for p in generator.parameters()]),
         }, Path(out_dir) / f"rank{rank}.pt")
@@ -121,6 +132,44 @@ def _worker(out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
     (Path(out_dir) / f"rank{rank}.done").touch()
+
+
+def _default_guard_run(teacher: Any, student: Any, generator: Any, opt_s: Any,
+                       rank: int) -> dict[str, Any]:
+    """The default guard (audit on; the eraser armed for the teacher's favourite class, so it
+    learns on every rank) on each rank's own batches, scaled differently per rank (an unknown
+    input range: the domain is read off the first batch)."""
+    import torch.nn.functional as F
+
+    from abd_plugin import ABDGuard
+
+    with torch.no_grad():  # the same on every rank
+        probe = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+        target = int(teacher(probe).argmax(1).mode().values)
+    data = torch.Generator().manual_seed(2000 + rank)
+    guard = ABDGuard(teacher, student, target=target, erase_every=1, erase_recheck=2,
+                     audit_steps=5, audit_starts=2)
+    masks = []
+    with guard:
+        for _ in range(N_ITER):
+            with torch.no_grad():
+                x = generator(torch.randn(BATCH, 16, generator=data)) * (3 + rank) + 0.5
+                t = teacher(x)
+            loss_s = F.kl_div(F.log_softmax(student(x), 1), F.softmax(t, 1),
+                              reduction="batchmean")
+            opt_s.zero_grad()
+            loss_s.backward()
+            opt_s.step()
+            er = guard.eraser
+            assert er is not None and er.mask() is not None
+            masks.append(er.mask().clone())
+    er = guard.eraser
+    assert er is not None and guard.audit_report is not None and guard.domain is not None
+    a = guard.audit_report
+    return {"default_masks": masks, "default_updates": er.updates,
+            "default_rechecks": [dict(r) for r in er.rechecks],
+            "default_audit": (a.verdict, a.suspect, a.statistic),
+            "default_domain": guard.domain, "default_fill": er.repair.fill}
 
 
 def _launch(out_dir: Path) -> subprocess.CompletedProcess:
@@ -188,6 +237,18 @@ def test_ddp_student_in_automatic_mode_stays_in_sync(ranks: list[dict[str, Any]]
     assert a["steps"] == b["steps"] == N_ITER * N_STUDENT
     torch.testing.assert_close(a["student"], b["student"], rtol=0, atol=0)
     torch.testing.assert_close(a["generator"], b["generator"], rtol=0, atol=0)
+
+
+def test_the_default_guard_decides_alike_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+    a, b = ranks
+    assert a["default_domain"] == b["default_domain"]  # read off rank 0's first batch
+    torch.testing.assert_close(a["default_fill"], b["default_fill"], rtol=0, atol=0)
+    assert a["default_audit"] == b["default_audit"]
+    assert a["default_updates"] == b["default_updates"] > 0
+    for ma, mb in zip(a["default_masks"], b["default_masks"], strict=True):
+        torch.testing.assert_close(ma, mb, rtol=0, atol=0)  # the same erasure of every input
+    assert not torch.equal(a["default_masks"][-1], a["default_masks"][0])  # it learned
+    assert a["default_rechecks"] == b["default_rechecks"] and len(a["default_rechecks"]) >= 1
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from abd_plugin import ABDConfig, ABDGuard
-from abd_plugin.eraser import TriggerEraser
+from abd_plugin.audit import AuditSettings
+from abd_plugin.eraser import EraserReport, EraseSettings, TriggerEraser
 from abd_testutils import TinyGenerator, make_pair
 
 #: a guard whose audit always says "clean" (any p-value is >= 1e-12): the eraser must stay off
@@ -32,7 +33,7 @@ def test_eraser_learns_the_trigger_region_of_a_poisoned_teacher():
 
     teacher, xtr, xte, yte = _kit("badnet_grid")
     trig = get_trigger("badnet_grid")
-    er = TriggerEraser(teacher, ABDConfig())
+    er = TriggerEraser(teacher)
     er.arm(0)
     g = torch.Generator().manual_seed(0)
     for _ in range(60):  # batches in which the trigger turns up, as a generator's samples do
@@ -88,8 +89,9 @@ def test_a_teacher_the_audit_calls_clean_gets_nothing():
     for a, b in zip(plain.parameters(), guarded.parameters(), strict=True):
         assert torch.equal(a, b)
     rep = guard.report()
-    assert rep.audit_verdict == "clean" and rep.erase_status == "off-clean"
-    assert rep.erase_updates == 0 and rep.erase_batches == 0
+    er = rep.get(EraserReport)
+    assert rep.audit is not None and rep.audit.verdict == "clean"
+    assert er is not None and er.status == "off-clean" and er.updates == 0 and er.batches == 0
     assert "no backdoor found" in str(rep) and "Trigger eraser: off" in str(rep)
 
 
@@ -111,7 +113,8 @@ def test_the_eraser_runs_inside_the_teachers_forward_and_never_touches_the_teach
     assert all(p.grad is None for p in teacher.parameters())
     assert not teacher._forward_pre_hooks and not teacher._forward_hooks
     rep = guard.report()
-    assert rep.erase_status == "on" and rep.erase_target == 0
+    er_rep = rep.get(EraserReport)
+    assert er_rep is not None and er_rep.status == "on" and er_rep.target == 0
     assert "Trigger eraser: ON for class 0" in str(rep)
 
 
@@ -181,7 +184,9 @@ def test_no_audit_and_no_target_leaves_the_eraser_off():
     with ABDGuard(teacher, student, audit=False) as guard, torch.no_grad():
         assert torch.equal(teacher(x), plain)
     rep = guard.report()
-    assert rep.erase_status == "off-no-audit" and rep.audit_verdict == "off"
+    er = rep.get(EraserReport)
+    assert er is not None and er.status == "off-no-audit" and rep.audit is None
+    assert "Teacher audit: not run (audit=False)" in str(rep)
 
 
 def test_a_new_input_size_is_refused_clearly():
@@ -244,11 +249,12 @@ def _spread_trigger() -> torch.Tensor:
 def _armed(teacher: nn.Module, **cfg) -> TriggerEraser:
     from abd_plugin.audit import audit
 
-    er = TriggerEraser(teacher, ABDConfig(audit_steps=40, audit_starts=4, **cfg))
+    er = TriggerEraser(teacher, EraseSettings(**cfg),
+                       audit_settings=AuditSettings(steps=40, starts=4))
     rep = audit(teacher, (1, 8, 8), steps=40, starts=4)
     assert rep.verdict == "poisoned" and rep.suspect == 0
     er.decide(rep)
-    er._ensure_mask(torch.zeros(1, 1, 8, 8))
+    er.learner.prepare(torch.zeros(1, 1, 8, 8))
     er.fill(torch.zeros(1, 1, 8, 8))  # inputs in [0, 1]: erased positions are 0
     return er
 
@@ -260,8 +266,8 @@ def test_the_re_audit_lowers_the_price_while_the_erased_teacher_still_stands_out
     # a mask that misses the trigger (the initial, near-zero mask): the target still stands out
     rec = er.recheck()
     assert rec is not None and rec["stands_out"] and rec["p_value"] < 0.05
-    assert er.price == 1.0 == er.config.erase_price_low
-    assert er.rechecks_done()  # the guard checks no more
+    assert er.price == 1.0 == er.settings.price_low
+    assert er.controller.done()  # the guard checks no more
     er.recheck()  # called anyway: the price stays at the low price
     assert er.price == 1.0 and len(er.rechecks) == 2
 
@@ -269,16 +275,16 @@ def test_the_re_audit_lowers_the_price_while_the_erased_teacher_still_stands_out
 def test_the_re_audit_keeps_the_price_once_the_mask_covers_the_trigger():
     trig = _spread_trigger()
     er = _armed(_Shortcut(trig))
-    assert er._logits is not None
+    assert er.repair.logits is not None
     with torch.no_grad():  # a mask on exactly the trigger's pixels
-        er._logits.copy_(torch.where(trig.bool(), 8.0, -8.0).view(1, 1, 8, 8))
+        er.repair.logits.copy_(torch.where(trig.bool(), 8.0, -8.0).view(1, 1, 8, 8))
     rec = er.recheck()
     assert rec is not None and not rec["stands_out"] and rec["p_value"] >= 0.05
     assert er.price == 2.5
     assert rec["statistic"] < er.audit.statistic[0] / 2  # type: ignore[union-attr]
-    assert not er.rechecks_done()
+    assert not er.controller.done()
     er.recheck()  # a second check in a row that finds the trigger covered: no more checks
-    assert er.price == 2.5 and er.rechecks_done()
+    assert er.price == 2.5 and er.controller.done()
 
 
 def test_the_guard_re_audits_on_schedule_and_reports_it():
@@ -294,19 +300,22 @@ def test_the_guard_re_audits_on_schedule_and_reports_it():
             teacher(x)
     assert guard.eraser is not None and guard.eraser.updates == 7
     rep = guard.report()
+    er = rep.get(EraserReport)
+    assert er is not None
     # the first check after two periods (update 4), then every period until one lowers the price
-    ups = [r["update"] for r in rep.erase_rechecks]
+    ups = [r["update"] for r in er.rechecks]
     assert ups[:1] == [4] and all(u % 2 == 0 for u in ups)
-    lowered = [r["stands_out"] for r in rep.erase_rechecks]
+    lowered = [r["stands_out"] for r in er.rechecks]
     assert lowered.count(True) <= 1 and (True not in lowered[:-1])  # checks stop once lowered
-    assert rep.erase_price == (1.0 if any(lowered) else 2.5)
+    assert er.price == (1.0 if any(lowered) else 2.5)
     assert "Re-audited the erased teacher" in str(rep)
     # off: no re-audit
     with ABDGuard(teacher, student, config=cfg.replace(erase_recheck=0)) as guard2, \
             torch.no_grad():
         for _ in range(7):
             teacher(torch.rand(16, 1, 8, 8, generator=g))
-    assert guard2.report().erase_rechecks == [] and guard2.report().erase_price == 2.5
+    er2 = guard2.report().get(EraserReport)
+    assert er2 is not None and er2.rechecks == [] and er2.price == 2.5
 
 
 def test_the_re_audits_price_survives_a_save_and_resume():
@@ -314,39 +323,42 @@ def test_the_re_audits_price_survives_a_save_and_resume():
     er = _armed(_Shortcut(trig))
     er.recheck()
     state = er.state_dict()
-    er2 = TriggerEraser(_Shortcut(trig), er.config)
+    er2 = TriggerEraser(_Shortcut(trig), er.settings)
     er2.load_state_dict(state)
     assert er2.price == er.price == 1.0 and er2.rechecks == er.rechecks
     assert er2.audit == er.audit
     # a state saved before the re-audit existed resumes at the configured price
     for k in ("price", "rechecks", "audit"):
         state.pop(k)
-    er3 = TriggerEraser(_Shortcut(trig), er.config)
+    er3 = TriggerEraser(_Shortcut(trig), er.settings)
     er3.load_state_dict(state)
     assert er3.price == 2.5 and er3.rechecks == [] and er3.audit is None
 
 
 def test_erased_positions_take_the_low_end_of_the_input_range():
-    from abd_plugin.eraser import resolve_fill
+    from abd_plugin.domain import resolve_domain
 
-    cfg = ABDConfig()
+    def floor(x, input_range=None):
+        return resolve_domain(x, input_range).floor_tensor()
+
     g = torch.Generator().manual_seed(0)
     x01 = torch.rand(8, 3, 4, 4, generator=g)
-    assert torch.equal(resolve_fill(cfg, x01), torch.zeros(1, 3, 1, 1, dtype=torch.float64))
-    assert torch.equal(resolve_fill(cfg, x01 * 2 - 1), -torch.ones(1, 3, 1, 1, dtype=torch.float64))
+    assert torch.equal(floor(x01), torch.zeros(1, 3, 1, 1, dtype=torch.float64))
+    assert torch.equal(floor(x01 * 2 - 1), -torch.ones(1, 3, 1, 1, dtype=torch.float64))
     # normalised images (mean/std per channel): each channel's minimum, i.e. black
     mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
     xn = (x01 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-    fill = resolve_fill(cfg, xn)
+    fill = floor(xn)
     assert fill.shape == (1, 3, 1, 1)
     per_channel_min = xn.transpose(0, 1).reshape(3, -1).min(1).values.double()
     torch.testing.assert_close(fill.flatten(), per_channel_min)
-    # a stated input range or fill value wins
-    assert float(resolve_fill(cfg.replace(input_range=(-2.0, 2.0)), xn)) == -2.0
-    assert float(resolve_fill(cfg.replace(erase_fill=0.25), xn)) == 0.25
+    # a stated input range wins, and a stated fill value wins over the domain
+    assert torch.equal(floor(xn, (-2.0, 2.0)).flatten(), torch.full((3,), -2.0).double())
+    er = TriggerEraser(make_pair()[0], EraseSettings(fill=0.25))
+    assert float(er.fill(xn)) == 0.25
     # feature vectors: no channels
-    assert float(resolve_fill(cfg, torch.rand(8, 5, generator=g) * 2 - 1)) == -1.0
-    assert float(resolve_fill(cfg, torch.rand(8, 5, generator=g) * 9 + 3)) == 0.0
+    assert float(floor(torch.rand(8, 5, generator=g) * 2 - 1)) == -1.0
+    assert float(floor(torch.rand(8, 5, generator=g) * 9 + 3)) == 0.0
 
 
 def test_on_inputs_in_minus_one_one_the_teacher_sees_minus_one_where_erased():
@@ -360,8 +372,8 @@ def test_on_inputs_in_minus_one_one_the_teacher_sees_minus_one_where_erased():
     er = guard.eraser
     assert er is not None and er.mask() is not None
     with torch.no_grad():  # a mask fully on at one position, off elsewhere
-        er._logits.fill_(-30.0)  # type: ignore[union-attr]
-        er._logits[0, 0, 2, 3] = 30.0  # type: ignore[index]
+        er.repair.logits.fill_(-30.0)  # type: ignore[union-attr]
+        er.repair.logits[0, 0, 2, 3] = 30.0  # type: ignore[index]
     x = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
     with guard, torch.no_grad():  # a pre-hook registered after the guard's sees its output
         spy = teacher.register_forward_pre_hook(lambda _m, a: seen.append(a[0].clone()))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from abd_plugin import ABDGuard, InputGradientAlignment, iga_loss
-from abd_plugin.gradient_alignment import input_gradient, safe_norm
+from abd_plugin.gradient_alignment import AlignmentReport, input_gradient, safe_norm
 from abd_testutils import TinyCNN
 
 
@@ -175,8 +175,10 @@ def test_in_a_guard_the_term_enters_between_backward_and_step_and_the_teacher_is
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(a, p) for a, p in zip(before, teacher.parameters(), strict=True))
     rep = guard.report()
-    assert rep.extra["iga.steps"] == 1 and rep.extra["iga.last_loss"] > 0
-    assert rep.extra["iga.seconds"] >= rep.extra["iga.align_seconds"] > 0
+    iga_rep = rep.get(AlignmentReport)
+    assert iga_rep is not None and iga_rep.steps == 1 and iga_rep.last_loss > 0
+    assert iga_rep.seconds >= iga_rep.align_seconds > 0
+    assert "Input-gradient alignment (KDIGA): 1 step(s)" in str(rep)
 
 
 def test_standalone_align_adds_the_gradient_and_keeps_batchnorm_buffers():

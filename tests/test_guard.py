@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from abd_plugin import ABDConfig, ABDGuard, DefenseHook
-from abd_testutils import TinyGenerator, make_pair
+from abd_plugin.retrospection import RetrospectionReport
+from abd_plugin.vaccine import VaccineReport
+from abd_testutils import TinyGenerator, make_pair, record_of
 
 #: SV + SR as published (the suite's SV/SR tests; the default is the audit + eraser)
 CLASSIC = ABDConfig.classic()
@@ -247,7 +249,8 @@ def test_tuple_and_dict_outputs(mode):
         assert logits.shape == (4, 10)
         zskt_loop(teacher, student, gen, iterations=1, n_student=1)
     rep = guard.report()
-    assert rep.sv_calls >= 1 and rep.sr_steps == 1
+    assert record_of(rep, VaccineReport).calls >= 1
+    assert record_of(rep, RetrospectionReport).steps == 1
 
 
 def test_closure_steps_get_sr_after_the_closure_ran():
@@ -382,7 +385,7 @@ def test_depth_change_at_verification_inside_a_teacher_forward(monkeypatch):
         zskt_loop(teacher, student, gen, iterations=4, n_student=1)
     assert guard.sv.status == "enabled" and guard.sv.ensemble.depth == 2
     assert tails and all(tails)  # every shared-trunk pass used the input of its own module
-    assert guard.report().sv_calls >= 2
+    assert record_of(guard.report(), VaccineReport).calls >= 2
 
 
 def test_one_schedule_object_answers_guard_and_sr():
@@ -390,7 +393,7 @@ def test_one_schedule_object_answers_guard_and_sr():
     guard = ABDGuard(teacher, student, config=CLASSIC, sv=False, sr_every=2)
     assert guard.sr.schedule is guard.sr_schedule and guard.sr_schedule.start is None
     guard.set_schedule(10, sr_start_fraction=0.5)  # what an adapter does once the host runs
-    assert guard.report().sr_start == 5
+    assert record_of(guard.report(), RetrospectionReport).start == 5
     assert [guard.sr_schedule.active(s) for s in range(4, 9)] == [False, True, False, True, False]
     with guard.retrospection():
         assert guard.in_sr_window() and guard.sr_schedule.active(0)

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from abd_plugin import ABDConfig, ABDGuard, ABDWarning, DefenseHook, ShufflingVaccine
-from abd_testutils import TinyCNN, TinyGenerator, make_pair, stamp
+from abd_plugin.retrospection import RetrospectionReport
+from abd_plugin.vaccine import VaccineReport, VaccineSettings
+from abd_testutils import TinyCNN, TinyGenerator, make_pair, record_of, stamp
 
 #: SV + SR as published (the suite's SV/SR tests; the default is the audit + eraser)
 CLASSIC = ABDConfig.classic()
@@ -79,7 +81,8 @@ def test_sr_and_sv_run_in_the_dtype_and_autocast_of_the_users_forward(case):
         teacher = teacher.bfloat16()
     guard, probe = _mixed_loop(teacher, student, autocast=case == "autocast_bf16")
     rep = guard.report()
-    assert rep.sr_steps == 2 and rep.sv_calls == 2 and not rep.warnings, rep
+    sv, sr = record_of(rep, VaccineReport), record_of(rep, RetrospectionReport)
+    assert sr.steps == 2 and sv.calls == 2 and not rep.warnings, rep
     assert all(torch.isfinite(p).all() for p in student.parameters())
     # every hook ran in the autocast state of the user's student forward
     want = (True, torch.bfloat16) if case == "autocast_bf16" else (False,)
@@ -144,7 +147,7 @@ def test_reweight_on_a_fixed_transfer_set_stays_bounded_at_coefficient_1(poisone
 
 def test_reweight_changes_only_where_the_cap_is_hit():
     teacher, _ = make_pair()
-    sv = ShufflingVaccine(teacher, ABDConfig(verify=False, sv_coef=0.5, sv_reweight_cap=2.0))
+    sv = ShufflingVaccine(teacher, VaccineSettings(verify=False, coef=0.5, reweight_cap=2.0))
     loss = torch.tensor([1.0, 1.5, 3.0, 9.0], requires_grad=True)
     mask = torch.tensor([False, True, False, True])
     out = sv.reweight(loss, mask)
@@ -191,7 +194,8 @@ def test_non_finite_sr_gradient_is_skipped_and_reported_once(monkeypatch):
                 assert all(torch.equal(a, p.grad) for a, p in
                            zip(own, student.parameters(), strict=True))
     rep = guard.report()
-    assert rep.sr_steps == 0 and rep.sr_skipped == {"non_finite_gradient": 3}
+    sr = record_of(rep, RetrospectionReport)
+    assert sr.steps == 0 and sr.skipped == {"non_finite_gradient": 3}
     assert len(_abd_warnings(rec, "NaN/Inf")) == 1
     assert any("NaN/Inf" in w for w in rep.warnings) and "WARNING" in str(rep)
 
@@ -211,7 +215,8 @@ def test_student_in_eval_mode_is_reported_not_silent():
                 _kl(teacher(x), student(x)).backward()
                 opt.step()
     rep = guard.report()
-    assert rep.sr_steps == 0 and rep.sr_skipped == {"student_in_eval_mode": 4}
+    sr = record_of(rep, RetrospectionReport)
+    assert sr.steps == 0 and sr.skipped == {"student_in_eval_mode": 4}
     assert len(_abd_warnings(rec, "eval() mode")) == 1  # once per guard, not per step
     assert any("eval() mode" in w for w in rep.warnings)
 
@@ -244,12 +249,12 @@ def _dfad_like(detach: bool, steps: int = 3):
 
 def test_detached_teacher_logits_in_the_generator_loss_are_reported():
     rep, rec = _dfad_like(detach=True)
-    assert rep.sv_terms_attached == 3 and rep.sv_terms_backpropagated == 0
-    assert "never reached a backward" in rep.sv_message
+    assert rep.loss_terms_attached == 3 and rep.loss_terms_backpropagated == 0
+    assert "never reached a backward" in record_of(rep, VaccineReport).message
     assert any("teacher(x).detach()" in w for w in rep.warnings)
     assert len(_abd_warnings(rec, "none was back-propagated")) == 1
     ok, rec = _dfad_like(detach=False)
-    assert ok.sv_terms_attached == ok.sv_terms_backpropagated == 3
+    assert ok.loss_terms_attached == ok.loss_terms_backpropagated == 3
     assert not ok.warnings and not _abd_warnings(rec, "")
 
 
@@ -263,8 +268,9 @@ def test_generator_output_without_grad_reports_that_sv_never_ran():
                 x = gen(torch.randn(8, gen.z_dim)).detach()  # not in the graph
                 (-_kl(teacher(x), student(x))).backward()
     rep = guard.report()
-    assert rep.sv_calls == 0
-    assert "never ran" in rep.sv_message and "0 shuffled layer(s)" not in rep.sv_message
+    sv = record_of(rep, VaccineReport)
+    assert sv.calls == 0
+    assert "never ran" in sv.message and "0 shuffled layer(s)" not in sv.message
     assert any("SV never ran" in w for w in rep.warnings)
     assert len(_abd_warnings(rec, "SV never ran")) == 1
 
@@ -307,7 +313,8 @@ def test_explicit_retrospect_inside_the_automatic_window_is_a_no_op_with_a_warni
     # steps 0, 1: explicit SR ran; steps 2, 3: the automatic window was open, SR ran there once
     assert results == [0.0, 0.0, 1.0, 1.0]
     rep = guard.report()
-    assert rep.sr_steps == 4 and rep.sr_skipped == {"explicit_call_in_automatic_window": 2}
+    sr = record_of(rep, RetrospectionReport)
+    assert sr.steps == 4 and sr.skipped == {"explicit_call_in_automatic_window": 2}
     assert len(_abd_warnings(rec, "automatic SR window")) == 1
 
 
@@ -332,7 +339,7 @@ def test_backward_twice_through_the_same_teacher_logits_applies_sv_once(poisoned
         loss.backward(retain_graph=True)
         loss.backward()
     got = gen_grad()
-    assert guard.report().sv_terms_backpropagated == 1
+    assert guard.report().loss_terms_backpropagated == 1
     x = gen(z)
     (-_kl(teacher(x), student(x))).backward()
     user = gen_grad()
@@ -346,8 +353,8 @@ def test_backward_twice_through_the_same_teacher_logits_applies_sv_once(poisoned
 def test_the_report_counts_shuffles_as_max_shuffle_trials_does():
     torch.manual_seed(0)
     teacher = TinyCNN(8).eval()  # auto candidates: conv2, conv3, fc
-    cfg = ABDConfig(verify_batches=2, verify_skip=0, max_shuffle_trials=8,
-                    tail_ratio_threshold=0.99)
+    cfg = VaccineSettings(verify_batches=2, verify_skip=0, max_shuffle_trials=8,
+                          tail_ratio_threshold=0.99)
     sv = ShufflingVaccine(teacher, cfg)
     for _ in range(2):
         x = torch.rand(16, 1, 8, 8)
@@ -371,7 +378,7 @@ def test_logits_with_the_wrong_number_of_classes_name_both_shapes():
         with pytest.raises(ValueError, match=r"shape \(8, 5\): 5 classes.*has 10"):
             call(x, torch.randn(8, 5))
     # before the vaccine is built: the first logits given are checked against the teacher's
-    sv = ShufflingVaccine(teacher, ABDConfig(verify_batches=1, verify_skip=0))
+    sv = ShufflingVaccine(teacher, VaccineSettings(verify_batches=1, verify_skip=0))
     with pytest.raises(ValueError, match=r"shape \(8, 5\): 5 classes.*has 10"):
         sv.observe(x, torch.randn(8, 5))
     sv.observe(x, teacher(x))  # the right logits are taken afterwards

@@ -7,22 +7,23 @@ import copy
 import pytest
 import torch
 
-from abd_plugin import ABDConfig, SelfRetrospection
+from abd_plugin import SelfRetrospection
+from abd_plugin.retrospection import RetrospectionSettings as RS
 from abd_plugin.retrospection import _kl
 from abd_testutils import make_pair
 
 
 def test_retrospect_adds_to_existing_grad_and_keeps_bn_stats():
     teacher, student = make_pair()
-    cfg = ABDConfig(sr_inner_rounds=3, seed=1)
+    cfg = RS(inner_rounds=3)
     x = torch.rand(16, 1, 8, 8)
     # reference gradients from a twin
-    twin = SelfRetrospection(copy.deepcopy(student), teacher, cfg)
+    twin = SelfRetrospection(copy.deepcopy(student), teacher, cfg, seed=1)
     ref = twin.gradients(x)
     for p in student.parameters():
         p.grad = torch.ones_like(p)
     bufs = [b.clone() for b in student.buffers()]
-    sr = SelfRetrospection(student, teacher, cfg)
+    sr = SelfRetrospection(student, teacher, cfg, seed=1)
     stats = sr.retrospect(x)
     for p, g in zip(student.parameters(), ref, strict=True):
         torch.testing.assert_close(p.grad, torch.ones_like(p) + g, rtol=1e-4, atol=1e-6)
@@ -35,7 +36,7 @@ def test_synthesized_perturbation_moves_the_model(poisoned_digits):
     teacher, x, _ = poisoned_digits
     _, student = make_pair()
     x = x[:32]
-    sr = SelfRetrospection(student, teacher, ABDConfig(sr_inner_rounds=10))
+    sr = SelfRetrospection(student, teacher, RS(inner_rounds=10))
     delta = sr.synthesize(x)
     assert delta.shape == (1, 1, 16, 16)
     with torch.no_grad():
@@ -60,9 +61,9 @@ def test_synthesized_perturbation_moves_the_model(poisoned_digits):
 def test_epsilon_ball_projection(poisoned_digits):
     teacher, x, _ = poisoned_digits
     _, student = make_pair()
-    sr = SelfRetrospection(student, teacher, ABDConfig(sr_inner_rounds=5, sr_epsilon=0.05))
+    sr = SelfRetrospection(student, teacher, RS(inner_rounds=5, epsilon=0.05))
     assert sr.synthesize(x[:8]).norm() <= 0.05 + 1e-6
-    sr = SelfRetrospection(student, teacher, ABDConfig(sr_inner_rounds=5, sr_epsilon_rms=0.01))
+    sr = SelfRetrospection(student, teacher, RS(inner_rounds=5, epsilon_rms=0.01))
     assert sr.synthesize(x[:8]).norm() <= 0.01 * 16 + 1e-6  # 1x16x16 elements
 
 
@@ -70,10 +71,10 @@ def test_warm_start_carries_the_perturbation(poisoned_digits):
     teacher, x, _ = poisoned_digits
     _, student = make_pair()
     x = x[:16]
-    sr = SelfRetrospection(student, teacher, ABDConfig(sr_inner_rounds=2, sr_warm_start=True))
+    sr = SelfRetrospection(student, teacher, RS(inner_rounds=2, warm_start=True))
     d1 = sr.synthesize(x)
     d2 = sr.synthesize(x)
-    cold = SelfRetrospection(student, teacher, ABDConfig(sr_inner_rounds=4))
+    cold = SelfRetrospection(student, teacher, RS(inner_rounds=4))
     d4 = cold.synthesize(x)
     assert not torch.equal(d1, d2)
     torch.testing.assert_close(d2, d4)  # 2 + 2 warm rounds == 4 rounds from the same start
@@ -81,16 +82,16 @@ def test_warm_start_carries_the_perturbation(poisoned_digits):
 
 def test_student_as_perturbation_model_needs_no_teacher():
     _, student = make_pair()
-    sr = SelfRetrospection(student, None, ABDConfig(sr_pert_model="student", sr_inner_rounds=1))
+    sr = SelfRetrospection(student, None, RS(pert_model="student", inner_rounds=1))
     sr.retrospect(torch.rand(4, 1, 8, 8))
     with pytest.raises(ValueError, match="needs the teacher"):
-        SelfRetrospection(student, None, ABDConfig())
+        SelfRetrospection(student, None, RS())
 
 
 def test_float64_models():
     teacher, student = make_pair()
     teacher, student = teacher.double(), student.double()
-    sr = SelfRetrospection(student, teacher, ABDConfig(sr_inner_rounds=1))
+    sr = SelfRetrospection(student, teacher, RS(inner_rounds=1))
     sr.retrospect(torch.rand(4, 1, 8, 8, dtype=torch.float64))
     assert all(p.grad.dtype == torch.float64 for p in student.parameters())
 
@@ -107,7 +108,7 @@ def test_sr_lowers_a_backdoored_students_trigger_sensitivity(poisoned_digits):
     xs = x[y != 0]
     with torch.no_grad():
         asr0 = (model(stamp(xs)).argmax(1) == 0).float().mean().item()
-    sr = SelfRetrospection(student, model, ABDConfig(sr_inner_rounds=10, seed=0))  # paper recipe
+    sr = SelfRetrospection(student, model, RS(inner_rounds=10))  # paper recipe
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(25):

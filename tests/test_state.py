@@ -125,3 +125,46 @@ def test_state_is_keyed_per_hook_instance():
         ABDGuard(teacher, student, config=CLASSIC, hooks=[a, a])
     with pytest.raises(ValueError, match="state version"):
         ABDGuard(teacher, student, config=CLASSIC).load_state_dict(dict(state, version=1))
+
+
+def test_a_state_saved_by_the_previous_layout_resumes_the_default_guard():
+    """Layout 2 kept the audit at the top level and no input domain: it loads, the audit reaches
+    the eraser's gate, and the run continues like one resumed from the current layout."""
+    from abd_plugin.eraser import EraserReport
+    from abd_testutils import record_of
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(16, 1, 8, 8, generator=g) for _ in range(8)]
+
+    def resumed(old_layout: bool) -> tuple[torch.Tensor, str]:
+        teacher, student = make_pair()
+        with torch.no_grad():
+            target = int(teacher(torch.cat(batches)).argmax(1).mode().values)
+        cfg = ABDConfig(target=target, erase_every=1, audit_steps=3, audit_starts=2)
+        guard = ABDGuard(teacher, student, config=cfg)
+        with guard, torch.no_grad():
+            for x in batches[:4]:
+                teacher(x)
+        state = guard.state_dict()
+        assert state["version"] == 3 and state["domain"]["source"].startswith("read off")
+        if old_layout:
+            state = dict(state, version=2, audit=state["hooks"]["TeacherAudit"]["audit"],
+                         hooks={k: v for k, v in state["hooks"].items() if k != "TeacherAudit"})
+            del state["domain"]
+        guard = ABDGuard(teacher, student, config=cfg)
+        guard.load_state_dict(state)
+        with guard, torch.no_grad():
+            assert guard.audit_report is not None  # published before the first batch
+            for x in batches[4:]:
+                teacher(x)
+        er = guard.eraser
+        assert er is not None and er.updates == 8
+        assert record_of(guard.report(), EraserReport).status == "on"
+        m = er.mask()
+        assert m is not None
+        return m, guard.report().audit.state  # type: ignore[union-attr]
+
+    new, old = resumed(False), resumed(True)
+    assert torch.equal(new[0], old[0]) and new[1] == old[1]
+    with pytest.raises(ValueError, match="state version 1"):
+        ABDGuard(*make_pair()).load_state_dict({"version": 1})

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from abd_plugin import ABDConfig, ShufflingVaccine
+from abd_plugin import ShufflingVaccine
+from abd_plugin.vaccine import VaccineSettings as VS
 from abd_testutils import TinyCNN, make_pair, stamp
 
 
@@ -33,7 +34,7 @@ def test_input_permutation_equals_weight_permutation(groups, per_group, out_per_
     model(x)
     model.eval()
     sv = ShufflingVaccine(
-        model, ABDConfig(verify=False, shuffle_layers=1, n_shuffle_models=2, seed=seed)
+        model, VS(verify=False, layers=1, n_models=2), seed=seed
     )
     with torch.no_grad():
         got = sv.ensemble_logits(x)
@@ -48,7 +49,7 @@ def test_input_permutation_equals_weight_permutation(groups, per_group, out_per_
 @pytest.mark.parametrize("depth", [1, 2])
 def test_ensemble_matches_explicitly_shuffled_copies(depth):
     teacher, _ = make_pair()
-    sv = ShufflingVaccine(teacher, ABDConfig(verify=False, shuffle_layers=depth))
+    sv = ShufflingVaccine(teacher, VS(verify=False, layers=depth))
     x = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
         got = sv.ensemble_logits(x)
@@ -100,7 +101,7 @@ class _BatchFromInput(nn.Module):
 def test_shared_trunk_is_exact_or_falls_back(factory, expect):
     torch.manual_seed(0)
     model = factory().eval()
-    sv = ShufflingVaccine(model, ABDConfig(verify=False, shuffle_layers=1))
+    sv = ShufflingVaccine(model, VS(verify=False, layers=1))
     x = torch.rand(6, 1, 4, 4) if isinstance(model, _BatchFromInput) else torch.rand(6, 1, 8, 8)
     sv.build(x)
     if expect is None:
@@ -114,7 +115,7 @@ def test_shared_trunk_is_exact_or_falls_back(factory, expect):
 
 def test_penalty_value_and_gradient():
     teacher, _ = make_pair()
-    sv = ShufflingVaccine(teacher, ABDConfig(verify=False, shuffle_layers=1, sv_coef=0.5))
+    sv = ShufflingVaccine(teacher, VS(verify=False, layers=1, coef=0.5))
     x = torch.rand(16, 1, 8, 8, requires_grad=True)
     t = teacher(x)
     pen = sv.penalty(x, t)
@@ -133,7 +134,7 @@ def test_penalty_value_and_gradient():
 
 def test_reweight_semantics():
     teacher, _ = make_pair()
-    sv = ShufflingVaccine(teacher, ABDConfig(verify=False, sv_coef=0.1))
+    sv = ShufflingVaccine(teacher, VS(verify=False, coef=0.1))
     loss = torch.tensor([1.0, 2.0, 3.0, 4.0])
     mixed = torch.tensor([False, True, False, True])
     assert sv.reweight(loss, mixed).item() == pytest.approx(2.0 - 0.1 * 3.0)
@@ -143,13 +144,13 @@ def test_reweight_semantics():
     with pytest.raises(ValueError, match="per-sample"):
         sv.reweight(loss.view(2, 2), mixed.view(2, 2))
     # while unverified the vaccine must not anti-distill
-    sv2 = ShufflingVaccine(teacher, ABDConfig(verify=True))
+    sv2 = ShufflingVaccine(teacher, VS(verify=True))
     assert sv2.reweight(loss, mixed).item() == pytest.approx(2.0)
 
 
 def test_suspicious_mask_is_argmax_agreement():
     teacher, _ = make_pair()
-    sv = ShufflingVaccine(teacher, ABDConfig(verify=False, shuffle_layers=1))
+    sv = ShufflingVaccine(teacher, VS(verify=False, layers=1))
     x = torch.rand(32, 1, 8, 8)
     with torch.no_grad():
         t = teacher(x)
@@ -158,10 +159,10 @@ def test_suspicious_mask_is_argmax_agreement():
         assert torch.equal(m, sv.ensemble_logits(x).argmax(1) == t.argmax(1))
 
 
-def _verify_on_mixed_pool(model, x, cfg):
+def _verify_on_mixed_pool(model, x, cfg, seed=0):
     """Feed the vaccine synthetic-like batches in which ~10 % of samples carry the trigger."""
-    sv = ShufflingVaccine(model, cfg)
-    g = torch.Generator().manual_seed(cfg.seed)
+    sv = ShufflingVaccine(model, cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed)
     for _ in range(cfg.verify_batches + cfg.verify_skip):
         b = x[torch.randint(len(x), (64,), generator=g)].clone()
         b[:6] = stamp(b[:6])
@@ -175,7 +176,7 @@ def test_poisoned_cnn_flags_triggered_inputs(poisoned_digits, seed):
     """After verification (automatic depth) the mask flags triggered inputs >= 3x as often."""
     model, x, y = poisoned_digits
     x = x[y != 0]
-    sv = _verify_on_mixed_pool(model, x, ABDConfig(verify_batches=6, verify_skip=1, seed=seed))
+    sv = _verify_on_mixed_pool(model, x, VS(verify_batches=6, verify_skip=1), seed=seed)
     assert sv.status == "enabled", sv.message
     with torch.no_grad():
         clean = sv.suspicious(x, model(x)).float().mean().item()
@@ -186,7 +187,7 @@ def test_poisoned_cnn_flags_triggered_inputs(poisoned_digits, seed):
 
 def test_auto_depth_scores_every_depth_and_keeps_the_best(poisoned_digits):
     model, x, y = poisoned_digits
-    cfg = ABDConfig(verify_batches=6, verify_skip=1, max_shuffle_trials=1, tail_ratio_threshold=0.0)
+    cfg = VS(verify_batches=6, verify_skip=1, max_shuffle_trials=1, tail_ratio_threshold=0.0)
     sv = _verify_on_mixed_pool(model, x[y != 0], cfg)
     depths = [t["depth"] for t in sv.trials]
     assert depths == list(range(1, min(cfg.auto_max_depth, len(sv.ensemble.candidates)) + 1))
@@ -200,8 +201,8 @@ def test_auto_depth_scores_every_depth_and_keeps_the_best(poisoned_digits):
 def test_verification_gives_up_and_says_so():
     torch.manual_seed(0)
     teacher = TinyCNN(8).eval()
-    cfg = ABDConfig(verify_batches=3, verify_skip=0, shuffle_layers=1, max_shuffle_trials=4,
-                    tail_ratio_threshold=0.99)
+    cfg = VS(verify_batches=3, verify_skip=0, layers=1, max_shuffle_trials=4,
+             tail_ratio_threshold=0.99)
     sv = ShufflingVaccine(teacher, cfg)
     for _ in range(3):
         x = torch.rand(32, 1, 8, 8)
@@ -216,11 +217,11 @@ def test_verification_gives_up_and_says_so():
 
 def test_errors_name_the_fix():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
-    sv = ShufflingVaccine(mlp, ABDConfig(verify=False, shuffle_layers=1))
+    sv = ShufflingVaccine(mlp, VS(verify=False, layers=1))
     with pytest.raises(ValueError, match="shuffle_layers="):
         sv.ensemble_logits(torch.rand(2, 1, 8, 8))
     teacher, _ = make_pair()
-    sv = ShufflingVaccine(teacher, ABDConfig(verify=False))
+    sv = ShufflingVaccine(teacher, VS(verify=False))
     x = torch.rand(4, 1, 8, 8)
     with pytest.raises(TypeError, match=r"x.float\(\) / 255"):
         sv.penalty((x * 255).to(torch.uint8), teacher(x))
@@ -233,4 +234,4 @@ def test_errors_name_the_fix():
     with pytest.raises(ValueError, match="NaN"):
         sv.penalty(x, bad)
     with pytest.raises(ValueError, match="not modules of the teacher"):
-        ShufflingVaccine(teacher, ABDConfig(verify=False, shuffle_layers=["nope"])).build(x)
+        ShufflingVaccine(teacher, VS(verify=False, layers=["nope"])).build(x)

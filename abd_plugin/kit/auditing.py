@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,19 +36,21 @@ def plot_audit(rep: AuditReport, path: Path, title: str = "") -> None:
     ax.set_ylabel("maximum margin (data-free)")
     ax.set_title(title or f"audit: {rep.verdict}, suspect class {rep.suspect}", fontsize=9)
     ax.set_ylim(0, max(rep.statistic) * 1.35 if max(rep.statistic) > 0 else 1)
-    fig.tight_layout()
+    with warnings.catch_warnings():  # the rotated p-value labels of tiny bars may not fit
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _input_range(dataset: str) -> tuple[float, float]:
+def dataset_input_range(dataset: str) -> tuple[float, float]:
     """The range of the model inputs of ``dataset``: (0, 1), or the normalised image of [0, 1]."""
     lo, hi = model_input_range(dataset)
     return min(lo), max(hi)
 
 
 def audit_teacher_file(path: str, arch: str, dataset: str, *, input_range: Any = None,
-                       settings: AuditSettings | None = None) -> AuditReport:
+                       settings: AuditSettings | None = None, seed: int = 0) -> AuditReport:
     """Audit a state_dict file (``abd-plugin poison --out``, or your own) of a kit architecture
     (``input_range`` None: the dataset's model-input range, (0, 1) or (-2, 2) for tinted32)."""
     from abd_plugin import load_teacher
@@ -56,15 +59,15 @@ def audit_teacher_file(path: str, arch: str, dataset: str, *, input_range: Any =
 
     info = dataset_info(dataset)
     if input_range is None:
-        input_range = _input_range(dataset)
+        input_range = dataset_input_range(dataset)
     model = load_teacher(path, build_model(arch, dataset))
     return audit(model, (info.channels, info.size, info.size), input_range=input_range,
-                 settings=settings or AuditSettings())
+                 settings=settings or AuditSettings(), seed=seed)
 
 
 def audit_table(archs: Sequence[str], triggers: Sequence[str], seeds: Sequence[int], *,
                 dataset: str = "mnist5k", settings: AuditSettings | None = None,
-                out: Path | None = None, log: Callable[[str], None] = print
+                audit_seed: int = 0, out: Path | None = None, log: Callable[[str], None] = print
                 ) -> list[dict[str, Any]]:
     """Audit every kit teacher (arch x trigger x training seed; ``"none"``: a clean teacher),
     training the ones not cached. Rows: verdict, suspect, p-value, z-score, seconds, and the
@@ -84,7 +87,7 @@ def audit_table(archs: Sequence[str], triggers: Sequence[str], seeds: Sequence[i
                 model, meta = train_teacher(spec)
                 train_s = time.perf_counter() - t0
                 rep = audit(model, (info.channels, info.size, info.size), settings=settings,
-                            input_range=_input_range(dataset))
+                            input_range=dataset_input_range(dataset), seed=audit_seed)
                 asr = meta.get("asr")
                 if asr is None:  # a clean teacher: its ASR with the benchmark's reference trigger
                     from .datasets import load_dataset

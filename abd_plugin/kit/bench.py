@@ -53,7 +53,12 @@ from typing import Any
 
 import torch
 
-from abd_plugin import ABDConfig, DefenseHook, InputGradientAlignment
+from abd_plugin import ABDConfig, DefenseHook, GuardReport, InputGradientAlignment
+from abd_plugin.audit import AuditRecord
+from abd_plugin.eraser import EraserReport
+from abd_plugin.hooks import OffReport
+from abd_plugin.retrospection import RetrospectionReport
+from abd_plugin.vaccine import VaccineReport
 from abd_plugin.validation import Int, Num, Spec
 
 from ._utils import check_options, parse_options
@@ -274,36 +279,51 @@ def run_cell(cell: Cell, *, progress: Callable[[int, int, str], None] | None = N
         row.update(racc_eps=racc_eps, teacher_racc=robust_accuracy_pgd(
             teacher, xte, yte, racc_eps, RACC_STEPS))
     if result.report is not None:
-        rep = result.report
-        row.update(
-            audit_verdict=rep["audit_verdict"],
-            audit_suspect=None if rep["audit"] is None else rep["audit"]["suspect"],
-            audit_p_value=rep["audit_p_value"],
-            audit_seconds=round(rep["audit_seconds"], 2),
-            ensemble_class=rep["ensemble_class"],
-            erase_status=rep["erase_status"],
-            erase_target=rep["erase_target"],
-            erase_pixels=rep["erase_pixels"],
-            erase_flip=rep["erase_flip"],
-            erase_keep=rep["erase_keep"],
-            erase_seconds=round(rep["erase_seconds"], 1),
-            erase_price=rep["erase_price"],
-            erase_rechecks=[[r["update"], round(r["p_value"], 4), r["price"]]
-                            for r in rep["erase_rechecks"]],
-            seconds_without_audit=round(seconds - rep["audit_seconds"], 1),
-        )
-        row.update(
-            sv_status=rep["sv_status"],
-            shuffle_depth=rep["shuffle_depth"],
-            shuffled_layers=rep["shuffled_layers"],
-            suspicious_fraction=rep["suspicious_fraction"],
-            sv_coef=rep["sv_coef"],
-            sr_steps=rep["sr_steps"],
-            sv_seconds=round(rep["sv_seconds"], 1),
-            sr_seconds=round(rep["sr_seconds"], 1),
-        )
-        for k, v in rep.get("extra", {}).items():  # hook defenses: steps, last loss, seconds
-            row[f"hook.{k}"] = round(v, 4) if isinstance(v, float) else v
+        row.update(report_columns(result.report, seconds))
+    return row
+
+
+def report_columns(rep: GuardReport, seconds: float) -> dict[str, Any]:
+    """A bench row's columns from the guard's report records (the audit's, the eraser's, SV's,
+    SR's; every other hook's numbers as ``hook.<key>.<field>``). A defense that did not run
+    gives the same neutral values as before the records existed."""
+    a, er = rep.get(AuditRecord), rep.get(EraserReport)
+    sv, sr = rep.get(VaccineReport), rep.get(RetrospectionReport)
+    audit = a.audit if a is not None else None
+    audit_seconds = audit.seconds if audit is not None else 0.0
+    nan = float("nan")
+    row: dict[str, Any] = dict(
+        audit_verdict="off" if a is None else a.state,
+        audit_suspect=None if audit is None else audit.suspect,
+        audit_p_value=nan if audit is None else audit.p_value,
+        audit_seconds=round(audit_seconds, 2),
+        ensemble_class=None if a is None else a.ensemble_class,
+        erase_status="off" if er is None else er.status,
+        erase_target=None if er is None else er.target,
+        erase_pixels=0 if er is None else er.pixels,
+        erase_flip=nan if er is None else er.flip,
+        erase_keep=nan if er is None else er.kept,
+        erase_seconds=0.0 if er is None else round(er.seconds, 1),
+        erase_price=nan if er is None else er.price,
+        erase_rechecks=[] if er is None else [[r["update"], round(r["p_value"], 4), r["price"]]
+                                              for r in er.rechecks],
+        seconds_without_audit=round(seconds - audit_seconds, 1),
+        sv_status="off" if sv is None else sv.status,
+        shuffle_depth=0 if sv is None else sv.depth,
+        shuffled_layers=[] if sv is None else list(sv.layers),
+        suspicious_fraction=nan if sv is None else sv.suspicious_fraction,
+        sv_coef=0.0 if sv is None else sv.coef,
+        sr_steps=0 if sr is None else sr.steps,
+        sv_seconds=0.0 if sv is None else round(sv.seconds, 1),
+        sr_seconds=0.0 if sr is None else round(sr.seconds, 1),
+    )
+    builtin = (AuditRecord, EraserReport, VaccineReport, RetrospectionReport, OffReport)
+    for key, rec in rep.records.items():  # hook defenses: steps, last loss, seconds
+        if isinstance(rec, builtin):
+            continue
+        for k, v in rec.as_dict().items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                row[f"hook.{key}.{k}"] = round(v, 4) if isinstance(v, float) else v
     return row
 
 

@@ -7,6 +7,10 @@
     abd-plugin train --adversarial pgd --eps 0.2 --steps 10      # a robust teacher
     abd-plugin train --nasty --omega 0.05 --tau 4                # a Nasty Teacher
     abd-plugin distill --method zskt --trigger badnet_grid --defense abd
+    abd-plugin audit --teacher t.pt --arch lenet5                # a kit architecture
+    abd-plugin audit --teacher t.pt --arch mynets:make_net --input-shape 3,32,32 --num-classes 10
+    abd-plugin audit --teacher t.pt --arch torchvision:resnet18 --input-shape 3,32,32 \\
+                     --num-classes 10
     abd-plugin list
 """
 from __future__ import annotations
@@ -415,20 +419,275 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- a user's own model
+# ``abd-plugin audit --arch`` takes a kit name, ``torchvision:NAME`` (built with weights=None and
+# --num-classes, never downloaded) or ``module.path:callable`` (a factory of the user's, imported
+# from the current directory or PYTHONPATH, called with no arguments). Every way this can fail
+# (an import, a factory, a weights file that does not fit) is one line and exit code 2.
+
+TORCHVISION = "torchvision:"
+
+
+def _dotted(text: str) -> bool:
+    return bool(text) and all(part.isidentifier() for part in text.split("."))
+
+
+def arch_spec(text: str) -> str:
+    """argparse ``type`` of ``audit --arch``: a kit name, ``torchvision:NAME`` or
+    ``module.path:callable`` (checked for form here; imported by :func:`build_user_model`)."""
+    text = text.strip()
+    if text in _classifiers():
+        return text
+    mod, sep, attr = text.partition(":")
+    if sep and _dotted(mod) and _dotted(attr):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown arch {text!r}; known: {', '.join(_classifiers())}; or torchvision:NAME "
+        "(a torchvision model, weights=None), or module.path:callable (a factory of your own)")
+
+
+arch_spec.__name__ = "arch"
+
+
+def is_user_arch(arch: str) -> bool:
+    """``module.path:callable`` or ``torchvision:NAME`` (not a kit name)."""
+    return ":" in arch
+
+
+def input_shape(text: str) -> tuple[int, int, int]:
+    """argparse ``type``: ``C,H,W``, three positive integers (one input, no batch dimension)."""
+    parts = _csv(text)
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or len(parts) != 3 or not all(1 <= d <= 4096 for d in dims):
+        raise argparse.ArgumentTypeError(
+            f"must be C,H,W (three integers in 1..4096, e.g. 3,32,32), got {text!r}")
+    return dims[0], dims[1], dims[2]
+
+
+input_shape.__name__ = "shape"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _import_factory(arch: str) -> Callable[[], Any]:
+    """The callable named by ``module.path:callable``, its module imported as ``python -m``
+    would (the current directory first on ``sys.path``)."""
+    import importlib
+
+    mod_name, _, attr = arch.partition(":")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (mod_name == exc.name or mod_name.startswith(exc.name + ".")):
+            # the module itself (or its package), not something it imports
+            raise UsageError(
+                f"argument --arch: cannot import module {mod_name!r} ({_first_line(exc)}); it "
+                f"must be importable from the current directory ({cwd}) or PYTHONPATH") from None
+        raise UsageError(f"argument --arch: importing {mod_name!r} failed ({_first_line(exc)}); "
+                         "install what it imports or fix the module") from None
+    except Exception as exc:  # the module's own code raised
+        raise UsageError(f"argument --arch: importing {mod_name!r} failed ({_first_line(exc)}); "
+                         "fix the module") from None
+    where = getattr(obj, "__file__", None) or mod_name
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"argument --arch: {where} has no attribute {attr!r}; name a "
+                             "function or class defined in it that returns the nn.Module")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UsageError(f"argument --arch: {arch} is not callable (type "
+                         f"{type(obj).__name__}); name a function or class that returns the "
+                         "nn.Module")
+    return obj
+
+
+def build_user_model(arch: str, num_classes: int) -> torch.nn.Module:
+    """The model of ``torchvision:NAME`` (``weights=None``, ``num_classes``) or of the factory
+    ``module.path:callable`` (called with no arguments). Raises :class:`UsageError`."""
+    if arch.startswith(TORCHVISION):
+        name = arch[len(TORCHVISION):]
+        try:
+            import torchvision
+        except ImportError:
+            raise UsageError(f"argument --arch: {arch} needs torchvision (pip install "
+                             "'abd-plugin[vision]')") from None
+        known = torchvision.models.list_models(module=torchvision.models)
+        if name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UsageError(f"argument --arch: torchvision has no classification model "
+                             f"{name!r}{hint}; see torchvision.models.list_models()")
+        what = f"torchvision.models.get_model({name!r}, weights=None, num_classes={num_classes})"
+        try:
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        except Exception as exc:
+            raise UsageError(f"argument --arch: {what} failed ({_first_line(exc)})") from None
+    else:
+        factory = _import_factory(arch)
+        what = f"{arch}()"
+        try:
+            model = factory()
+        except Exception as exc:
+            raise UsageError(f"argument --arch: calling {what} failed ({_first_line(exc)}); the "
+                             "factory is called with no arguments") from None
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"argument --arch: {what} returned a {type(model).__name__}, not a "
+                         "torch.nn.Module; make it return the model")
+    return model
+
+
+def _check_forward(model: torch.nn.Module, arch: str, shape: Sequence[int],
+                   num_classes: int) -> None:
+    """One forward of a zero input: the model takes ``shape`` and returns ``num_classes``
+    logits."""
+    from abd_plugin import extract_logits
+
+    dims = "x".join(map(str, shape))
+    try:
+        with torch.no_grad():
+            logits = extract_logits(model.eval()(torch.zeros(1, *shape)))
+    except Exception as exc:
+        raise UsageError(f"argument --input-shape: the model of --arch {arch} fails on an input "
+                         f"of shape 1x{dims} ({_first_line(exc)}); give the shape it takes"
+                         ) from None
+    if logits.dim() != 2 or logits.shape[0] != 1:
+        raise UsageError(f"argument --arch: the model of {arch} returns shape "
+                         f"{tuple(logits.shape)} for one input; expected (1, classes) logits")
+    if logits.shape[1] != num_classes:
+        raise UsageError(f"argument --num-classes: the model of --arch {arch} returns "
+                         f"{logits.shape[1]} logits, not {num_classes}")
+
+
+class _StateCapture(torch.nn.Module):
+    """Receives the state dict that :func:`abd_plugin.load_teacher` read (safely) from a file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: dict[str, Any] = {}
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True,
+                        assign: bool = False) -> Any:
+        self.state = dict(state_dict)
+        return None
+
+
+def _shape(v: Any) -> str:
+    return "x".join(map(str, getattr(v, "shape", ()))) or "scalar"
+
+
+def _listed(keys: Sequence[str], n: int = 3) -> str:
+    more = f", ... {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def weights_problem(state: dict[str, Any], model: torch.nn.Module) -> str | None:
+    """What keeps ``state`` from loading into ``model`` (missing/unexpected keys, shape
+    mismatches), in a few words, or None when it fits."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {_shape(state[k])}, model {_shape(own[k])}" for k in own
+              if k in state and getattr(state[k], "shape", None) != own[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) ({_listed(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) ({_listed(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es) ({_listed(shapes, 2)})")
+    return "; ".join(parts) or None
+
+
+def _prefix_hint(state: dict[str, Any], model: torch.nn.Module) -> str:
+    """A fix when the file's keys are the model's under a common prefix (``model.``)."""
+    own, keys = list(model.state_dict()), list(state)
+    if own and keys and len(own) == len(keys):
+        for a, b, where in ((keys, own, "file"), (own, keys, "model")):
+            head = a[0][: len(a[0]) - len(b[0])] if a[0].endswith(b[0]) else ""
+            if head and all(x == head + y for x, y in zip(a, b, strict=True)):
+                return (f"; every key of the {where} starts with {head!r}: save the inner "
+                        "module's state_dict")
+    return ""
+
+
+def load_user_weights(path: str, model: torch.nn.Module, arch: str) -> torch.nn.Module:
+    """Load the state_dict file ``path`` into ``model`` (eval mode). Raises :class:`UsageError`
+    with one line when the file cannot be read or does not fit."""
+    from abd_plugin import load_teacher
+
+    capture = _StateCapture()
+    try:
+        load_teacher(path, capture)
+    except Exception as exc:  # unsafe pickle, unreadable/foreign file, missing file
+        raise UsageError(f"argument --teacher: {str(exc).strip().splitlines()[0]}") from None
+    state = capture.state
+    problem = weights_problem(state, model)
+    if problem is not None:
+        hint = _prefix_hint(state, model) or (
+            "; pass the --arch (and --num-classes) the weights were saved from"
+            if is_user_arch(arch) else
+            "; pass the --arch (and --dataset) the weights were saved from, or your own "
+            "architecture as --arch module.path:callable")
+        raise UsageError(f"argument --teacher: {Path(path).name} does not fit --arch {arch}: "
+                         f"{problem}{hint}")
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise UsageError(f"argument --teacher: {Path(path).name} does not load into --arch "
+                         f"{arch} ({_first_line(exc)})") from None
+    return model.eval()
+
+
+def audit_field(name: str) -> tuple[Spec, str, Any]:
+    """``(spec, first sentence of its meaning, default)`` of an :class:`AuditSettings` field:
+    the audit's flags say what the section says."""
+    import dataclasses
+
+    from abd_plugin.audit import AuditSettings
+    from abd_plugin.validation import field_specs
+
+    check, doc = field_specs(AuditSettings)[name]
+    default = next(f.default for f in dataclasses.fields(AuditSettings) if f.name == name)
+    text = " ".join(doc.split()).replace("``", "")
+    return check, text.split(". ")[0].rstrip("."), default
+
+
 def _settings(args: argparse.Namespace) -> Any:
+    """The audit section from the flags (its rule between fields raises a usage error)."""
     from abd_plugin.audit import AuditSettings
 
-    return AuditSettings(starts=args.starts, steps=args.steps, alpha=args.alpha,
-                         clean_alpha=args.clean_alpha, seed=args.seed)
+    try:
+        return AuditSettings(starts=args.starts, steps=args.steps, alpha=args.alpha,
+                             clean_alpha=args.clean_alpha)
+    except ValueError as err:
+        raise UsageError(f"arguments --alpha/--clean-alpha: {err}") from None
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Audit one teacher file without data: verdict, per-class table, bar plot."""
-    from .auditing import audit_teacher_file, plot_audit
+    from abd_plugin.audit import audit
+
+    from .auditing import plot_audit
 
     torch.set_num_threads(1)  # a LeNet-sized audit gains nothing from threads
-    rep = audit_teacher_file(args.teacher, args.arch, args.dataset, input_range=args.input_range,
-                             settings=_settings(args))
+    model = getattr(args, "_model", None)
+    if model is None:  # parse_args() checked the arguments without building the model
+        _resolve_audit_model(args)
+        model = args._model
+    rep = audit(model, args._input_shape, input_range=args._input_range,
+                num_classes=args._num_classes, settings=_settings(args), seed=args.seed)
     print(rep)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -442,13 +701,40 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_audit_model(args: argparse.Namespace) -> None:
+    """``audit``: build the architecture, check one forward, load the weights (every failure a
+    :class:`UsageError`); keep the model, input shape, classes and input range on ``args``
+    (``_``-names). Without --input-range: a kit arch's dataset's model-input range, else 0,1."""
+    from .auditing import dataset_input_range
+    from .datasets import dataset_info
+    from .poison import build_model
+
+    input_range = args.input_range
+    if is_user_arch(args.arch):
+        shape, classes = args.input_shape, args.num_classes
+        model = build_user_model(args.arch, classes)
+        if input_range is None:
+            input_range = (0.0, 1.0)
+    else:
+        args.dataset = args.dataset or "mnist5k"
+        info = dataset_info(args.dataset)
+        shape, classes = (info.channels, info.size, info.size), info.num_classes
+        model = build_model(args.arch, args.dataset)
+        if input_range is None:
+            input_range = dataset_input_range(args.dataset)
+    _check_forward(model, args.arch, shape, classes)
+    args._model = load_user_weights(args.teacher, model, args.arch)
+    args._input_shape, args._num_classes = tuple(shape), classes
+    args._input_range = tuple(input_range)
+
+
 def cmd_audit_table(args: argparse.Namespace) -> int:
     """Audit every kit teacher of a grid (training the ones not cached): the audit's own table."""
     from .auditing import audit_table
 
     torch.set_num_threads(1)
     audit_table(_csv(args.arch), _csv(args.trigger), args.seeds, dataset=args.dataset,
-                settings=_settings(args), out=Path(args.out),
+                settings=_settings(args), audit_seed=args.seed, out=Path(args.out),
                 log=lambda m: print(m, file=sys.stderr))
     print((Path(args.out) / "audit.md").read_text())
     return 0
@@ -746,40 +1032,67 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--abd", type=abd_config, default=None,
                     help="ABDConfig fields as a JSON object (overrides --defense)")
     def audit_flags(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--starts", type=number(Int(1, 10_000)), default=10,
-                       help="random starts per class of the margin search")
-        q.add_argument("--steps", type=number(Int(1, 100_000)), default=100,
-                       help="Adam steps per start")
-        q.add_argument("--alpha", type=number(Num(0, 1, lo_open=True, hi_open=True), float),
-                       default=0.05, help="p-value below which the teacher is called poisoned")
-        q.add_argument("--clean-alpha", type=number(Num(0, 1, lo_open=True), float),
-                       default=0.2, help="p-value from which it is called clean (unsure between)")
+        # the audit section's own specs, defaults and meanings (abd_plugin.audit.AuditSettings)
+        for name in ("starts", "steps", "alpha", "clean_alpha"):
+            check, doc, default = audit_field(name)
+            kind = float if isinstance(check, Num) else int
+            q.add_argument("--" + name.replace("_", "-"), type=number(check, kind),
+                           default=default, help=doc)
         q.add_argument("--seed", type=seed, default=0, help="seed of the random starts")
 
     def check_audit(args: argparse.Namespace) -> None:
-        _check_arch_fits(args)
-        if args.clean_alpha < args.alpha:
-            raise UsageError("argument --clean-alpha: must be >= --alpha")
+        _settings(args)  # the section's rule between fields (clean_alpha >= alpha)
+        if is_user_arch(args.arch):
+            for flag, value in (("--input-shape", args.input_shape),
+                                ("--num-classes", args.num_classes)):
+                if value is None:
+                    raise UsageError(f"argument {flag}: required with --arch {args.arch} (a "
+                                     "model of your own), e.g. --input-shape 3,32,32 "
+                                     "--num-classes 10")
+            if args.dataset is not None:
+                raise UsageError(f"argument --dataset: only for a kit --arch; --arch {args.arch} "
+                                 "takes --input-shape and --num-classes")
+        else:
+            for flag, value in (("--input-shape", args.input_shape),
+                                ("--num-classes", args.num_classes)):
+                if value is not None:
+                    raise UsageError(f"argument {flag}: only with --arch module.path:callable or "
+                                     f"torchvision:NAME; the kit arch {args.arch} takes its "
+                                     "input shape and classes from --dataset")
+            args.dataset = args.dataset or "mnist5k"
+            _check_arch_fits(args)
+        _resolve_audit_model(args)  # imports the factory, checks a forward, loads the weights
 
     au = add_subcommand(sub, "audit", "data-free backdoor audit of one teacher file: verdict, "
                         "per-class table, bar plot", cmd_audit, check_audit)
     au.add_argument("--teacher", type=existing_file, required=True,
                     help="the teacher's weights (a state_dict file, e.g. from abd-plugin poison "
                     "--out; torch.save or safetensors)")
-    au.add_argument("--arch", type=registered("arch"), required=True,
-                    help="the teacher's architecture (abd-plugin list)")
-    au.add_argument("--dataset", type=registered("dataset"), default="mnist5k",
-                    help="what the teacher classifies (input shape and classes)")
+    au.add_argument("--arch", type=arch_spec, required=True,
+                    help="the teacher's architecture: a kit model (abd-plugin list), "
+                         "torchvision:NAME (a torchvision classifier built with weights=None and "
+                         "--num-classes; nothing is downloaded), or module.path:callable (your "
+                         "factory, called with no arguments, returning the nn.Module; the module "
+                         "is imported from the current directory or PYTHONPATH)")
+    au.add_argument("--input-shape", type=input_shape, default=None,
+                    help="C,H,W of one input as the teacher receives it; required with "
+                         "torchvision:NAME or module.path:callable")
+    au.add_argument("--num-classes", type=number(Int(2, 1_000_000)), default=None,
+                    help="number of classes (logits); required with torchvision:NAME or "
+                         "module.path:callable")
+    au.add_argument("--dataset", type=registered("dataset"), default=None,
+                    help="what a kit --arch classifies (input shape and classes; None: "
+                         "mnist5k); not with a model of your own")
     au.add_argument("--input-range", type=_range_pair, default=None,
-                    help="low,high of valid inputs as the teacher receives them (default: the "
-                         "dataset's: 0,1, or -2,2 for the normalised tinted32)")
+                    help="low,high of valid inputs as the teacher receives them (default: a kit "
+                         "--arch's dataset's: 0,1, or -2,2 for the normalised tinted32; 0,1 for "
+                         "a model of your own)")
     audit_flags(au)
     au.add_argument("--out", type=writable_dir, default="out",
                     help="where audit.png and audit.json go")
 
     def check_audit_table(args: argparse.Namespace) -> None:
-        if args.clean_alpha < args.alpha:
-            raise UsageError("argument --clean-alpha: must be >= --alpha")
+        _settings(args)
 
     at = add_subcommand(sub, "audit-table", "audit every kit teacher of a grid (trains the ones "
                         "not cached): target found, false alarms, seconds", cmd_audit_table,
@@ -832,7 +1145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
         if args.dry_run:
             print(json.dumps({k: _jsonable(v) for k, v in vars(args).items()
-                              if k not in ("fn", "validate", "dry_run")}))
+                              if k not in ("fn", "validate", "dry_run")
+                              and not k.startswith("_")}))
             return 0
         return int(args.fn(args) or 0)
     except UsageError as err:

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from abd_plugin import ABDConfig, ABDGuard, DefenseHook
+from abd_plugin import ABDConfig, ABDGuard, DefenseHook, GuardReport
 
 from .datasets import Normalization, model_input_range, to_model_input
 from .models import get_model
@@ -88,7 +88,8 @@ class DistillConfig:
 @dataclass
 class DistillResult:
     student: nn.Module
-    report: dict[str, Any] | None = None
+    #: the guard's report (None without a guard)
+    report: GuardReport | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     student_steps: int = 0
 
@@ -122,7 +123,8 @@ def _guard(teacher: nn.Module, student: nn.Module, abd: ABDConfig | None, total_
         return nullcontext()
     if abd is None:
         abd = ABDConfig(sv=False, sr=False, audit=False, erase=False)
-    if abd.sr and abd.sr_start_fraction is not None and abd.total_steps is None:
+    sr = abd.retrospection
+    if sr.enabled and sr.start_fraction is not None and sr.total_steps is None:
         abd = abd.replace(total_steps=total_steps)
     if normalize is not None and abd.input_range is None:
         lo, hi = model_input_range(normalize)
@@ -130,8 +132,8 @@ def _guard(teacher: nn.Module, student: nn.Module, abd: ABDConfig | None, total_
     return ABDGuard(teacher, student, config=abd, hooks=hooks)
 
 
-def _report(guard: Any) -> dict[str, Any] | None:
-    return guard.report().as_dict() if isinstance(guard, ABDGuard) else None
+def _report(guard: Any) -> GuardReport | None:
+    return guard.report() if isinstance(guard, ABDGuard) else None
 
 
 def distill(method: str, teacher: nn.Module, student: nn.Module, *, img_shape: tuple[int, int, int],

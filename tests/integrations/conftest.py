@@ -71,6 +71,23 @@ def module_hooks(*models):
     return n
 
 
+def state_differences(a, b, path=""):
+    """Where two (guard) states differ, as paths; wall times (``seconds`` keys) aside."""
+    if isinstance(a, torch.Tensor):
+        return [] if isinstance(b, torch.Tensor) and torch.equal(a, b) else [path]
+    if isinstance(a, dict):
+        if a.keys() != b.keys():
+            return [path]
+        return [d for k in a if k != "seconds"
+                for d in state_differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            return [path]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True))
+                for d in state_differences(x, y, f"{path}/{i}")]
+    return [] if a == b else [path]
+
+
 def snapshot(*owners):
     return [(o, dict(vars(o))) for o in owners]
 

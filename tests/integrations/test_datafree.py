@@ -4,6 +4,7 @@ import torch
 from abd_fakes import datafree_kd as kd
 from abd_fakes import datafree_synthesis as syn
 from abd_fakes.common import TinyNet
+from abd_plugin.eraser import EraserReport
 from abd_plugin.integrations import datafree as adapter
 from abd_plugin.integrations._common import HostMismatchError
 from conftest import assert_call_order, assert_restored, global_hook_counts, module_hooks, snapshot
@@ -90,9 +91,10 @@ def test_the_eraser_sees_every_teacher_forward_including_second_views(method, fa
     finally:
         hk.remove()
     rep = guard.report()
-    assert rep.erase_status == "on" and rep.erase_target == 0
+    er = rep.get(EraserReport)
+    assert er is not None and er.status == "on" and er.target == 0
     assert len(seen) > 0 and guard.eraser.erased_batches == len(seen)
-    assert rep.sv_terms_attached > 0
+    assert rep.loss_terms_attached > 0
 
 
 def test_the_default_config_audits_the_teacher_inside_the_host(events):
@@ -105,6 +107,7 @@ def test_the_default_config_audits_the_teacher_inside_the_host(events):
         kd.main_worker(kd.make_args(method="deepinv"), teacher, student)
         guard = h.guard
     rep = guard.report()
-    assert rep.audit_verdict in ("poisoned", "unsure", "clean")
-    assert rep.erase_status in ("on", "off-clean")
+    er = rep.get(EraserReport)
+    assert rep.audit is not None and rep.audit.verdict in ("poisoned", "unsure", "clean")
+    assert er is not None and er.status in ("on", "off-clean")
     assert global_hook_counts() == hooks0 and module_hooks(teacher) == 0

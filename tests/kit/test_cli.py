@@ -115,7 +115,8 @@ def test_dry_run_prints_the_checked_arguments(capsys):
                                  '"sv_coef_bounds": [0.5, 2]}', "--trigger", "none"])
     assert rc == 0 and not err
     got = json.loads(out)
-    assert got["abd"]["sr"] is False and got["abd"]["sv_coef_bounds"] == [0.5, 2]
+    abd = got["abd"]
+    assert abd["retrospection"]["enabled"] is False and abd["vaccine"]["coef_bounds"] == [0.5, 2]
     assert got["trigger"] == "none" and got["cmd"] == "distill"
     assert _run(capsys, ["distill", "--dataset", "digits", "--arch", "cnn5", "--dry-run"])[0] == 0
 

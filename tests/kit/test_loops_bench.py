@@ -7,11 +7,15 @@ import pytest
 import torch
 
 from abd_plugin import ABDConfig
+from abd_plugin.eraser import EraserReport
 from abd_plugin.kit import bench as bench_mod
 from abd_plugin.kit.bench import Cell, grid, resolve_defense, run_bench
 from abd_plugin.kit.cli import main
 from abd_plugin.kit.loops import DistillConfig, distill, list_loops, ood_transfer_set
 from abd_plugin.kit.poison import TeacherSpec, build_model, poison_dataset, train_teacher
+from abd_plugin.retrospection import RetrospectionReport
+from abd_plugin.vaccine import VaccineReport
+from abd_testutils import record_of
 
 TINY = DistillConfig(iterations=3, n_student_steps=2, batch_size=16, synth_rounds=2, synth_steps=2,
                      ood_patches=32)
@@ -44,11 +48,14 @@ def test_every_loop_runs_guarded_and_unguarded(method):
         )
         assert res.student_steps == 6
         assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+        rep = res.report
         if abd is classic:
-            assert res.report["sr_steps"] == 6
-            assert (res.report["sv_calls"] > 0) == (method not in ("clean",))
+            assert rep is not None and record_of(rep, RetrospectionReport).steps == 6
+            assert (record_of(rep, VaccineReport).calls > 0) == (method not in ("clean",))
         if abd is eraser:  # every loop feeds the teacher through the eraser
-            assert res.report["erase_status"] == "on" and res.report["erase_batches"] > 0
+            assert rep is not None
+            er = record_of(rep, EraserReport)
+            assert er.status == "on" and er.batches > 0
 
 
 def test_unknown_loop_names_the_choices():

@@ -169,7 +169,7 @@ def test_cell_with_a_robust_teacher_reports_robust_accuracy_and_resumes(tmp_path
                         lambda **kw: TeacherSpec(**{**kw, "width": 4, "epochs": 1}))
     row = run_cell(cell)
     assert {"racc", "teacher_racc", "racc_eps"} <= set(row)
-    assert row["hook.iga.steps"] == 2 * 5  # every student step of 2 ZSKT iterations
+    assert row["hook.InputGradientAlignment.steps"] == 2 * 5  # every student step, 2 iterations
     rows = run_bench([cell], tmp_path, log=lambda m: None)
     assert len(rows) == 1
     table = (tmp_path / "table.md").read_text()

@@ -1,0 +1,25 @@
+"""Repairs of the teacher's input: what the trigger eraser learns and applies.
+
+Three parts, each usable on its own:
+
+* :mod:`.base` / :mod:`.mask` — a **repair**: a learnable transform of the teacher's input that
+  undoes one family of triggers (:class:`InputRepair`; :class:`MaskErasure`, a soft mask over
+  input positions filled with the domain's floor, for triggers that occupy a small region). The
+  same ``apply`` is used by the guard's teacher pre-hook, the learning, the re-audit and
+  ``ctx.teacher_view``.
+* :mod:`.learner` — :class:`RepairLearner`: learns any :class:`InputRepair` online, on the
+  batches the teacher is fed, so that the teacher's target-class samples leave the target while
+  the others keep their class, at a price on how much of the input the repair changes.
+* :mod:`.reaudit` — :class:`ReauditController`: every so many updates, audits the *repaired*
+  teacher for the target class and, when the target still stands out, lowers the price so the
+  repair may grow.
+
+A new repair family is a subclass of :class:`InputRepair` (its parameters, ``apply`` and
+``cost``); the learner's loop and the controller work with it unchanged.
+"""
+from .base import InputRepair
+from .learner import RepairLearner
+from .mask import MaskErasure
+from .reaudit import ReauditController
+
+__all__ = ["InputRepair", "MaskErasure", "RepairLearner", "ReauditController"]

@@ -1,0 +1,108 @@
+"""Checking a repair against the audit, and widening it when it misses part of the trigger."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import _dist
+from .._replica import ViewedModel
+from .base import InputRepair
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..audit import AuditReport, AuditSettings
+
+
+class ReauditController:
+    """Every ``every`` repair updates (the first check after ``2 * every``, once the repair has
+    settled) the controller runs the audit's margin search for the target class alone on the
+    *repaired* teacher and compares the target's statistic with the other classes' statistics
+    from the first audit. A repair that covers the trigger brings the target back among the
+    others; one that covers only part of a spread trigger leaves it an outlier (p below the
+    audit's ``alpha``): the price then drops to ``price_low`` so the repair can grow, and the
+    checks stop. They also stop after two checks in a row find the target back among the others.
+
+    Args:
+        every: updates between checks (0: never check).
+        price, price_low: the repair's price before and after a check finds the target still
+            standing out.
+        audit_settings: how hard the margin search works (the audit's own settings).
+        seed: the checks' random starts are drawn from ``seed + 1 + checks so far``.
+        logits_fn: how to find the logits in the teacher's output.
+
+    Attributes:
+        price: the price now.
+        rechecks: one record per check: ``update``, ``statistic``, ``p_value``, ``stands_out``,
+            ``price`` (after the check).
+    """
+
+    def __init__(self, *, every: int, price: float, price_low: float,
+                 audit_settings: AuditSettings, seed: int = 0,
+                 logits_fn: Callable[[Any], Tensor] | None = None) -> None:
+        self.every = int(every)
+        self.price = float(price)
+        self.price_low = float(price_low)
+        self.audit_settings = audit_settings
+        self.seed = int(seed)
+        self.logits_fn = logits_fn
+        self.rechecks: list[dict[str, Any]] = []
+
+    def done(self) -> bool:
+        """No more checks: the price was lowered, or the last two found the target back among
+        the other classes (the repair covers the trigger, and its price does not change)."""
+        last = self.rechecks[-2:]
+        return (self.price <= self.price_low
+                or (len(last) == 2 and not any(r["stands_out"] for r in last)))
+
+    def due(self, updates: int, audit: AuditReport | None) -> bool:
+        """Whether a check runs after update number ``updates``."""
+        return (self.every > 0 and updates >= 2 * self.every and updates % self.every == 0
+                and audit is not None and not self.done()
+                and (not self.rechecks or self.rechecks[-1]["update"] != updates))
+
+    def check(self, model: nn.Module, repair: InputRepair, audit: AuditReport | None,
+              target: int | None, updates: int, *, distributed: bool = False
+              ) -> dict[str, Any] | None:
+        """Re-audit ``model`` seen through ``repair`` for ``target``; lower the price when the
+        target still stands out. Returns the check's record, or None when there is nothing to
+        compare with (no audit, no repair yet). ``distributed``: every data-parallel rank calls
+        it at the same update; rank 0 checks and every rank takes its decision."""
+        a, t = audit, target
+        if a is None or t is None or not repair.ready or len(a.statistic) < 3:
+            return None
+        rec = None
+        if not distributed or _dist.rank() == 0:
+            rec = self._measure(model, repair, a, t, updates)
+        if distributed:
+            rec = _dist.broadcast(rec)
+        assert rec is not None
+        if rec["stands_out"] and self.price > self.price_low:
+            self.price = self.price_low
+        rec["price"] = self.price
+        self.rechecks.append(rec)
+        return rec
+
+    def _measure(self, model: nn.Module, repair: InputRepair, a: AuditReport, t: int,
+                 updates: int) -> dict[str, Any]:
+        from ..audit import max_margin_statistic, order_pvalues
+
+        repaired = ViewedModel(model, repair.apply)
+        stat = max_margin_statistic(repaired, a.input_shape, len(a.statistic),
+                                    input_range=a.input_range, settings=self.audit_settings,
+                                    logits_fn=self.logits_fn, classes=[t],
+                                    seed=self.seed + 1 + len(self.rechecks))
+        mixed = torch.tensor(a.statistic, dtype=torch.float64)
+        mixed[t] = stat[t]
+        p = float(order_pvalues(mixed)[t])
+        return {"update": updates, "statistic": float(stat[t]), "p_value": p,
+                "stands_out": p < a.alpha, "price": self.price}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"price": self.price, "rechecks": [dict(r) for r in self.rechecks]}
+
+    def load_state_dict(self, state: dict[str, Any], default_price: float) -> None:
+        # states saved before the re-audit existed resume at the configured price
+        self.price = float(state.get("price", default_price))
+        self.rechecks = [dict(r) for r in state.get("rechecks", [])]

@@ -1,0 +1,1 @@
+from . import gan, lenet  # noqa: F401

@@ -1,0 +1,271 @@
+"""Pinned behaviour: seeded guarded runs whose outputs must not change when the core is reshaped.
+
+Each scenario runs a small data-free KD loop (a DFAD-style generator, the poisoned digits CNN or a
+clean one as the teacher) under one guard configuration and returns a fingerprint: two float64
+sums of the student's final parameters and the guard's printed report with its timings masked.
+The pins below were recorded on the code before the settings sections / report records / eraser
+split (issue 16); after it every number is bit-identical on the recording machine, and the
+printed reports are word for word the same except one added line (the KDIGA hook's record is now
+printed like the built-in defenses'). The tolerance only absorbs a different CPU's last bits
+(these runs are short, so those stay tiny).
+
+Re-record (only when a behaviour change is intended, and say so in the commit):
+``python tests/test_behaviour_pins.py`` prints the ``PINS`` literal.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from abd_plugin import ABDConfig, ABDGuard, InputGradientAlignment
+from abd_testutils import TinyCNN, _poisoned_digits_cnn
+
+
+class _Gen(nn.Module):
+    """A tiny conv generator of 16x16 images in [0, 1]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8 * 4 * 4)
+        self.conv = nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc(z)).view(-1, 8, 4, 4)
+        return torch.sigmoid(self.conv(F.interpolate(h, size=16)))
+
+
+def _clean_teacher() -> nn.Module:
+    torch.manual_seed(3)
+    return TinyCNN(8, classes=10).eval()
+
+
+def _dfad(teacher: nn.Module, student: nn.Module, gen: nn.Module, opt_s: Any, opt_g: Any,
+          iters: range) -> None:
+    for it in iters:
+        z = torch.randn(24, 16, generator=torch.Generator().manual_seed(1000 + it))
+        x = gen(z)
+        # a third of each batch carries the trigger, as a generator's samples sometimes do
+        corner = torch.zeros_like(x, dtype=torch.bool)
+        corner[:8, :, -3:, -3:] = True
+        x = torch.where(corner, torch.ones_like(x), x)
+        loss_g = -F.l1_loss(student(x), teacher(x))
+        opt_g.zero_grad()
+        loss_g.backward()
+        opt_g.step()
+        x = x.detach()
+        for _ in range(2):
+            with torch.no_grad():
+                t = teacher(x)
+            loss_s = F.l1_loss(student(x), t)
+            opt_s.zero_grad()
+            loss_s.backward()
+            opt_s.step()
+
+
+def _setup(teacher_kind: str) -> tuple[nn.Module, nn.Module, nn.Module, Any, Any]:
+    teacher = _poisoned_digits_cnn()[0] if teacher_kind == "poisoned" else _clean_teacher()
+    torch.manual_seed(0)
+    student = TinyCNN(4, classes=10)
+    gen = _Gen()
+    opt_s = torch.optim.Adam(student.parameters(), 1e-2)
+    opt_g = torch.optim.Adam(gen.parameters(), 1e-3)
+    return teacher, student, gen, opt_s, opt_g
+
+
+def _fingerprint(student: nn.Module, guard: ABDGuard) -> dict[str, Any]:
+    flat = torch.cat([p.detach().double().flatten() for p in student.parameters()])
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64).sin()
+    text = re.sub(r"\d+(\.\d+)?s\b", "<t>s", str(guard.report()))
+    return {"sum": float(flat.sum()), "wsum": float((flat * weights).sum()), "report": text}
+
+
+def _run(teacher_kind: str, make_guard: Callable[..., ABDGuard], iters: int = 24
+         ) -> dict[str, Any]:
+    teacher, student, gen, opt_s, opt_g = _setup(teacher_kind)
+    with make_guard(teacher, student) as guard:
+        _dfad(teacher, student, gen, opt_s, opt_g, range(iters))
+    return _fingerprint(student, guard)
+
+
+#: a re-audit every 4 mask updates from the 8th (the default waits for 100): the check runs here
+_FAST_RECHECK = dict(erase_recheck=4, erase_every=1)
+
+
+def _resumed() -> dict[str, Any]:
+    """12 iterations, state saved and loaded into a new guard, 12 more."""
+    teacher, student, gen, opt_s, opt_g = _setup("poisoned")
+    cfg = ABDConfig(**_FAST_RECHECK)
+    guard = ABDGuard(teacher, student, config=cfg)
+    with guard:
+        _dfad(teacher, student, gen, opt_s, opt_g, range(12))
+    state = guard.state_dict()
+    guard = ABDGuard(teacher, student, config=cfg)
+    guard.load_state_dict(state)
+    with guard:
+        _dfad(teacher, student, gen, opt_s, opt_g, range(12, 24))
+    return _fingerprint(student, guard)
+
+
+SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
+    "default_poisoned": lambda: _run("poisoned", lambda t, s: ABDGuard(t, s)),
+    "default_poisoned_recheck": lambda: _run(
+        "poisoned", lambda t, s: ABDGuard(t, s, **_FAST_RECHECK)),
+    "default_clean": lambda: _run("clean", lambda t, s: ABDGuard(t, s)),
+    "forced_clean": lambda: _run("clean", lambda t, s: ABDGuard(t, s, erase_on="always")),
+    "classic": lambda: _run("poisoned", lambda t, s: ABDGuard(
+        t, s, config=ABDConfig.classic(verify_batches=4, verify_skip=1, sr_start_step=30))),
+    "paper": lambda: _run("poisoned", lambda t, s: ABDGuard(
+        t, s, config=ABDConfig.paper(verify=False, sr_start_step=36, sr_inner_rounds=3))),
+    "default_iga": lambda: _run("poisoned", lambda t, s: ABDGuard(
+        t, s, hooks=[InputGradientAlignment(s, t, gamma=1.0, fgsm_eps=0.1, clamp=(0.0, 1.0))])),
+    "resumed": _resumed,
+}
+
+PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard report\n'
+                       '  Teacher audit: not run (audit=False)\n'
+                       '  Trigger eraser: off (erase=False).\n'
+                       '  SV: no vaccine found after 8 shuffle(s) at depth 1, 5 depth(s) scored '
+                       'first (best tail ratio 0.0000 <= 0.02) - SV is off; SR is still '
+                       'available; suspicious fraction nan over 0 synthesis batches, <t>s\n'
+                       '  Self-Retrospection: 18 step(s) (window starts at step 30), <t>s.\n'
+                       '  Student optimizer steps seen: 48.',
+             'sum': 8.25706594978692,
+             'wsum': -5.98235205305793},
+ 'default_clean': {'report': 'abd-plugin guard report\n'
+                             "  Teacher audit: no backdoor found (class 7's maximum margin "
+                             '0.0927, p = 0.5, robust z = 5.8; <t>s).\n'
+                             '    The shuffled-teacher ensemble favours class 7 on the inputs '
+                             'seen (agrees).\n'
+                             "  Trigger eraser: off (audit verdict clean (erase_on='flagged')).\n"
+                             '  Shuffling Vaccine: off.\n'
+                             '  Self-Retrospection: did not run.\n'
+                             '  Student optimizer steps seen: 48.',
+                   'sum': -3.816860363353044,
+                   'wsum': -6.625549063632392},
+ 'default_iga': {'report': 'abd-plugin guard report\n'
+                           '  Teacher audit: the teacher looks BACKDOORED towards class 0 (class '
+                           "0's maximum margin 69.9, p = 3.1e-09, robust z = 10.4; <t>s).\n"
+                           '    The shuffled-teacher ensemble favours class 0 on the inputs seen '
+                           '(agrees).\n'
+                           '  Trigger eraser: ON for class 0 (audit verdict poisoned '
+                           "(erase_on='flagged')). The teacher saw every input with 0 position(s) "
+                           'erased (mask 3.3 % of the input), learned in 11 update(s), <t>s.\n'
+                           '    At the last update the erasure moved 100 % of the samples the '
+                           'teacher called class 0 (0 % of the batch) to other classes and kept '
+                           "100 % of the others' classes.\n"
+                           '  Shuffling Vaccine: off.\n'
+                           '  Self-Retrospection: did not run.\n'
+                           '  Input-gradient alignment (KDIGA): 48 step(s), last term 0.186, '
+                           '<t>s.\n'
+                           '  Student optimizer steps seen: 48.',
+                 'sum': 11.758847213583067,
+                 'wsum': -7.478081980704722},
+ 'default_poisoned': {'report': 'abd-plugin guard report\n'
+                                '  Teacher audit: the teacher looks BACKDOORED towards class 0 '
+                                "(class 0's maximum margin 69.9, p = 3.1e-09, robust z = 10.4; "
+                                '<t>s).\n'
+                                '    The shuffled-teacher ensemble favours class 0 on the inputs '
+                                'seen (agrees).\n'
+                                '  Trigger eraser: ON for class 0 (audit verdict poisoned '
+                                "(erase_on='flagged')). The teacher saw every input with 0 "
+                                'position(s) erased (mask 3.3 % of the input), learned in 11 '
+                                'update(s), <t>s.\n'
+                                '    At the last update the erasure moved 100 % of the samples '
+                                'the teacher called class 0 (0 % of the batch) to other classes '
+                                "and kept 100 % of the others' classes.\n"
+                                '  Shuffling Vaccine: off.\n'
+                                '  Self-Retrospection: did not run.\n'
+                                '  Student optimizer steps seen: 48.',
+                      'sum': 8.079390602826606,
+                      'wsum': -5.772908955708633},
+ 'default_poisoned_recheck': {'report': 'abd-plugin guard report\n'
+                                        '  Teacher audit: the teacher looks BACKDOORED towards '
+                                        "class 0 (class 0's maximum margin 69.9, p = 3.1e-09, "
+                                        'robust z = 10.4; <t>s).\n'
+                                        '    The shuffled-teacher ensemble favours class 0 on the '
+                                        'inputs seen (agrees).\n'
+                                        '  Trigger eraser: ON for class 0 (audit verdict poisoned '
+                                        "(erase_on='flagged')). The teacher saw every input with "
+                                        '0 position(s) erased (mask 2.4 % of the input), learned '
+                                        'in 23 update(s), <t>s.\n'
+                                        '    At the last update the erasure moved 100 % of the '
+                                        'samples the teacher called class 0 (4 % of the batch) to '
+                                        "other classes and kept 100 % of the others' classes.\n"
+                                        '    Re-audited the erased teacher 1 time(s); at update 8 '
+                                        "class 0's maximum margin was 67.4 (p = 1.4e-08 against "
+                                        'the other classes: still stands out). The mask missed '
+                                        'part of the trigger at update 8: its price was lowered '
+                                        'to 1 (larger masks).\n'
+                                        '  Shuffling Vaccine: off.\n'
+                                        '  Self-Retrospection: did not run.\n'
+                                        '  Student optimizer steps seen: 48.',
+                              'sum': 4.023774779983796,
+                              'wsum': -5.9756351791879165},
+ 'forced_clean': {'report': 'abd-plugin guard report\n'
+                            "  Teacher audit: no backdoor found (class 7's maximum margin 0.0927, "
+                            'p = 0.5, robust z = 5.8; <t>s).\n'
+                            '    The shuffled-teacher ensemble favours class 7 on the inputs seen '
+                            '(agrees).\n'
+                            '  Trigger eraser: ON for class 7 (audit verdict clean '
+                            "(erase_on='always')). The teacher saw every input with 0 position(s) "
+                            'erased (mask 0.3 % of the input), learned in 12 update(s), <t>s.\n'
+                            '    At the last update the erasure moved 0 % of the samples the '
+                            'teacher called class 7 (100 % of the batch) to other classes and '
+                            "kept 100 % of the others' classes.\n"
+                            '  Shuffling Vaccine: off.\n'
+                            '  Self-Retrospection: did not run.\n'
+                            '  Student optimizer steps seen: 48.',
+                  'sum': -3.6962555349455215,
+                  'wsum': -6.583964390975123},
+ 'paper': {'report': 'abd-plugin guard report\n'
+                     '  Teacher audit: not run (audit=False)\n'
+                     '  Trigger eraser: off (erase=False).\n'
+                     "  SV: on, 4 shuffled layer(s) ['3', '6', '9', '12'], coef 0.1, 24 batch(es) "
+                     'seen; suspicious fraction 0.000 over 24 synthesis batches, <t>s\n'
+                     '  Self-Retrospection: 12 step(s) (window starts at step 36), <t>s.\n'
+                     '  Student optimizer steps seen: 48.',
+           'sum': 12.96302442974411,
+           'wsum': -6.484258558264415},
+ 'resumed': {'report': 'abd-plugin guard report\n'
+                       "  Teacher audit: the teacher looks BACKDOORED towards class 0 (class 0's "
+                       'maximum margin 69.9, p = 3.1e-09, robust z = 10.4; <t>s).\n'
+                       '    The shuffled-teacher ensemble favours class 0 on the inputs seen '
+                       '(agrees).\n'
+                       '  Trigger eraser: ON for class 0 (audit verdict poisoned '
+                       "(erase_on='flagged')). The teacher saw every input with 0 position(s) "
+                       'erased (mask 2.4 % of the input), learned in 23 update(s), <t>s.\n'
+                       '    At the last update the erasure moved 100 % of the samples the teacher '
+                       'called class 0 (4 % of the batch) to other classes and kept 100 % of the '
+                       "others' classes.\n"
+                       "    Re-audited the erased teacher 1 time(s); at update 8 class 0's "
+                       'maximum margin was 67.4 (p = 1.4e-08 against the other classes: still '
+                       'stands out). The mask missed part of the trigger at update 8: its price '
+                       'was lowered to 1 (larger masks).\n'
+                       '  Shuffling Vaccine: off.\n'
+                       '  Self-Retrospection: did not run.\n'
+                       '  Student optimizer steps seen: 48.',
+             'sum': 4.023774779983796,
+             'wsum': -5.9756351791879165}}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_pinned_behaviour(name: str) -> None:
+    torch.set_num_threads(1)
+    got = SCENARIOS[name]()
+    want = PINS[name]
+    assert got["report"] == want["report"]
+    # exact on the recording machine; another CPU's vector units may change the last bits
+    assert got["sum"] == pytest.approx(want["sum"], rel=1e-4, abs=1e-5)
+    assert got["wsum"] == pytest.approx(want["wsum"], rel=1e-4, abs=1e-5)
+
+
+if __name__ == "__main__":  # print the PINS literal from the current code
+    torch.set_num_threads(1)
+    out = {name: SCENARIOS[name]() for name in sorted(SCENARIOS)}
+    print("PINS: dict[str, dict[str, Any]] = " + repr(out))
