@@ -98,6 +98,7 @@ def test_factory_from_the_current_directory(user_dir, capsys):
     assert out.startswith("audit: ") and "class  max margin" in out
     rep = json.loads((tmp / "out" / "audit.json").read_text())
     assert len(rep["statistic"]) == 10 and rep["verdict"] in ("clean", "unsure", "poisoned")
+    assert rep["input_range"] == [[0.0], [1.0]]  # no --input-range, no kit dataset: 0,1
     assert str(tmp) in sys.path  # as ``python -m`` would: the cwd first
 
 

@@ -274,3 +274,86 @@ def test_cli_bench_accepts_the_colour_setting(small_tinted, tmp_path, capsys):
     assert "red_square→3" in (out / "table.md").read_text()
     assert main(["bench", "--dataset", "tinted32", "--target", "10", "--dry-run"]) == 2
     assert "--target" in capsys.readouterr().err
+
+
+def test_bench_row_of_a_guarded_tinted32_cell_reads_the_report_records(small_tinted):
+    """A defended colour cell: the guard's report records (main's GuardReport) fill the row's
+    audit/eraser columns, and the row records CPU seconds beside wall seconds."""
+    from abd_plugin import ABDConfig
+    from abd_plugin.eraser import EraserStatus
+
+    abd = ABDConfig(audit_starts=2, audit_steps=2)
+    row = run_cell(Cell("tinted32", "zskt", "red_square", "default", 0, "resnet8", 2, target=3),
+                   abd=abd)
+    assert row["audit_verdict"] in ("clean", "unsure", "poisoned")
+    assert 0 <= row["audit_suspect"] < 10 and 0 <= row["audit_p_value"] <= 1
+    assert row["erase_status"] in {s.value for s in EraserStatus}
+    assert (row["erase_status"] == EraserStatus.ON.value) == (row["audit_verdict"] == "poisoned")
+    assert row["sv_status"] == "off" and row["sr_steps"] == 0
+    assert row["cpu_seconds"] >= 0 and row["seconds"] >= 0
+    assert "audit" not in row and "report" not in row  # columns, not the report object
+
+
+def test_the_loops_guard_gets_the_normalised_input_range():
+    from abd_plugin import ABDConfig
+    from abd_plugin.kit.loops import _guard
+
+    t, s = _Spy().eval(), _Spy()
+    assert _guard(t, s, ABDConfig(), 10, normalize=NORM).config.input_range == (-2.0, 2.0)
+    assert _guard(t, s, ABDConfig(), 10).config.input_range is None  # [0, 1]: read off a batch
+    given = ABDConfig(input_range=(-1.0, 1.0))
+    assert _guard(t, s, given, 10, normalize=NORM).config.input_range == (-1.0, 1.0)
+
+
+def _audit_json(out) -> dict:
+    return json.loads((out / "audit.json").read_text())
+
+
+def test_cli_audit_of_a_tinted32_teacher_defaults_to_the_normalised_range(tmp_path):
+    from abd_plugin.kit.models import get_model
+
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet8.pt"
+    torch.save(get_model("resnet8").state_dict(), weights)
+    fast = ["--starts", "2", "--steps", "2"]
+    out = tmp_path / "a"
+    assert main(["audit", "--teacher", str(weights), "--arch", "resnet8", "--dataset",
+                 "tinted32", *fast, "--out", str(out)]) == 0
+    lo, hi = _audit_json(out)["input_range"]
+    assert list(lo) == [-2.0] * 3 and list(hi) == [2.0] * 3
+    out = tmp_path / "b"  # a stated range wins
+    assert main(["audit", "--teacher", str(weights), "--arch", "resnet8", "--dataset",
+                 "tinted32", "--input-range=-1,1", *fast, "--out", str(out)]) == 0
+    lo, hi = _audit_json(out)["input_range"]
+    assert list(lo) == [-1.0] * 3 and list(hi) == [1.0] * 3
+
+
+def test_audit_teacher_file_uses_the_dataset_range(tmp_path):
+    from abd_plugin.audit import AuditSettings
+    from abd_plugin.kit.auditing import audit_teacher_file, dataset_input_range
+    from abd_plugin.kit.models import get_model
+
+    assert dataset_input_range("tinted32") == (-2.0, 2.0)
+    assert dataset_input_range("mnist5k") == (0.0, 1.0)
+    weights = tmp_path / "t.pt"
+    torch.save(get_model("resnet8").state_dict(), weights)
+    rep = audit_teacher_file(str(weights), "resnet8", "tinted32",
+                             settings=AuditSettings(starts=2, steps=2))
+    assert rep.input_range == ((-2.0,) * 3, (2.0,) * 3)
+
+
+def test_cli_accepts_the_colour_setting_in_every_command(capsys):
+    """Dry runs: the colour setting, --target and --poison-ratio parse for distill and bench;
+    a target outside the classes and a ratio outside (0, 1) are refused."""
+    base = ["--dataset", "tinted32", "--arch", "resnet8", "--trigger", "red_square",
+            "--dry-run"]
+    for cmd in (["distill", "--method", "zskt"], ["bench", "--method", "zskt"]):
+        assert main([*cmd, *base, "--target", "9", "--poison-ratio", "0.05"]) == 0
+        parsed = json.loads(capsys.readouterr().out)
+        assert parsed["dataset"] == "tinted32" and parsed["arch"] == "resnet8"
+        assert parsed["target"] == 9 and parsed["poison_ratio"] == 0.05
+        assert main([*cmd, *base, "--poison-ratio", "1"]) == 2
+        assert "--poison-ratio" in capsys.readouterr().err
+    assert main(["poison", "--dataset", "tinted32", "--arch", "resnet8", "--trigger",
+                 "red_square", "--dry-run"]) == 0
+    capsys.readouterr()
