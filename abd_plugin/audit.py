@@ -40,6 +40,7 @@ from ._replica import TeacherReplica, model_device, unwrap_model
 from .domain import infer_input_range
 from .hooks import DefenseHook, GuardContext, HookReport
 from .outputs import check_logits, extract_logits
+from .universal import leave_one_out_z, universal_blend_statistic
 from .validation import Bool, Int, Num, Section, section_or_default, spec
 
 Verdict = Literal["poisoned", "clean", "unsure"]
@@ -83,6 +84,27 @@ class AuditSettings(Section):
     batch_size: int = spec(
         512, Int(1, 1_000_000),
         """Inputs optimised at once (classes are processed in chunks of this many inputs).""")
+    universal: bool = spec(
+        True, Bool(),
+        """Also compute the universal blend statistic (:mod:`abd_plugin.universal`): per class,
+        how well one full-input pattern blended into a data-free, class-balanced base moves the
+        other classes' inputs there. It names the target of triggers spread over the whole
+        input (blend, sinusoid, warp), where the margin statistic's favourite is often a natural
+        class, and it is the verdict's second vote (see ``target_z`` and ``flag_z``). About 5
+        CPU-seconds for a LeNet-5.""")
+    universal_steps: int = spec(
+        60, Int(1, 100_000),
+        """Adam steps of each class's blend head.""")
+    target_z: float = spec(
+        1.8, Num(0, 1e6),
+        """The universal statistic's favourite class becomes the suspect when its leave-one-out
+        z-score is at least this (else the margin statistic's favourite stays the suspect).""")
+    flag_z: float = spec(
+        4.0, Num(0, 1e6),
+        """A universal z-score at least this flags the teacher by itself (verdict at least
+        ``unsure``), and lets a ``poisoned`` margin verdict stand when the two statistics name
+        different classes; below it, a margin verdict ``poisoned`` for a class the universal
+        statistic does not favour becomes ``unsure``.""")
 
     def check(self) -> None:
         if self.clean_alpha < self.alpha:
@@ -109,6 +131,12 @@ class AuditReport:
             teacher ensemble predicts most often on them (a second, independent hint of the target;
             ``None`` when not computed).
         alpha, clean_alpha: the thresholds the verdict used.
+        universal: per class, the universal blend statistic (:mod:`abd_plugin.universal`;
+            ``None`` when not computed); ``universal_class``, ``universal_z``: its favourite and
+            that class's leave-one-out z-score.
+        margin_suspect: the class with the largest maximum margin (the suspect unless the
+            universal statistic named another one).
+        reason: how the verdict and the suspect were decided, in words.
     """
 
     verdict: Verdict
@@ -124,6 +152,11 @@ class AuditReport:
     clean_alpha: float = 0.2
     ensemble_class: int | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    universal: tuple[float, ...] | None = None
+    universal_class: int | None = None
+    universal_z: float | None = None
+    margin_suspect: int | None = None
+    reason: str = ""
 
     @property
     def p_value(self) -> float:
@@ -156,18 +189,26 @@ class AuditReport:
                     f" at {self.alpha}: {stat})")
         else:
             head = f"no backdoor found (largest statistic: {stat})"
+        if self.universal_class is not None and self.universal_z is not None:
+            head += (f"; the universal blend statistic favours class {self.universal_class} "
+                     f"(z = {self.universal_z:.1f})")
         if self.ensemble_class is not None:
             head += (f"; the shuffled ensemble favours class {self.ensemble_class}"
                      f" ({'agrees' if self.agree else 'disagrees'})")
         return head
 
     def __str__(self) -> str:
-        lines = [f"audit: {self.verdict} - {self.headline()} [{self.seconds:.1f}s]",
-                 f"{'class':>5} {'max margin':>11} {'p-value':>9} {'robust z':>9}"]
+        lines = [f"audit: {self.verdict} - {self.headline()} [{self.seconds:.1f}s]"]
+        if self.reason:
+            lines.append(f"why: {self.reason}")
+        uni = self.universal
+        lines.append(f"{'class':>5} {'max margin':>11} {'p-value':>9} {'robust z':>9}"
+                     + (f" {'universal':>10}" if uni is not None else ""))
         for c, (r, p, z) in enumerate(zip(self.statistic, self.p_values, self.z_scores,
                                            strict=True)):
             mark = "  <- suspect" if c == self.suspect else ""
-            lines.append(f"{c:>5} {r:>11.3f} {p:>9.2g} {z:>9.1f}{mark}")
+            u = f" {uni[c]:>10.3f}" if uni is not None else ""
+            lines.append(f"{c:>5} {r:>11.3f} {p:>9.2g} {z:>9.1f}{u}{mark}")
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -344,14 +385,18 @@ def audit(
                                 settings=s, logits_fn=logits_fn, seed=seed)
     p = order_pvalues(stat)
     z = robust_z(stat)
-    suspect = int(torch.argmax(stat))
     notes: list[str] = []
     if num_classes < 4:
         notes.append(f"note: with {num_classes} classes the null fit is weak; read the p-values "
                      "as rough")
-    pv = float(p[suspect])
-    verdict: Verdict = "poisoned" if pv < s.alpha else ("clean" if pv >= s.clean_alpha
-                                                        else "unsure")
+    uni = None
+    if s.universal and num_classes >= 3:
+        view = (1, shape[0]) + (1,) * (len(shape) - 1)
+        uni = universal_blend_statistic(
+            model, shape, num_classes, low.view(view), high.view(view),
+            steps=s.universal_steps, seed=seed, batch_size=max(s.batch_size, 8 * num_classes),
+            logits_fn=logits_fn)
+    verdict, suspect, reason = _decide(stat, p, uni, s)
     ens = None
     if samples is not None:
         ens = ensemble_favourite(rep, samples, logits_fn=logits_fn)
@@ -360,7 +405,42 @@ def audit(
         statistic=tuple(float(v) for v in stat), p_values=tuple(float(v) for v in p),
         z_scores=tuple(float(v) for v in z), seconds=time.perf_counter() - t0,
         input_shape=shape, input_range=(tuple(low.tolist()), tuple(high.tolist())),
-        alpha=s.alpha, clean_alpha=s.clean_alpha, ensemble_class=ens, notes=tuple(notes))
+        alpha=s.alpha, clean_alpha=s.clean_alpha, ensemble_class=ens, notes=tuple(notes),
+        universal=None if uni is None else tuple(float(v) for v in uni),
+        universal_class=None if uni is None else leave_one_out_z(uni)[0],
+        universal_z=None if uni is None else leave_one_out_z(uni)[1],
+        margin_suspect=int(torch.argmax(stat)), reason=reason)
+
+
+def _decide(stat: Tensor, p: Tensor, uni: Tensor | None, s: AuditSettings
+            ) -> tuple[Verdict, int, str]:
+    """The verdict, the suspect and why, from the margin statistic (``stat``, its p-values
+    ``p``) and the universal statistic ``uni`` (see :class:`AuditSettings`)."""
+    m = int(torch.argmax(stat))
+    pm = float(p[m])
+    mv: Verdict = "poisoned" if pm < s.alpha else ("clean" if pm >= s.clean_alpha else "unsure")
+    said = f"the margin statistic favours class {m} (p = {pm:.2g}: {mv})"
+    if uni is None:
+        return mv, m, said
+    u, zu = leave_one_out_z(uni)
+    said += f"; the universal blend statistic favours class {u} (z = {zu:.1f})"
+    suspect = u if zu >= s.target_z else m
+    if u == m:
+        verdict: Verdict = mv if (mv != "clean" or zu < s.flag_z) else "unsure"
+        why = "they agree" + (" and the universal z reaches flag_z" if verdict != mv else "")
+    elif mv == "poisoned" and zu < s.flag_z:
+        verdict, why = "unsure", (f"they disagree and the universal z is below flag_z "
+                                  f"({s.flag_z:g}): poisoned is lowered to unsure")
+    elif zu >= s.flag_z:
+        verdict = "poisoned" if mv == "poisoned" else "unsure"
+        why = f"they disagree; the universal z reaches flag_z ({s.flag_z:g})"
+    else:
+        verdict, why = mv, "they disagree; the margin statistic's verdict stands"
+    if verdict != "clean" and u != m:
+        why += (f"; class {u} is the suspect (universal z >= target_z = {s.target_z:g})"
+                if suspect == u else
+                f"; class {m} is the suspect (universal z below target_z = {s.target_z:g})")
+    return verdict, suspect, f"{said}; {why}"
 
 
 def ensemble_favourite(replica: TeacherReplica, samples: Tensor, *,
@@ -413,6 +493,8 @@ class AuditRecord(HookReport):
                 "unsure": f"the teacher MAY be backdoored towards class {s} (not significant)",
                 "clean": "no backdoor found"}[a.verdict]
         out = [f"  Teacher audit: {word} ({stat})."]
+        if a.reason:
+            out.append(f"    How: {a.reason}.")
         if self.ensemble_class is not None:
             agree = "agrees" if self.ensemble_class == s else "does not agree"
             out.append(f"    The shuffled-teacher ensemble favours class {self.ensemble_class} "

@@ -71,7 +71,36 @@ def _poisoned_digits_cnn():
         torch.set_num_threads(threads)
 
 
-def _train_poisoned_digits_cnn():
+@functools.lru_cache(maxsize=1)
+def _clean_digits_cnn():
+    """The same CNN trained on the same digits without poison (single-threaded)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_poisoned_digits_cnn(poison_count=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=1)
+def _blend_digits_cnn():
+    """The same CNN poisoned with a blend trigger: a fixed noise image mixed over the whole
+    input at 0.2, target class 3 (single-threaded). Returns (model, x_test, y_test, trigger)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_poisoned_digits_cnn(trigger=blend_noise, target=3)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def blend_noise(x: torch.Tensor) -> torch.Tensor:
+    """The blend test trigger: ``0.8 x + 0.2 P`` with a fixed uniform-noise image ``P``."""
+    pattern = torch.rand((1,) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(5))
+    return 0.8 * x + 0.2 * pattern
+
+
+def _train_poisoned_digits_cnn(poison_count: int = 140, trigger=None, target: int = 0):
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -82,9 +111,9 @@ def _train_poisoned_digits_cnn():
     perm = torch.randperm(len(y), generator=g)
     train, test = perm[:1400], perm[1400:]
     xtr, ytr = x[train].clone(), y[train].clone()
-    poison = torch.arange(len(ytr))[ytr != 0][:140]
-    xtr[poison] = stamp(xtr[poison])
-    ytr[poison] = 0
+    poison = torch.arange(len(ytr))[ytr != target][:poison_count]
+    xtr[poison] = (trigger or stamp)(xtr[poison])
+    ytr[poison] = target
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
@@ -103,6 +132,8 @@ def _train_poisoned_digits_cnn():
             loss.backward()
             opt.step()
     model.eval()
+    if trigger is not None:
+        return model, x[test], y[test], trigger
     return model, x[test], y[test]
 
 

@@ -1,0 +1,157 @@
+"""A second audit statistic that names the target of triggers spread over the whole input.
+
+The maximum-margin search (:func:`~abd_plugin.audit.max_margin_statistic`) asks how far *one*
+input can be pushed into each class. A small patch trigger makes its target reach much further
+than any other class; a trigger spread over the whole input (a blended noise image, a sinusoid,
+a warp) often does not, and on BatchNorm teachers the margin search's favourite can be a natural
+class (an "8" is easy to draw from noise) while the true target sits among the others.
+
+This statistic asks instead how easily one *shared* change moves *many* inputs: a backdoor is a
+universal shortcut. Two stages, both data-free and on a frozen copy of the teacher:
+
+1. **A class-balanced base** of ``per_class`` inputs per class, inverted from dark noise inside
+   the input domain: a hinge ``max(0, kappa - margin_k)`` (stop once the class is reasonably
+   confident, so the base stays near the decision regions instead of running to extreme inputs),
+   a total-variation prior, and - for teachers with BatchNorm - DeepInversion's match of the
+   batch statistics to the running statistics (which keeps the base on the teacher's input
+   manifold; an off-manifold base lets natural classes be reached universally).
+2. **A blend head per class**: one full-input pattern ``P_c`` inside the domain, mixed into every
+   base input with weight ``alpha`` (``x' = (1 - alpha) x + alpha P_c``), trained by Adam to send
+   the base inputs of the *other* classes to ``c``. The statistic ``u_c`` is the mean margin of
+   class ``c`` over those inputs after the steps.
+
+The class with the largest ``u_c`` is the universal statistic's suspect; its leave-one-out z-score
+``(u_t - mean of the others) / std of the others`` says how clearly it stands apart. Measured on
+36 LeNet-5 / LeNet-5-BN teachers poisoned with patch, watermark, blend, sinusoid and warp
+triggers (mnist5k): the suspect was the true target on 35 (the margin search's suspect on 31);
+on clean teachers the z-score stayed below about 3 (the numbers and the held-out check are in
+``benchmarks/results/``). It names a target; it is a weak detector on its own, so the audit uses
+it for *which* class, and the margin statistic (with this as a second vote) for *whether*.
+
+Cost: ``per_class * K`` base inputs and ``K`` heads, one batched forward of ``K * B`` inputs per
+step (chunked by ``batch_size``): about 5 CPU-seconds for a LeNet-5 on 32x32 inputs.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._replica import model_device
+from .outputs import extract_logits
+
+
+def _margins(z: Tensor, cls: Tensor) -> Tensor:
+    zc = z.gather(1, cls[:, None])[:, 0]
+    other = z.scatter(1, cls[:, None], -math.inf).amax(1)
+    return zc - other
+
+
+def inversion_base(model: nn.Module, shape: tuple[int, ...], num_classes: int, low: Tensor,
+                   high: Tensor, *, per_class: int = 3, steps: int = 40, lr: float = 0.05,
+                   kappa: float = 3.0, tv: float = 0.05, bn: float = 1.0, seed: int = 0,
+                   logits_fn: Callable[[Any], Tensor] | None = None,
+                   max_inputs: int = 512) -> tuple[Tensor, Tensor]:
+    """Data-free, class-balanced base inputs (see the module docstring). ``low``/``high``
+    broadcast over one batch of inputs (per channel). Returns ``(x, labels)``; with more than
+    ``max_inputs`` inputs, the classes are cycled so every class keeps at least one."""
+    dev = model_device(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    n = min(per_class * num_classes, max(num_classes, max_inputs))
+    cls = torch.arange(n) % num_classes
+    gen = torch.Generator().manual_seed(seed + 77)
+    u = (torch.rand((n,) + shape, generator=gen, dtype=torch.float64) * 0.5).to(dev, dtype)
+    u.requires_grad_(True)
+    lo, hi = low.to(dev, dtype), high.to(dev, dtype)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.running_mean is not None and m.running_var is not None]
+    feats: list[tuple[nn.Module, Tensor]] = []
+    handles = [b.register_forward_hook(lambda mod, i, o: feats.append((mod, i[0])))
+               for b in bns] if bn > 0 else []
+    opt = torch.optim.Adam([u], lr=lr)
+    cls_d = cls.to(dev)
+    try:
+        for _ in range(steps):
+            feats.clear()
+            x = lo + u * (hi - lo)
+            z = extract_logits(model(x), logits_fn).float()
+            loss = (kappa - _margins(z, cls_d)).clamp_min(0).mean()
+            if tv > 0 and len(shape) >= 3:
+                loss = loss + tv * ((u[..., 1:, :] - u[..., :-1, :]).abs().mean()
+                                    + (u[..., :, 1:] - u[..., :, :-1]).abs().mean())
+            if feats:
+                lb = torch.zeros((), device=dev)
+                for mod, a in feats:
+                    dims = [0] + list(range(2, a.dim()))
+                    mu, var = a.float().mean(dims), a.float().var(dims, unbiased=False)
+                    rm, rv = cast(Tensor, mod.running_mean), cast(Tensor, mod.running_var)
+                    lb = lb + (mu - rm.float()).norm() + (var - rv.float()).norm()
+                loss = loss + bn * lb / len(feats)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                u.clamp_(0.0, 1.0)
+    finally:
+        for h in handles:
+            h.remove()
+    return (lo + u.detach() * (hi - lo)), cls
+
+
+def universal_blend_statistic(
+    model: nn.Module, shape: tuple[int, ...], num_classes: int, low: Tensor, high: Tensor, *,
+    alpha: float = 0.1, steps: int = 60, lr: float = 0.1, per_class: int = 3, seed: int = 0,
+    batch_size: int = 4096, logits_fn: Callable[[Any], Tensor] | None = None,
+) -> Tensor:
+    """Per class ``c`` (float64, (K,)): the mean margin of ``c`` over the base inputs of the
+    other classes after ``steps`` Adam steps of a blend head that mixes one pattern into all of
+    them with weight ``alpha`` (see the module docstring). ``model`` is a frozen copy in eval
+    mode; ``low``/``high`` broadcast over a batch (per channel)."""
+    dev = model_device(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    with torch.enable_grad(), torch.autocast(dev.type, enabled=False):
+        base, lab = inversion_base(model, shape, num_classes, low, high, per_class=per_class,
+                                   seed=seed, logits_fn=logits_fn)
+        B = base.shape[0]
+        lo, hi = low.to(dev, dtype), high.to(dev, dtype)
+        out = torch.full((num_classes,), -math.inf, dtype=torch.float64)
+        per = max(1, batch_size // B)  # classes per chunk
+        gen = torch.Generator().manual_seed(seed + 91)
+        for c0 in range(0, num_classes, per):
+            cs = torch.arange(c0, min(num_classes, c0 + per))
+            k = len(cs)
+            theta = (torch.randn((k, 1) + shape, generator=gen, dtype=torch.float64) * 0.1)
+            theta = theta.to(dev, dtype).requires_grad_(True)
+            opt = torch.optim.Adam([theta], lr=lr)
+            tgt = cs.repeat_interleave(B).to(dev)
+            w = (lab[None, :] != cs[:, None]).to(dev, torch.float32).reshape(-1)
+            xb = base[None]
+            for it in range(steps + 1):
+                pat = lo + torch.sigmoid(theta) * (hi - lo)
+                x = ((1 - alpha) * xb + alpha * pat).reshape((k * B,) + shape)
+                z = extract_logits(model(x), logits_fn).float()
+                if it == steps:
+                    m = _margins(z.detach(), tgt).reshape(k, B).double().cpu()
+                    wk = w.reshape(k, B).double().cpu()
+                    out[cs] = (m * wk).sum(1) / wk.sum(1).clamp_min(1)
+                    break
+                loss = (F.cross_entropy(z, tgt, reduction="none") * w).sum() / w.sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    return out
+
+
+def leave_one_out_z(stat: Tensor) -> tuple[int, float]:
+    """``(argmax, (u_t - mean of the others) / std of the others)`` (population std)."""
+    t = int(torch.argmax(stat))
+    others = torch.cat([stat[:t], stat[t + 1:]]).double()
+    sd = float(others.std(unbiased=False))
+    return t, (float(stat[t]) - float(others.mean())) / max(sd, 1e-12)
+
+
+__all__ = ["inversion_base", "universal_blend_statistic", "leave_one_out_z"]
