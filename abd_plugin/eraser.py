@@ -59,7 +59,7 @@ from .audit import AuditReport, AuditSettings, audit_report_from_dict
 from .domain import InputDomain, resolve_domain
 from .hooks import DefenseHook, GuardContext, HookReport
 from .outputs import extract_logits
-from .repair import MaskErasure, ReauditController, RepairLearner
+from .repair import MaskErasure, Probation, ReauditController, RepairLearner
 from .validation import Bool, Choice, Int, Num, Optional, Section, section_or_default, spec
 
 
@@ -126,6 +126,36 @@ class EraseSettings(Section):
         end of ``input_range`` when given, else 0 for inputs in [0, 1], -1 for inputs in
         [-1, 1], else each channel's minimum over the first batch the teacher is fed. A number:
         that value everywhere (0 is the data mean for mean-normalised inputs).""")
+    confirm: int = spec(
+        20, Int(0, 1_000_000),
+        """Probation (:mod:`abd_plugin.repair.probation`): a mask learned on a verdict in
+        ``confirm_on`` is learned on the loop's batches as usual, but the teacher keeps seeing
+        its inputs unchanged until a check confirms the mask. Every ``confirm`` updates (once the
+        mask covers a position) the eraser re-audits the erased teacher for every class and
+        copies the masked region of recent target-class samples onto other samples; the mask
+        acts when it takes the suspect's margin away more than the other classes' (by
+        ``confirm_gap``) or when the region carries the class (by ``confirm_transplant`` over
+        equal-area regions elsewhere). A clean teacher wrongly suspected keeps a bit-identical
+        run. 0: no probation, the mask acts at once.""")
+    confirm_max: int = spec(
+        100, Int(1, 1_000_000),
+        """The probation ends unconfirmed after this many mask updates: the eraser stays off for
+        the rest of the run.""")
+    confirm_on: str = spec(
+        "flagged", Choice("unsure", "flagged"),
+        """Which audit verdicts go through probation: ``"unsure"`` only, or ``"flagged"``
+        (unsure and poisoned; the audit's ``poisoned`` is wrong on some clean BatchNorm
+        teachers). A ``target`` given by the user acts at once.""")
+    confirm_gap: float = spec(
+        0.17, Num(0, 10),
+        """Re-audit test: the median ratio (erased / first maximum margin) among the other
+        classes minus the suspect's ratio must be at least this. Measured in DFAD loops on
+        mnist5k (LeNet-5 / LeNet-5-BN, 80 updates): 0.07-0.13 on four clean teachers the audit
+        flagged, 0.20-0.31 on poisoned ones whose mask covered the trigger.""")
+    confirm_transplant: float = spec(
+        0.5, Num(0, 1),
+        """Transplant test: the share of other samples the suspect's masked region sends to the
+        suspect, minus the best of 8 equal-area regions elsewhere, must be at least this.""")
     only_target: bool = spec(
         False, Bool(),
         """Erase only the inputs the teacher calls the target class (one extra teacher forward
@@ -137,6 +167,8 @@ class EraserStatus(str, enum.Enum):
 
     WAITING = "waiting"  # no teacher batch (hence no audit) yet
     ON = "on"  # erasing
+    PROBATION = "probation"  # learning the mask, not erasing yet: its effect is checked first
+    OFF_UNCONFIRMED = "off-unconfirmed"  # the check found the mask not specific to the suspect
     OFF_CLEAN = "off-clean"  # the audit found no backdoor (or not enough evidence for `on`)
     OFF_NO_AUDIT = "off-no-audit"  # audit disabled and no target given
 
@@ -156,6 +188,8 @@ class EraserReport(HookReport):
             ``target_fraction``: of the batch the teacher called the target.
         price: the mask's price now (``price`` unless a re-audit lowered it).
         rechecks: the re-audits (update, statistic, p-value, stands_out, price after).
+        confirmation: the probation's last check (:class:`~abd_plugin.repair.Probation`), or
+            None; ``probation_checks``: how many ran.
     """
 
     status: str = EraserStatus.WAITING.value
@@ -171,8 +205,15 @@ class EraserReport(HookReport):
     target_fraction: float = float("nan")
     price: float = float("nan")
     rechecks: list[dict[str, Any]] = field(default_factory=list)
+    confirmation: dict[str, Any] | None = None
+    probation_checks: int = 0
 
     def lines(self) -> list[str]:
+        if self.status == EraserStatus.PROBATION.value:
+            tail = "" if self.confirmation is None else (
+                f"; {self.probation_checks} check(s), none confirmed yet")
+            return [f"  Trigger eraser: off, on probation ({self.reason}; {self.updates} "
+                    f"update(s) so far{tail})."]
         if self.status != EraserStatus.ON.value:
             return [f"  Trigger eraser: off ({self.reason})."]
         out = [f"  Trigger eraser: ON for class {self.target} ({self.reason}). The teacher saw "
@@ -239,6 +280,9 @@ class TriggerEraser(DefenseHook):
         self.controller = ReauditController(
             every=s.recheck, price=s.price, price_low=s.price_low,
             audit_settings=audit_settings or AuditSettings(), seed=seed, logits_fn=logits_fn)
+        self.probation = Probation(every=s.confirm, max_updates=s.confirm_max, gap=s.confirm_gap,
+                                   transplant=s.confirm_transplant, seed=seed,
+                                   logits_fn=logits_fn)
         self.erased_batches = 0
         self.audit: AuditReport | None = None  # the audit that armed the eraser (for re-audits)
 
@@ -289,7 +333,15 @@ class TriggerEraser(DefenseHook):
                    "flagged": audit.verdict in ("poisoned", "unsure"),
                    "always": True}[on]
         self.audit = audit
-        if flagged:
+        s = self.settings
+        probation = s.confirm > 0 and (audit.verdict == "unsure" if s.confirm_on == "unsure"
+                                       else audit.verdict != "clean" or on == "always")
+        if flagged and probation:
+            self.target = int(audit.suspect)
+            self.status = EraserStatus.PROBATION
+            self.reason = (f"audit verdict {audit.verdict} for class {self.target} (erase_on="
+                           f"{on!r}): on probation, the mask must be confirmed before it acts")
+        elif flagged:
             self.arm(audit.suspect, f"audit verdict {audit.verdict} (erase_on={on!r})")
         else:
             self.status = EraserStatus.OFF_CLEAN
@@ -329,6 +381,38 @@ class TriggerEraser(DefenseHook):
         self._ensure_fill(x)
         self.learner.learn(x, self.target, self.controller.price, distributed=distributed)
 
+    @property
+    def confirmation(self) -> dict[str, Any] | None:
+        """The probation's last check (None: none ran)."""
+        return self.probation.checks[-1] if self.probation.checks else None
+
+    def confirm_now(self, *, distributed: bool = False) -> dict[str, Any]:
+        """Check the mask on probation now (:class:`~abd_plugin.repair.Probation`) and act
+        (status ``on``), stay on probation, or stay off for good (``off-unconfirmed``) when the
+        probation is over. Returns the check's record."""
+        assert self.audit is not None and self.target is not None, "nothing on probation"
+        s, t = self.settings, self.target
+        rec = self.probation.check(self._replica.module, self.repair, self.audit, t,
+                                   self.learner.updates, self.controller,
+                                   distributed=distributed)
+        why = (f"after {rec['update']} update(s) the erased teacher kept "
+               f"{100 * rec['target_ratio']:.0f} % of class {t}'s maximum margin and "
+               f"{100 * rec['control_ratio']:.0f} % of the other classes' (median; needs a "
+               f"gap of {100 * s.confirm_gap:.0f} points); the masked region of its class-{t} "
+               "samples "
+               f"sent {100 * rec['carried']:.0f} % of other samples to class {t}, the same area "
+               f"elsewhere at most {100 * rec['carried_control']:.0f} % (needs "
+               f"{100 * s.confirm_transplant:.0f} points more)")
+        verdict = self.audit.verdict
+        if rec["confirmed"]:
+            self.status = EraserStatus.ON
+            self.reason = f"audit verdict {verdict}, confirmed on probation: {why}"
+        elif rec["ended"]:
+            self.status = EraserStatus.OFF_UNCONFIRMED
+            self.reason = (f"audit verdict {verdict} for class {t} not confirmed: {why}; the "
+                           "teacher's inputs were never changed")
+        return rec
+
     def recheck(self, *, distributed: bool = False) -> dict[str, Any] | None:
         """Re-audit the erased teacher for the target class now (see the module docstring);
         returns the check's record, or None when there is nothing to compare with."""
@@ -339,14 +423,20 @@ class TriggerEraser(DefenseHook):
     def on_teacher_input(self, ctx: GuardContext, x: Tensor) -> Tensor | None:
         if self.status is EraserStatus.WAITING:
             self.decide(ctx.audit)
-        if self.status is not EraserStatus.ON:
+        if self.status not in (EraserStatus.ON, EraserStatus.PROBATION):
             return None
         self._ensure_fill(x, ctx.domain)
         if self.learner.new_batch(x):
             with ctx.suspended():
                 self.learn(x, distributed=ctx.distributed)
-                if self.controller.due(self.learner.updates, self.audit):
+                if self.status is EraserStatus.PROBATION:
+                    self.probation.remember(x)
+                    if self.probation.due(self.learner.updates, self.repair):
+                        self.confirm_now(distributed=ctx.distributed)
+                elif self.controller.due(self.learner.updates, self.audit):
                     self.recheck(distributed=ctx.distributed)
+        if self.status is not EraserStatus.ON:  # on probation (or just found unspecific)
+            return None
         self.learner.prepare(x)
         self.erased_batches += 1
         if not self.settings.only_target:
@@ -374,14 +464,17 @@ class TriggerEraser(DefenseHook):
             **self.repair.summary(), updates=self.learner.updates, batches=self.erased_batches,
             flip=self.learner.last_flip, kept=self.learner.last_kept,
             target_fraction=self.learner.last_target_fraction, price=self.controller.price,
-            rechecks=[dict(r) for r in self.controller.rechecks])
+            rechecks=[dict(r) for r in self.controller.rechecks],
+            confirmation=None if self.confirmation is None else dict(self.confirmation),
+            probation_checks=len(self.probation.checks))
 
     def state_dict(self) -> dict[str, Any]:
         learner = self.learner.state_dict()
         learner["counters"]["erased_batches"] = self.erased_batches
         return {"status": self.status.value, "target": self.target, "reason": self.reason,
                 **self.repair.state_dict(), **learner, **self.controller.state_dict(),
-                "audit": None if self.audit is None else asdict(self.audit)}
+                "audit": None if self.audit is None else asdict(self.audit),
+                **self.probation.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.status = EraserStatus(state["status"])
@@ -393,6 +486,7 @@ class TriggerEraser(DefenseHook):
         self.controller.load_state_dict(state, self.settings.price)
         audit = state.get("audit")
         self.audit = None if audit is None else audit_report_from_dict(audit)
+        self.probation.load_state_dict(state)  # no checks in states saved before it existed
 
 
 __all__ = ["EraseSettings", "EraserStatus", "EraserReport", "TriggerEraser"]

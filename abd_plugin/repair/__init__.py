@@ -1,6 +1,6 @@
 """Repairs of the teacher's input: what the trigger eraser learns and applies.
 
-Three parts, each usable on its own:
+Four parts, each usable on its own:
 
 * :mod:`.base` / :mod:`.mask` — a **repair**: a learnable transform of the teacher's input that
   undoes one family of triggers (:class:`InputRepair`; :class:`MaskErasure`, a soft mask over
@@ -13,6 +13,10 @@ Three parts, each usable on its own:
 * :mod:`.reaudit` — :class:`ReauditController`: every so many updates, audits the *repaired*
   teacher for the target class and, when the target still stands out, lowers the price so the
   repair may grow.
+* :mod:`.probation` — :class:`Probation`: a repair learned on a suspicion acts only once two
+  checks on the teacher itself confirm it (the suspect's margin falls more than the other
+  classes', or the repaired region carries the class when transplanted); a clean teacher
+  wrongly suspected keeps a bit-identical run.
 
 A new repair family is a subclass of :class:`InputRepair` (its parameters, ``apply`` and
 ``cost``); the learner's loop and the controller work with it unchanged.
@@ -20,6 +24,7 @@ A new repair family is a subclass of :class:`InputRepair` (its parameters, ``app
 from .base import InputRepair
 from .learner import RepairLearner
 from .mask import MaskErasure
+from .probation import Probation
 from .reaudit import ReauditController
 
-__all__ = ["InputRepair", "MaskErasure", "RepairLearner", "ReauditController"]
+__all__ = ["InputRepair", "MaskErasure", "Probation", "RepairLearner", "ReauditController"]

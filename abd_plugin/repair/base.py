@@ -49,6 +49,13 @@ class InputRepair:
         """``R(x)`` with the current parameters, detached (``x`` itself before it is ready)."""
         raise NotImplementedError
 
+    def transplant(self, into: Tensor, source: Tensor, shift: tuple[int, ...] = ()
+                   ) -> Tensor:
+        """``into`` with the part of the input this repair changes taken from ``source``
+        (moved by ``shift`` positions: the control). Repairs that change a region implement it;
+        the eraser's probation uses it to check that the region *carries* the target class."""
+        raise NotImplementedError(f"{type(self).__name__} has no region to transplant")
+
     def summary(self) -> dict[str, Any]:
         """Numbers the eraser's report shows (e.g. how many positions a mask erases)."""
         return {}

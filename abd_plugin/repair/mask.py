@@ -81,6 +81,18 @@ class MaskErasure(InputRepair):
             return x
         return blend(x, m.to(device=x.device, dtype=x.dtype), self._fill_like(x))
 
+    def transplant(self, into: Tensor, source: Tensor, shift: tuple[int, ...] = ()
+                   ) -> Tensor:
+        """``into`` with the masked region copied from ``source`` (same shape):
+        ``(1 - m) * into + m * source``, the mask rolled by ``shift`` along the input's
+        positions (one offset per spatial axis, or per feature axis for vectors; ``()``: in
+        place). Rolled copies are the control: an equal-area region elsewhere."""
+        m = self.mask()
+        assert m is not None, "prepare() first"
+        if shift:
+            m = torch.roll(m, shifts=tuple(shift), dims=tuple(range(-len(shift), 0)))
+        return blend(into, m.to(device=into.device, dtype=into.dtype), source)
+
     def summary(self) -> dict[str, Any]:
         m = self.mask()
         return {"pixels": 0 if m is None else int((m > 0.5).sum()),

@@ -109,5 +109,6 @@ def test_the_default_config_audits_the_teacher_inside_the_host(events):
     rep = guard.report()
     er = rep.get(EraserReport)
     assert rep.audit is not None and rep.audit.verdict in ("poisoned", "unsure", "clean")
-    assert er is not None and er.status in ("on", "off-clean")
+    # a flagged teacher's mask is on probation until it is confirmed (a short host run)
+    assert er is not None and er.status in ("on", "off-clean", "probation", "off-unconfirmed")
     assert global_hook_counts() == hooks0 and module_hooks(teacher) == 0

@@ -1,0 +1,161 @@
+"""The probation of a repair learned on a suspicion: it acts only once it has shown, on the
+teacher itself, that it takes the suspected class's shortcut away and nothing else.
+
+A verdict is a guess. The audit's statistics call some clean teachers ``poisoned`` or
+``unsure`` (a class that is naturally easy to reach, as an "8" on digits), and a mask learned
+for such a class still "works" on a generator's fragile samples: a few positions flip most of
+them. Erasing those positions from every teacher input then costs a clean teacher accuracy.
+
+So the mask is learned as usual but the teacher's inputs stay unchanged until a check passes.
+Every ``every`` updates, once the mask covers at least one position, two tests compare what
+the mask does for the suspect ``t`` with a control:
+
+* **Re-audit, every class** (:meth:`ReauditController.specificity`): the audit's margin search
+  for every class on the teacher seen through the mask. A mask over a trigger takes away ``t``'s
+  shortcut: ``t``'s maximum margin falls to a fraction ``r_t`` of its first value while the
+  other classes keep theirs. The control is the median ratio among the other classes; the
+  test passes when ``median_{c != t} r_c - r_t >= gap``. A natural-feature mask lowers ``t``
+  about as much as it lowers the classes it was not learned for.
+* **Transplant** (:meth:`~abd_plugin.repair.MaskErasure.transplant`): the masked region of the
+  recent samples the teacher calls ``t``, copied onto samples it calls something else. A trigger
+  region *carries* the class: the pasted samples go to ``t``; the same region moved elsewhere
+  (equal area, ``controls`` random offsets) does not. The test passes when the share sent to
+  ``t`` exceeds the best control's by at least ``transplant``. This catches triggers the margin
+  search can rebuild elsewhere (a patch that works at any position of a pooled CNN), which the
+  re-audit misses.
+
+Either test passing confirms the mask (it acts from then on); after ``max_updates`` updates
+without a confirmation the probation ends: the repair stays off for the run, and the student's
+targets were never changed. On a clean teacher wrongly suspected the run is then bit-identical to
+an unguarded one (the checks use their own random generators and a frozen copy).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import _amp, _dist
+from ..outputs import extract_logits
+from .base import InputRepair
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..audit import AuditReport
+    from .reaudit import ReauditController
+
+
+class Probation:
+    """Decides when a repair on probation is checked and whether it is confirmed (see the
+    module docstring).
+
+    Args:
+        every: updates between checks (0: no probation; the repair acts at once).
+        max_updates: the probation ends unconfirmed after this many updates.
+        gap, transplant: the two tests' thresholds.
+        controls: random offsets of the transplant's control regions.
+        keep: recent teacher batches kept for the transplant test.
+        seed: the controls' offsets are drawn from ``seed + update``.
+        logits_fn: how to find the logits in the teacher's output.
+
+    Attributes:
+        checks: one record per check (``update``, the re-audit's ``target_ratio`` and
+            ``control_ratio``, the transplant's ``carried`` and ``carried_control``,
+            ``confirmed``).
+    """
+
+    def __init__(self, *, every: int, max_updates: int, gap: float, transplant: float,
+                 controls: int = 8, keep: int = 4, seed: int = 0,
+                 logits_fn: Callable[[Any], Tensor] | None = None) -> None:
+        self.every, self.max_updates = int(every), int(max_updates)
+        self.gap, self.transplant_margin = float(gap), float(transplant)
+        self.controls, self.keep, self.seed = int(controls), int(keep), int(seed)
+        self.logits_fn = logits_fn
+        self.checks: list[dict[str, Any]] = []
+        self._recent: list[Tensor] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0
+
+    def remember(self, x: Tensor) -> None:
+        """Keep a detached copy of a recent teacher batch (the transplant test's samples)."""
+        self._recent = (self._recent + [x.detach().clone()])[-self.keep:]
+
+    def forget(self) -> None:
+        self._recent = []
+
+    def due(self, updates: int, repair: InputRepair) -> bool:
+        """A check after update ``updates``: on schedule, with a mask that covers something,
+        or at the end of the probation whatever the mask."""
+        if not self.enabled or (self.checks and self.checks[-1]["update"] == updates):
+            return False
+        if updates >= self.max_updates:
+            return True
+        return updates % self.every == 0 and int(repair.summary().get("pixels", 0)) > 0
+
+    def check(self, model: nn.Module, repair: InputRepair, audit: AuditReport, target: int,
+              updates: int, controller: ReauditController, *, distributed: bool = False
+              ) -> dict[str, Any]:
+        """Run both tests now; returns the record (``confirmed``, and ``ended``: the probation is
+        over, confirmed or not). ``distributed``: rank 0 measures, every rank takes the same
+        decision."""
+        rec = None
+        if not distributed or _dist.rank() == 0:
+            rec = controller._specificity(model, repair, audit, target, updates)
+            rec.update(self._transplant(model, repair, target, updates))
+            rec["pixels"] = int(repair.summary().get("pixels", 0))
+            rec["confirmed"] = bool(
+                rec["control_ratio"] - rec["target_ratio"] >= self.gap
+                or rec["carried"] - rec["carried_control"] >= self.transplant_margin)
+            rec["ended"] = rec["confirmed"] or updates >= self.max_updates
+        if distributed:
+            rec = _dist.broadcast(rec)
+        assert rec is not None
+        self.checks.append(rec)
+        if rec["ended"]:
+            self.forget()
+        return rec
+
+    @torch.no_grad()
+    def _transplant(self, model: nn.Module, repair: InputRepair, t: int, updates: int
+                    ) -> dict[str, Any]:
+        out: dict[str, Any] = {"carried": 0.0, "carried_control": 0.0, "n_target": 0,
+                               "n_other": 0}
+        if not self._recent:
+            return out
+        x = torch.cat([b.to(self._recent[-1].device) for b in self._recent])
+        x = _amp.cast_to_model(model, x)
+        with torch.autocast(x.device.type, enabled=False):
+            pred = extract_logits(model(x), self.logits_fn).argmax(1)
+            ts, os_ = x[pred == t], x[pred != t]
+            out.update(n_target=int(len(ts)), n_other=int(len(os_)))
+            if not len(ts) or not len(os_):
+                return out
+            g = torch.Generator().manual_seed(self.seed + 7919 + updates)
+            n = min(256, len(os_))
+            into, source = os_[:n], ts[torch.randint(len(ts), (n,), generator=g).to(ts.device)]
+
+            def carried(shift: tuple[int, ...]) -> float:
+                z = extract_logits(model(repair.transplant(into, source, shift)),
+                                   self.logits_fn)
+                return float((z.argmax(1) == t).float().mean())
+
+            sizes = tuple(int(v) for v in (x.shape[2:] if x.dim() >= 3 else x.shape[1:]))
+            shifts = [tuple(int(torch.randint(max(1, s // 4), max(2, s - s // 4), (1,),
+                                              generator=g)) for s in sizes)
+                      for _ in range(self.controls)]
+            out["carried"] = carried(())
+            out["carried_control"] = max(carried(s) for s in shifts) if shifts else 0.0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"probation_checks": [dict(r) for r in self.checks]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.checks = [dict(r) for r in state.get("probation_checks", [])]
+        self._recent = []
+
+
+__all__ = ["Probation"]
