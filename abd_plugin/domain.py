@@ -328,7 +328,8 @@ def _fit_covariance(weight: Tensor, dilation: Sequence[int], rv: Tensor) -> Tens
     return best[1]
 
 
-def teacher_domain_hint(teacher: nn.Module, shape: Sequence[int]) -> DomainHint | None:
+def teacher_domain_hint(teacher: nn.Module, shape: Sequence[int], *,
+                        statistics: bool = True) -> DomainHint | None:
     """What the teacher itself says about where its inputs live, or None.
 
     ``shape``: one input's shape (channels first, e.g. ``(3, 32, 32)``; ``(F,)`` for feature
@@ -344,7 +345,9 @@ def teacher_domain_hint(teacher: nn.Module, shape: Sequence[int]) -> DomainHint 
     * a trained BatchNorm directly after a first convolution: ``"conv_batchnorm"``, the mean and
       std estimated through the convolution (:func:`_conv_bn_hint`).
 
-    Any failure to read (an unusual layer) gives None: no evidence, never an error.
+    ``statistics=False`` looks for the normalisation only (the BatchNorm kinds run a copy of the
+    first convolution and a small fit). Any failure to read (an unusual layer) gives None: no
+    evidence, never an error.
     """
     shape = tuple(int(s) for s in shape)
     channels = shape[0] if shape else 1
@@ -355,6 +358,8 @@ def teacher_domain_hint(teacher: nn.Module, shape: Sequence[int]) -> DomainHint 
             hint = _normalize_hint(m, channels)
             if hint is not None:
                 return hint
+        if not statistics:
+            return None
         layers = [m for m in front[leaves_from:] if not isinstance(m, _PASS_THROUGH)]
         if not layers:
             return None
@@ -423,8 +428,8 @@ def resolve_domain(x: Tensor, input_range: Sequence[float] | None = None,
         lo, hi = float(input_range[0]), float(input_range[1])
         return InputDomain(shape, (lo,) * c, (hi,) * c, (lo,) * c,
                            f"given: input_range=({lo:g}, {hi:g})")
-    hint = None if teacher is None else teacher_domain_hint(teacher, shape)
-    if hint is not None and hint.kind == "normalize":
+    hint = None if teacher is None else teacher_domain_hint(teacher, shape, statistics=False)
+    if hint is not None:  # a normalisation at the teacher's front: raw images
         lo, hi, why = _raw_scale(x, hint)
         return InputDomain(shape, (lo,) * c, (hi,) * c, (lo,) * c,
                            f"{hint.source} {why}")
@@ -437,6 +442,7 @@ def resolve_domain(x: Tensor, input_range: Sequence[float] | None = None,
         floor: tuple[float, ...] = (0.0,) * len(low)
     else:  # each channel's minimum over this batch (black, for normalised images)
         floor = _batch_extremes(x, c)[0]
+    hint = None if teacher is None else teacher_domain_hint(teacher, shape)
     if hint is not None:  # the teacher's BatchNorm: mean +- K_SIGMA std, and the batch's range
         blo, bhi = _batch_extremes(x, c)
         elo, ehi = hint.box()

@@ -40,9 +40,11 @@ teacher with a float32 student).
 
 One guard per student: a second guard attached to a student that an active guard already wraps
 raises ``RuntimeError`` (SR would run twice per step). When a defense cannot do its job (student
-in ``eval()`` mode, SV term never back-propagated, no synthesis batch seen, SR gradient NaN), the
-report says so (``warnings``; SR's record counts ``skipped`` steps) and an
-:class:`~abd_plugin.hooks.ABDWarning` is issued once per guard.
+in ``eval()`` mode, SV term never back-propagated, no synthesis batch seen, SR gradient NaN, an
+input range only guessed from a batch of unknown scale), the report says so (``warnings``; SR's
+record counts ``skipped`` steps) and an :class:`~abd_plugin.hooks.ABDWarning` is issued once per
+guard. The report's second line says which input range the defenses used and where it came from
+(:mod:`abd_plugin.domain`).
 
 The guard imports no defense: it builds them from the config's sections through
 :mod:`abd_plugin.defenses` (the default: the audit, then the trigger eraser), registers the
