@@ -18,7 +18,8 @@ Backdoor Attacks with Arbitrary Backdoor Pattern Types Using a Maximum Margin St
 The verdict: ``"poisoned"`` when the largest statistic's p-value is below ``alpha``, ``"clean"``
 when it is at least ``clean_alpha``, ``"unsure"`` in between. The inputs live where the teacher's
 real inputs live: pass ``input_range`` (after your normalisation, per channel if it differs), or
-let :func:`infer_input_range` read it off a batch the teacher is fed.
+let :func:`infer_input_range` read it off a batch the teacher is fed (inside a guard, the domain
+the guard resolved: the teacher's own evidence first, :mod:`abd_plugin.domain`).
 
 The audit never touches the teacher (it runs a frozen copy), the global RNG or autograd state
 outside itself.
@@ -565,9 +566,9 @@ class TeacherAudit(DefenseHook):
         if error is not None or result is None:
             raise RuntimeError(
                 f"abd-plugin: the data-free teacher audit failed on inputs of shape "
-                f"{domain.shape} ({error}); pass input_range=(low, high) if the range read off "
-                "the first batch is wrong, or audit=False (then name the backdoor's target=... "
-                "for the eraser)")
+                f"{domain.shape} ({error}) in the input domain {domain.describe()}; pass "
+                "input_range=(low, high) if that range is wrong, or audit=False (then name the "
+                "backdoor's target=... for the eraser)")
         self.result = result
         ctx.publish_audit(result)
 

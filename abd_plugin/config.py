@@ -127,9 +127,13 @@ class ABDConfig:
     input_range: tuple[float, float] | None = spec(
         None, Optional(NumPair(-1e9, 1e9)),
         """``(low, high)`` of valid teacher inputs, in the units the teacher receives (after
-        your normalisation). ``None``: read it off the first batch the teacher is fed (values
-        in [0, 1] -> (0, 1), in [-1, 1] -> (-1, 1), else the batch's range widened by a
-        quarter), see :func:`~abd_plugin.domain.resolve_domain`.""")
+        your normalisation). ``None``: found at the first batch the teacher is fed, from the
+        first of: a normalisation at the teacher's front (raw images: (0, 1)); the batch in
+        [0, 1] or [-1, 1]; the teacher's first BatchNorm (its first layer, or after its first
+        convolution: the inputs' mean +- 3 std per channel, widened to cover the batch); the
+        batch's range widened by a quarter (a guess: the guard warns), see
+        :func:`~abd_plugin.domain.resolve_domain`. The report's ``Input domain:`` line says
+        which range was used and where it came from.""")
     target: int | None = spec(
         None, Optional(Int(0)),
         """The backdoor's target class if you know it: the eraser then runs for this class

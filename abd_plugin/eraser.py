@@ -123,8 +123,10 @@ class EraseSettings(Section):
         None, Optional(Num(-1e9, 1e9)),
         """Value erased pixels take, in the teacher's input units. ``None``: the floor of the
         input domain, per channel - black in image space, whatever the normalisation: the low
-        end of ``input_range`` when given, else 0 for inputs in [0, 1], -1 for inputs in
-        [-1, 1], else each channel's minimum over the first batch the teacher is fed. A number:
+        end of ``input_range`` when given (or of the raw-image range for a teacher with a
+        normalisation at its front), else 0 for inputs in [0, 1], -1 for inputs in [-1, 1],
+        else each channel's minimum over the first batch the teacher is fed
+        (:mod:`abd_plugin.domain`). A number:
         that value everywhere (0 is the data mean for mean-normalised inputs).""")
     confirm: int = spec(
         20, Int(0, 1_000_000),

@@ -40,9 +40,11 @@ teacher with a float32 student).
 
 One guard per student: a second guard attached to a student that an active guard already wraps
 raises ``RuntimeError`` (SR would run twice per step). When a defense cannot do its job (student
-in ``eval()`` mode, SV term never back-propagated, no synthesis batch seen, SR gradient NaN), the
-report says so (``warnings``; SR's record counts ``skipped`` steps) and an
-:class:`~abd_plugin.hooks.ABDWarning` is issued once per guard.
+in ``eval()`` mode, SV term never back-propagated, no synthesis batch seen, SR gradient NaN, an
+input range only guessed from a batch of unknown scale), the report says so (``warnings``; SR's
+record counts ``skipped`` steps) and an :class:`~abd_plugin.hooks.ABDWarning` is issued once per
+guard. The report's second line says which input range the defenses used and where it came from
+(:mod:`abd_plugin.domain`).
 
 The guard imports no defense: it builds them from the config's sections through
 :mod:`abd_plugin.defenses` (the default: the audit, then the trigger eraser), registers the
@@ -138,6 +140,9 @@ class GuardReport:
             teacher logits, and how many were back-propagated (once each at most).
         warnings: what a defense could not do, in words (each also issued once as an
             ``ABDWarning``).
+        domain: where the teacher's inputs live (:class:`~abd_plugin.domain.InputDomain`, the
+            range the audit searched and the eraser's floor); the printed report's first line
+            after its title says it in words (:meth:`domain_line`).
 
     ``report.get(EraserReport)`` returns the first record of a type (None when there is none);
     ``report.audit`` the audit's record.
@@ -150,6 +155,8 @@ class GuardReport:
     loss_terms_attached: int = 0
     loss_terms_backpropagated: int = 0
     warnings: list[str] = field(default_factory=list)
+    #: where the teacher's inputs live (None: no floating-point teacher batch seen yet)
+    domain: InputDomain | None = None
 
     def get(self, kind: type[R]) -> R | None:
         """The first record of type ``kind``, or None."""
@@ -170,10 +177,17 @@ class GuardReport:
                 "audit_key": self.audit_key, "student_steps": self.student_steps,
                 "loss_terms_attached": self.loss_terms_attached,
                 "loss_terms_backpropagated": self.loss_terms_backpropagated,
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings),
+                "domain": None if self.domain is None else self.domain.as_dict()}
+
+    def domain_line(self) -> str:
+        """The report's line on the input domain (:meth:`InputDomain.describe`)."""
+        if self.domain is None:
+            return "  Input domain: not resolved (no floating-point teacher batch seen)."
+        return f"  Input domain: {self.domain.describe()}."
 
     def __str__(self) -> str:
-        lines = ["abd-plugin guard report"]
+        lines = ["abd-plugin guard report", self.domain_line()]
         for rec in self.records.values():
             lines += rec.lines()
         lines.append(f"  Student optimizer steps seen: {self.student_steps}.")
@@ -519,8 +533,7 @@ class ABDGuard:
             self._first_batch_checked = True
             self._check_first_batch(x)
         if self.domain is None:  # where inputs live: resolved once, read by every hook
-            domain = resolve_domain(x, self.config.input_range)
-            self.domain = _dist.broadcast(domain) if self.distributed else domain
+            self._resolve_domain(x)
         new = x
         for key, h in zip(self._state_keys, self.hooks, strict=True):
             out = self._call(key, h, "on_teacher_input", new)
@@ -534,6 +547,23 @@ class ABDGuard:
         if new is x:
             return None
         return (new,) + tuple(args[1:])
+
+    def _resolve_domain(self, x: Tensor) -> None:
+        """Where the teacher's inputs live (:func:`~abd_plugin.domain.resolve_domain`: the
+        user's ``input_range``, else the teacher's own evidence and this batch); a range only
+        guessed from a batch of unknown scale is worth a warning that names the fix."""
+        domain = resolve_domain(x, self.config.input_range, self._teacher_core)
+        self.domain = _dist.broadcast(domain) if self.distributed else domain
+        if self.domain.guessed:
+            msg = (f"the teacher's input range was guessed from the first batch it was fed "
+                   f"({self.domain.describe()}): the batch is neither in [0, 1] nor in [-1, 1], "
+                   "and the teacher shows no normalisation or trained BatchNorm at its front. A "
+                   "generator's first batch says little about where real inputs live, and the "
+                   "audit searches (and the eraser fills) inside this range; state it: "
+                   "ABDGuard(..., input_range=(low, high)) or ABDConfig(input_range=(low, "
+                   "high)), in the units the teacher receives")
+            self._notes["input_range_guessed"] = msg
+            warn_once(self, "input_range_guessed", f"abd-plugin: {msg}")
 
     def _check_first_batch(self, x: Tensor) -> None:
         """Before any defense runs on the first teacher batch: the teacher in train() mode is
@@ -780,4 +810,5 @@ class ABDGuard:
         return GuardReport(records=records, audit_key=None if audit is None else keys[id(audit)],
                            student_steps=self.step,
                            loss_terms_attached=self._terms.attached,
-                           loss_terms_backpropagated=self._terms.fired, warnings=warnings)
+                           loss_terms_backpropagated=self._terms.fired, warnings=warnings,
+                           domain=self.domain)

@@ -90,8 +90,8 @@ class GuardContext(Protocol):
     @property
     def domain(self) -> InputDomain | None:
         """Where the teacher's inputs live (:class:`~abd_plugin.domain.InputDomain`), resolved
-        once at the first floating-point teacher batch (from ``input_range`` or that batch);
-        None before."""
+        once at the first floating-point teacher batch (from ``input_range``, the teacher's own
+        evidence or that batch, :func:`~abd_plugin.domain.resolve_domain`); None before."""
 
     @property
     def loss_terms(self) -> tuple[int, int]:

@@ -6,8 +6,11 @@ sums of the student's final parameters and the guard's printed report with its t
 The pins below were recorded on the code before the settings sections / report records / eraser
 split (issue 16); after it every number is bit-identical on the recording machine, and the
 printed reports are word for word the same except one added line (the KDIGA hook's record is now
-printed like the built-in defenses'). The tolerance only absorbs a different CPU's last bits
-(these runs are short, so those stay tiny).
+printed like the built-in defenses'). The input-domain line (the report's second, saying which
+range the audit searched and where it came from) was added later with the numbers unchanged
+(these teachers are fed [0, 1] batches, whose range comes before the teacher's BatchNorm
+evidence). The tolerance only absorbs a different CPU's last bits (these runs are short, so those
+stay tiny).
 
 Re-record (only when a behaviour change is intended, and say so in the commit):
 ``python tests/test_behaviour_pins.py`` prints the ``PINS`` literal.
@@ -128,6 +131,8 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard report\n'
+                       '  Input domain: inputs in [0, 1] (read off the first batch: '
+                       'values in [0, 1]).\n'
                        '  Teacher audit: not run (audit=False)\n'
                        '  Trigger eraser: off (erase=False).\n'
                        '  SV: no vaccine found after 8 shuffle(s) at depth 1, 5 depth(s) scored '
@@ -138,6 +143,8 @@ PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard repor
              'sum': 8.25706594978692,
              'wsum': -5.98235205305793},
  'default_clean': {'report': 'abd-plugin guard report\n'
+                             '  Input domain: inputs in [0, 1] (read off the first batch: '
+                             'values in [0, 1]).\n'
                              "  Teacher audit: no backdoor found (class 7's maximum margin "
                              '0.0927, p = 0.5, robust z = 5.8; <t>s).\n'
                              '    The shuffled-teacher ensemble favours class 7 on the inputs '
@@ -149,6 +156,8 @@ PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard repor
                    'sum': -3.816860363353044,
                    'wsum': -6.625549063632392},
  'default_iga': {'report': 'abd-plugin guard report\n'
+                           '  Input domain: inputs in [0, 1] (read off the first batch: '
+                           'values in [0, 1]).\n'
                            '  Teacher audit: the teacher looks BACKDOORED towards class 0 (class '
                            "0's maximum margin 69.9, p = 3.1e-09, robust z = 10.4; <t>s).\n"
                            '    The shuffled-teacher ensemble favours class 0 on the inputs seen '
@@ -167,6 +176,8 @@ PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard repor
                  'sum': 11.758847213583067,
                  'wsum': -7.478081980704722},
  'default_poisoned': {'report': 'abd-plugin guard report\n'
+                                '  Input domain: inputs in [0, 1] (read off the first batch: '
+                                'values in [0, 1]).\n'
                                 '  Teacher audit: the teacher looks BACKDOORED towards class 0 '
                                 "(class 0's maximum margin 69.9, p = 3.1e-09, robust z = 10.4; "
                                 '<t>s).\n'
@@ -185,6 +196,8 @@ PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard repor
                       'sum': 8.079390602826606,
                       'wsum': -5.772908955708633},
  'default_poisoned_recheck': {'report': 'abd-plugin guard report\n'
+                                        '  Input domain: inputs in [0, 1] (read off the first '
+                                        'batch: values in [0, 1]).\n'
                                         '  Teacher audit: the teacher looks BACKDOORED towards '
                                         "class 0 (class 0's maximum margin 69.9, p = 3.1e-09, "
                                         'robust z = 10.4; <t>s).\n'
@@ -208,6 +221,8 @@ PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard repor
                               'sum': 4.023774779983796,
                               'wsum': -5.9756351791879165},
  'forced_clean': {'report': 'abd-plugin guard report\n'
+                            '  Input domain: inputs in [0, 1] (read off the first batch: '
+                            'values in [0, 1]).\n'
                             "  Teacher audit: no backdoor found (class 7's maximum margin 0.0927, "
                             'p = 0.5, robust z = 5.8; <t>s).\n'
                             '    The shuffled-teacher ensemble favours class 7 on the inputs seen '
@@ -224,6 +239,8 @@ PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard repor
                   'sum': -3.6962555349455215,
                   'wsum': -6.583964390975123},
  'paper': {'report': 'abd-plugin guard report\n'
+                     '  Input domain: inputs in [0, 1] (read off the first batch: '
+                     'values in [0, 1]).\n'
                      '  Teacher audit: not run (audit=False)\n'
                      '  Trigger eraser: off (erase=False).\n'
                      "  SV: on, 4 shuffled layer(s) ['3', '6', '9', '12'], coef 0.1, 24 batch(es) "
@@ -233,6 +250,8 @@ PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard repor
            'sum': 12.96302442974411,
            'wsum': -6.484258558264415},
  'resumed': {'report': 'abd-plugin guard report\n'
+                       '  Input domain: inputs in [0, 1] (read off the first batch: '
+                       'values in [0, 1]).\n'
                        "  Teacher audit: the teacher looks BACKDOORED towards class 0 (class 0's "
                        'maximum margin 69.9, p = 3.1e-09, robust z = 10.4; <t>s).\n'
                        '    The shuffled-teacher ensemble favours class 0 on the inputs seen '
