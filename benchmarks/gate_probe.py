@@ -11,6 +11,8 @@ Two modes, one kit teacher and loop per cell (``arch:trigger:teacher_seed:method
   learning and the audit use their own generators and a frozen copy). Rows give the thresholds'
   evidence and the vanilla ACC/ASR.
 * ``--mode default``: the bare default guard (``ABDConfig()``).
+* ``--mode immediate``: the default without the probation (``erase_confirm=0``: the mask acts
+  from its first update, the behaviour before the probation existed), for comparison.
 
 Teachers: the kit's recipe (mnist5k, 10 % poison), with the backdoor target drawn from a fixed
 scramble of the classes per trigger and teacher seed (so class 0 is not special); the same
@@ -82,8 +84,9 @@ def run_cell(cell: str, mode: str, iterations: int, records: list[dict[str, Any]
     trig = get_trigger("badnet_grid" if clean else trigger)
     torch.manual_seed(int(seed))
     student = build_model(STUDENTS.get(arch, arch), "mnist5k")
-    cfg = (ABDConfig(erase=EraseSettings(confirm=10, confirm_max=10**6)) if mode == "probe"
-           else ABDConfig())
+    cfg = {"probe": ABDConfig(erase=EraseSettings(confirm=10, confirm_max=10**6)),
+           "default": ABDConfig(),
+           "immediate": ABDConfig(erase=EraseSettings(confirm=0))}[mode]
     records.clear()
     t0 = time.perf_counter()
     res = distill(method, teacher, student, img_shape=(1, 32, 32), num_classes=10,
@@ -142,7 +145,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("cells", nargs="*", help="arch:trigger:teacher_seed:method:seed")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--mode", choices=("probe", "default"), default="probe")
+    ap.add_argument("--mode", choices=("probe", "default", "immediate"), default="probe")
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--summary", action="store_true")
     args = ap.parse_args()

@@ -81,25 +81,52 @@ def test_a_planted_shortcut_is_confirmed_and_then_erased():
     # a patch that works anywhere under the CNN's pooling: the margin search rebuilds it away
     # from the mask, but the masked region of the stamped samples carries class 0
     assert conf["carried"] - conf["carried_control"] >= 0.5
-    # erased from the batch whose update confirmed it on
-    assert er.batches == STEPS - conf["update"] + 1 and "confirmed" in er.reason
+    # a "poisoned" verdict's mask acts from the first batch while it is checked
+    assert rep.audit.audit.verdict == "poisoned"
+    assert er.batches == STEPS and "confirmed" in er.reason
+
+
+def test_a_poisoned_verdict_on_a_clean_teacher_is_withdrawn_when_unconfirmed():
+    teacher, xte, _ = _clean_digits_cnn()
+    # audit_alpha=0.5: the margin statistic's p for class 8 (about 0.1) counts as significant
+    # and the universal statistic agrees, so the verdict is "poisoned" and the mask acts at once
+    cfg = ABDConfig(**FAST, audit_alpha=0.5, audit_clean_alpha=0.5)
+    _, rep = _distill(teacher, xte, cfg, stamped=False)
+    assert rep is not None and rep.audit is not None and rep.audit.audit is not None
+    assert rep.audit.audit.verdict == "poisoned"
+    er = record_of(rep, EraserReport)
+    assert er.status == "off-unconfirmed" and "withdrawn after erasing" in er.reason, er.reason
+    # it erased until the probation's last check, and nothing after
+    assert er.confirmation is not None and er.confirmation["update"] == 40
+    assert er.batches == 40
 
 
 def test_probation_state_survives_a_save_and_resume():
     teacher, xte, _ = _poisoned_digits_cnn()
     student = nn.Linear(4, 4)
-    cfg = ABDConfig(**{**FAST, "erase_confirm": 50})
+    cfg = ABDConfig(**{**FAST, "erase_confirm": 2, "erase_confirm_max": 50,
+                       "erase_confirm_gap": 10.0, "erase_confirm_transplant": 1.0})
     g = torch.Generator().manual_seed(0)
-    with ABDGuard(teacher, student, config=cfg) as guard, torch.no_grad():
-        for _ in range(3):
+
+    def feed(n: int) -> None:
+        for _ in range(n):
             x = xte[torch.randint(len(xte), (32,), generator=g)]
             x[:16] = stamp(x[:16])
             teacher(x)
+
+    with ABDGuard(teacher, student, config=cfg) as guard, torch.no_grad():
+        feed(30)
         state = guard.state_dict()
     er = guard.eraser
-    assert er is not None and er.status.value == "probation" and er.updates == 3
+    assert er is not None and er.status.value == "on-probation" and er.updates == 30
+    checks = [dict(c) for c in er.probation.checks]
+    assert len(checks) >= 1 and not checks[-1]["confirmed"]  # unreachable thresholds
     g2 = ABDGuard(teacher, student, config=cfg)
     g2.load_state_dict(state)
-    assert g2.eraser is not None and g2.eraser.status.value == "probation"
-    assert g2.eraser.updates == 3 and g2.eraser.target == er.target
-    assert "probation" in str(guard.report())
+    er2 = g2.eraser
+    assert er2 is not None and er2.status.value == "on-probation"
+    assert er2.updates == 30 and er2.target == er.target and er2.probation.checks == checks
+    with g2, torch.no_grad():  # the resumed probation goes on checking on schedule
+        feed(2)
+    assert er2.probation.checks[-1]["update"] == 32
+    assert "on probation" in str(guard.report())
