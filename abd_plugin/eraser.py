@@ -130,28 +130,29 @@ class EraseSettings(Section):
         that value everywhere (0 is the data mean for mean-normalised inputs).""")
     confirm: int = spec(
         20, Int(0, 1_000_000),
-        """Probation (:mod:`abd_plugin.repair.probation`): a mask learned on an ``unsure``
-        verdict is learned on the loop's batches as usual, but the teacher keeps seeing its
-        inputs unchanged until a check confirms the mask (a ``poisoned`` verdict's mask acts at
-        once and is checked the same way: ``confirm_poisoned``). Every ``confirm`` updates (once the
-        mask covers a position) the eraser re-audits the erased teacher for every class and
-        copies the masked region of recent target-class samples onto other samples; the mask
-        acts when it takes the suspect's margin away more than the other classes' (by
-        ``confirm_gap``) or when the region carries the class (by ``confirm_transplant`` over
-        equal-area regions elsewhere). A clean teacher wrongly suspected keeps a bit-identical
-        run. 0: no probation, the mask acts at once.""")
+        """Probation (:mod:`abd_plugin.repair.probation`): a mask learned on an ``unsure`` or
+        ``poisoned`` verdict (``confirm_poisoned``) is learned on the loop's batches as usual,
+        but the teacher keeps seeing its inputs unchanged until a check confirms the mask.
+        Every ``confirm`` updates (once the mask covers a position) the eraser re-audits the
+        erased teacher for every class and copies the masked region of recent target-class
+        samples onto other samples; the mask acts when it takes the suspect's margin away more
+        than the other classes' (by ``confirm_gap``) or when the region carries the class (by
+        ``confirm_transplant`` over equal-area regions elsewhere). A clean teacher wrongly
+        suspected keeps a bit-identical run. 0: no probation, the mask acts at once.""")
     confirm_max: int = spec(
         100, Int(1, 1_000_000),
         """The probation ends unconfirmed after this many mask updates: the eraser is off for
         the rest of the run.""")
     confirm_poisoned: str = spec(
-        "withdraw", Choice("withdraw", "wait", "never"),
-        """A ``poisoned`` verdict's mask: ``"withdraw"`` acts at once and is checked like an
-        ``unsure`` one; unconfirmed after ``confirm_max`` updates it is withdrawn (the teacher
-        sees its inputs unchanged from then on). Acting at once matters: a backdoor the student
-        learns while a mask waits is not always unlearned later (measured: ASR 19-41 % left
-        after an 80-update wait in DFAD loops). ``"wait"``: on probation like ``unsure``;
-        ``"never"``: acts at once, never checked.""")
+        "wait", Choice("wait", "never"),
+        """A ``poisoned`` verdict's mask: ``"wait"``, on probation like an ``unsure`` one (the
+        audit's ``poisoned`` is wrong on some clean BatchNorm teachers), or ``"never"``: acts at
+        once, never checked. Measured in DFAD loops (mnist5k, 300 iterations, one seed each):
+        waiting left the same attack success as acting at once on six poisoned teachers (0-41 %
+        against 0-49 %). A third way, acting at once and withdrawing an unconfirmed mask, was
+        tried and dropped: an acting mask changes the generator's samples, the mask then never
+        settled on the trigger, was withdrawn, and the backdoor transferred in full (ASR 99 %);
+        on a clean teacher the 100 updates of erasure cost 7 ACC points.""")
     confirm_gap: float = spec(
         0.17, Num(0, 10),
         """Re-audit test: the median ratio (erased / first maximum margin) among the other
@@ -174,15 +175,14 @@ class EraserStatus(str, enum.Enum):
     WAITING = "waiting"  # no teacher batch (hence no audit) yet
     ON = "on"  # erasing
     PROBATION = "probation"  # learning the mask, not erasing yet: its effect is checked first
-    ON_PROBATION = "on-probation"  # erasing, and withdrawn unless a check confirms the mask
     OFF_UNCONFIRMED = "off-unconfirmed"  # the check found the mask not specific to the suspect
     OFF_CLEAN = "off-clean"  # the audit found no backdoor (or not enough evidence for `on`)
     OFF_NO_AUDIT = "off-no-audit"  # audit disabled and no target given
 
 
 #: statuses in which the eraser learns its mask, and those in which it erases
-_ACTIVE = (EraserStatus.ON, EraserStatus.PROBATION, EraserStatus.ON_PROBATION)
-_ERASING = (EraserStatus.ON, EraserStatus.ON_PROBATION)
+_ACTIVE = (EraserStatus.ON, EraserStatus.PROBATION)
+_ERASING = (EraserStatus.ON,)
 
 
 @dataclass
@@ -226,10 +226,9 @@ class EraserReport(HookReport):
                 f"; {self.probation_checks} check(s), none confirmed yet")
             return [f"  Trigger eraser: off, on probation ({self.reason}; {self.updates} "
                     f"update(s) so far{tail})."]
-        if self.status not in (EraserStatus.ON.value, EraserStatus.ON_PROBATION.value):
+        if self.status != EraserStatus.ON.value:
             return [f"  Trigger eraser: off ({self.reason})."]
-        word = "ON" if self.status == EraserStatus.ON.value else "ON (on probation)"
-        out = [f"  Trigger eraser: {word} for class {self.target} ({self.reason}). The teacher saw "
+        out = [f"  Trigger eraser: ON for class {self.target} ({self.reason}). The teacher saw "
                f"every input with {self.pixels} position(s) erased (mask "
                f"{100 * self.fraction:.1f} % of the input), learned in {self.updates} "
                f"update(s), {self.seconds:.1f}s."]
@@ -347,19 +346,12 @@ class TriggerEraser(DefenseHook):
                    "always": True}[on]
         self.audit = audit
         s = self.settings
-        mode = ("never" if s.confirm == 0 else
-                s.confirm_poisoned if audit.verdict == "poisoned" else "wait")
-        if flagged and mode != "never":
+        wait = s.confirm > 0 and (audit.verdict != "poisoned" or s.confirm_poisoned == "wait")
+        if flagged and wait:
             self.target = int(audit.suspect)
-            if mode == "wait":
-                self.status = EraserStatus.PROBATION
-                self.reason = (f"audit verdict {audit.verdict} for class {self.target} (erase_on"
-                               f"={on!r}): on probation, the mask must be confirmed before it "
-                               "acts")
-            else:
-                self.status = EraserStatus.ON_PROBATION
-                self.reason = (f"audit verdict {audit.verdict} for class {self.target} (erase_on"
-                               f"={on!r}): acting at once, withdrawn unless a check confirms it")
+            self.status = EraserStatus.PROBATION
+            self.reason = (f"audit verdict {audit.verdict} for class {self.target} (erase_on="
+                           f"{on!r}): on probation, the mask must be confirmed before it acts")
         elif flagged:
             self.arm(audit.suspect, f"audit verdict {audit.verdict} (erase_on={on!r})")
         else:
@@ -423,15 +415,13 @@ class TriggerEraser(DefenseHook):
                f"elsewhere at most {100 * rec['carried_control']:.0f} % (needs "
                f"{100 * s.confirm_transplant:.0f} points more)")
         verdict = self.audit.verdict
-        acted = self.status is EraserStatus.ON_PROBATION
         if rec["confirmed"]:
             self.status = EraserStatus.ON
             self.reason = f"audit verdict {verdict}, confirmed on probation: {why}"
         elif rec["ended"]:
             self.status = EraserStatus.OFF_UNCONFIRMED
-            self.reason = (f"audit verdict {verdict} for class {t} not confirmed: {why}; " + (
-                f"withdrawn after erasing {self.erased_batches} batch(es)" if acted else
-                "the teacher's inputs were never changed"))
+            self.reason = (f"audit verdict {verdict} for class {t} not confirmed: {why}; the "
+                           "teacher's inputs were never changed")
         return rec
 
     def recheck(self, *, distributed: bool = False) -> dict[str, Any] | None:
@@ -450,7 +440,7 @@ class TriggerEraser(DefenseHook):
         if self.learner.new_batch(x):
             with ctx.suspended():
                 self.learn(x, distributed=ctx.distributed)
-                if self.status in (EraserStatus.PROBATION, EraserStatus.ON_PROBATION):
+                if self.status is EraserStatus.PROBATION:
                     self.probation.remember(x)
                     if self.probation.due(self.learner.updates, self.repair):
                         self.confirm_now(distributed=ctx.distributed)

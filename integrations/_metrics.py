@@ -143,7 +143,7 @@ def record_metrics(record: HookReport, base: str) -> dict[str, float]:
     fields = _fields(record)
     tail: dict[str, float] = {}
     if isinstance(record, EraserReport):
-        out[f"{base}/on"] = 1.0 if record.status in ("on", "on-probation") else 0.0
+        out[f"{base}/on"] = 1.0 if record.status == "on" else 0.0
         rechecks = fields.pop("rechecks")
         tail[f"{base}/rechecks"] = float(len(rechecks))
         if rechecks:

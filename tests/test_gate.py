@@ -81,24 +81,28 @@ def test_a_planted_shortcut_is_confirmed_and_then_erased():
     # a patch that works anywhere under the CNN's pooling: the margin search rebuilds it away
     # from the mask, but the masked region of the stamped samples carries class 0
     assert conf["carried"] - conf["carried_control"] >= 0.5
-    # a "poisoned" verdict's mask acts from the first batch while it is checked
-    assert rep.audit.audit.verdict == "poisoned"
-    assert er.batches == STEPS and "confirmed" in er.reason
+    # erased from the batch whose update confirmed it on
+    assert er.batches == STEPS - conf["update"] + 1 and "confirmed" in er.reason
 
 
-def test_a_poisoned_verdict_on_a_clean_teacher_is_withdrawn_when_unconfirmed():
+def test_a_poisoned_verdict_on_a_clean_teacher_waits_too_unless_told_not_to():
     teacher, xte, _ = _clean_digits_cnn()
     # audit_alpha=0.5: the margin statistic's p for class 8 (about 0.1) counts as significant
-    # and the universal statistic agrees, so the verdict is "poisoned" and the mask acts at once
+    # and the universal statistic agrees: the verdict is "poisoned", wrongly
     cfg = ABDConfig(**FAST, audit_alpha=0.5, audit_clean_alpha=0.5)
-    _, rep = _distill(teacher, xte, cfg, stamped=False)
+    s_guard, rep = _distill(teacher, xte, cfg, stamped=False)
+    s_plain, _ = _distill(teacher, xte, None, stamped=False)
     assert rep is not None and rep.audit is not None and rep.audit.audit is not None
     assert rep.audit.audit.verdict == "poisoned"
     er = record_of(rep, EraserReport)
-    assert er.status == "off-unconfirmed" and "withdrawn after erasing" in er.reason, er.reason
-    # it erased until the probation's last check, and nothing after
-    assert er.confirmation is not None and er.confirmation["update"] == 40
-    assert er.batches == 40
+    assert er.status == "off-unconfirmed" and er.batches == 0, er.reason
+    for a, b in zip(s_guard.state_dict().values(), s_plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # erase_confirm_poisoned="never": the mask acts from the first batch, unchecked
+    _, rep2 = _distill(teacher, xte, ABDConfig(**FAST, audit_alpha=0.5, audit_clean_alpha=0.5,
+                                               erase_confirm_poisoned="never"), stamped=False)
+    er2 = record_of(rep2, EraserReport)
+    assert er2.status == "on" and er2.batches == STEPS and er2.confirmation is None
 
 
 def test_probation_state_survives_a_save_and_resume():
@@ -118,13 +122,13 @@ def test_probation_state_survives_a_save_and_resume():
         feed(30)
         state = guard.state_dict()
     er = guard.eraser
-    assert er is not None and er.status.value == "on-probation" and er.updates == 30
+    assert er is not None and er.status.value == "probation" and er.updates == 30
     checks = [dict(c) for c in er.probation.checks]
     assert len(checks) >= 1 and not checks[-1]["confirmed"]  # unreachable thresholds
     g2 = ABDGuard(teacher, student, config=cfg)
     g2.load_state_dict(state)
     er2 = g2.eraser
-    assert er2 is not None and er2.status.value == "on-probation"
+    assert er2 is not None and er2.status.value == "probation"
     assert er2.updates == 30 and er2.target == er.target and er2.probation.checks == checks
     with g2, torch.no_grad():  # the resumed probation goes on checking on schedule
         feed(2)
