@@ -11,6 +11,7 @@ Two modes, one kit teacher and loop per cell (``arch:trigger:teacher_seed:method
   learning and the audit use their own generators and a frozen copy). Rows give the thresholds'
   evidence and the vanilla ACC/ASR.
 * ``--mode default``: the bare default guard (``ABDConfig()``).
+* ``--mode vanilla``: no guard (the cost reference, in the same run).
 * ``--mode immediate``: the default without the probation (``erase_confirm=0``: the mask acts
   from its first update, the behaviour before the probation existed), for comparison.
 
@@ -85,14 +86,21 @@ def run_cell(cell: str, mode: str, iterations: int, records: list[dict[str, Any]
     torch.manual_seed(int(seed))
     student = build_model(STUDENTS.get(arch, arch), "mnist5k")
     cfg = {"probe": ABDConfig(erase=EraseSettings(confirm=10, confirm_max=10**6)),
-           "default": ABDConfig(),
+           "default": ABDConfig(), "vanilla": None,
            "immediate": ABDConfig(erase=EraseSettings(confirm=0))}[mode]
     records.clear()
     t0 = time.perf_counter()
     res = distill(method, teacher, student, img_shape=(1, 32, 32), num_classes=10,
                   config=DistillConfig(iterations=iterations, seed=int(seed)), abd=cfg)
     seconds = time.perf_counter() - t0
-    assert res.report is not None and res.report.audit is not None
+    row = {"cell": cell, "arch": arch, "trigger": trigger, "teacher_seed": int(tseed),
+           "method": method, "seed": int(seed), "mode": mode, "iterations": iterations,
+           "target": target, "teacher_acc": meta["acc"], "acc": accuracy(student, xte, yte),
+           "asr": attack_success_rate(student, xte, yte, trig, 0 if target is None else target),
+           "seconds": round(seconds, 1)}
+    if res.report is None:
+        return row
+    assert res.report.audit is not None
     a = res.report.audit.audit
     er = res.report.get(EraserReport)
     assert a is not None and er is not None
@@ -127,7 +135,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
     out = ["| teacher | loop | target | audit | vanilla ACC/ASR | re-audit gap at 20/40/60/80/100 "
            "| transplant at 20/40/60/80/100 | default would confirm at |", "|---" * 8 + "|"]
     for r in rows:
-        if r["mode"] != "probe":
+        if r["mode"] != "probe" or "checks" not in r:
             continue
         by = {c["update"]: c for c in r["checks"]}
         gaps = "/".join(f"{by[u]['control_ratio'] - by[u]['target_ratio']:.2f}" if u in by
@@ -145,7 +153,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("cells", nargs="*", help="arch:trigger:teacher_seed:method:seed")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--mode", choices=("probe", "default", "immediate"), default="probe")
+    ap.add_argument("--mode", choices=("probe", "default", "immediate", "vanilla"),
+                    default="probe")
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--summary", action="store_true")
     args = ap.parse_args()
@@ -167,7 +176,7 @@ def main() -> None:
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{cell} {args.mode}: ACC {row['acc']:.1f} ASR {row['asr']:.1f} audit "
-              f"{row['verdict']}->{row['suspect']} eraser {row['eraser']} "
+              f"{row.get('verdict')}->{row.get('suspect')} eraser {row.get('eraser')} "
               f"({row['seconds']:.0f}s)", flush=True)
 
 

@@ -12,6 +12,15 @@ range the audit searched and where it came from) was added later with the number
 evidence). The tolerance only absorbs a different CPU's last bits (these runs are short, so those
 stay tiny).
 
+Re-recorded for issue 17 (an intended behaviour change): every report gained the input-domain
+line and the audit's "How:" line (its second statistic), and a flagged teacher's mask now waits
+on probation. Student sums: ``classic``, ``paper`` and ``default_clean`` are unchanged;
+``default_poisoned_no_probation`` (the probation off) equals the earlier ``default_poisoned``
+pin exactly; ``default_poisoned``, ``default_poisoned_recheck``, ``resumed`` and
+``default_iga`` changed because the mask is still on probation after these 24 iterations (their
+students equal one another), and ``forced_clean`` now equals ``default_clean`` (the mask forced
+on a clean teacher waits, unconfirmed: the run is bit-identical to the unforced one).
+
 Re-record (only when a behaviour change is intended, and say so in the commit):
 ``python tests/test_behaviour_pins.py`` prints the ``PINS`` literal.
 """
@@ -117,6 +126,10 @@ def _resumed() -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
     "default_poisoned": lambda: _run("poisoned", lambda t, s: ABDGuard(t, s)),
+    # the eraser without its probation (issue 17): the student's numbers equal the
+    # default_poisoned pins recorded before the probation existed
+    "default_poisoned_no_probation": lambda: _run(
+        "poisoned", lambda t, s: ABDGuard(t, s, erase_confirm=0)),
     "default_poisoned_recheck": lambda: _run(
         "poisoned", lambda t, s: ABDGuard(t, s, **_FAST_RECHECK)),
     "default_clean": lambda: _run("clean", lambda t, s: ABDGuard(t, s)),
@@ -131,24 +144,26 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard report\n'
-                       '  Input domain: inputs in [0, 1] (read off the first batch: '
-                       'values in [0, 1]).\n'
+                       '  Input domain: inputs in [0, 1] (read off the first batch: values in [0, '
+                       '1]).\n'
                        '  Teacher audit: not run (audit=False)\n'
                        '  Trigger eraser: off (erase=False).\n'
                        '  SV: no vaccine found after 8 shuffle(s) at depth 1, 5 depth(s) scored '
-                       'first (best tail ratio 0.0000 <= 0.02) - SV is off; SR is still '
-                       'available; suspicious fraction nan over 0 synthesis batches, <t>s\n'
+                       'first (best tail ratio 0.0000 <= 0.02) - SV is off; SR is still available; '
+                       'suspicious fraction nan over 0 synthesis batches, <t>s\n'
                        '  Self-Retrospection: 18 step(s) (window starts at step 30), <t>s.\n'
                        '  Student optimizer steps seen: 48.',
              'sum': 8.25706594978692,
              'wsum': -5.98235205305793},
  'default_clean': {'report': 'abd-plugin guard report\n'
-                             '  Input domain: inputs in [0, 1] (read off the first batch: '
-                             'values in [0, 1]).\n'
-                             "  Teacher audit: no backdoor found (class 7's maximum margin "
-                             '0.0927, p = 0.5, robust z = 5.8; <t>s).\n'
-                             '    The shuffled-teacher ensemble favours class 7 on the inputs '
-                             'seen (agrees).\n'
+                             '  Input domain: inputs in [0, 1] (read off the first batch: values '
+                             'in [0, 1]).\n'
+                             "  Teacher audit: no backdoor found (class 7's maximum margin 0.0927, "
+                             'p = 0.5, robust z = 5.8; <t>s).\n'
+                             '    How: the margin statistic favours class 7 (p = 0.5: clean); the '
+                             'universal blend statistic favours class 7 (z = 2.7); they agree.\n'
+                             '    The shuffled-teacher ensemble favours class 7 on the inputs seen '
+                             '(agrees).\n'
                              "  Trigger eraser: off (audit verdict clean (erase_on='flagged')).\n"
                              '  Shuffling Vaccine: off.\n'
                              '  Self-Retrospection: did not run.\n'
@@ -156,91 +171,106 @@ PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard repor
                    'sum': -3.816860363353044,
                    'wsum': -6.625549063632392},
  'default_iga': {'report': 'abd-plugin guard report\n'
-                           '  Input domain: inputs in [0, 1] (read off the first batch: '
-                           'values in [0, 1]).\n'
+                           '  Input domain: inputs in [0, 1] (read off the first batch: values in '
+                           '[0, 1]).\n'
                            '  Teacher audit: the teacher looks BACKDOORED towards class 0 (class '
                            "0's maximum margin 69.9, p = 3.1e-09, robust z = 10.4; <t>s).\n"
+                           '    How: the margin statistic favours class 0 (p = 3.1e-09: poisoned); '
+                           'the universal blend statistic favours class 0 (z = 3.1); they agree.\n'
                            '    The shuffled-teacher ensemble favours class 0 on the inputs seen '
                            '(agrees).\n'
-                           '  Trigger eraser: ON for class 0 (audit verdict poisoned '
-                           "(erase_on='flagged')). The teacher saw every input with 0 position(s) "
-                           'erased (mask 3.3 % of the input), learned in 11 update(s), <t>s.\n'
-                           '    At the last update the erasure moved 100 % of the samples the '
-                           'teacher called class 0 (0 % of the batch) to other classes and kept '
-                           "100 % of the others' classes.\n"
+                           '  Trigger eraser: off, on probation (audit verdict poisoned for class '
+                           "0 (erase_on='flagged'): on probation, the mask must be confirmed "
+                           'before it acts; 12 update(s) so far).\n'
                            '  Shuffling Vaccine: off.\n'
                            '  Self-Retrospection: did not run.\n'
-                           '  Input-gradient alignment (KDIGA): 48 step(s), last term 0.186, '
-                           '<t>s.\n'
+                           '  Input-gradient alignment (KDIGA): 48 step(s), last term 1.53, <t>s.\n'
                            '  Student optimizer steps seen: 48.',
-                 'sum': 11.758847213583067,
-                 'wsum': -7.478081980704722},
+                 'sum': 10.729437425499782,
+                 'wsum': -8.207474365515536},
  'default_poisoned': {'report': 'abd-plugin guard report\n'
                                 '  Input domain: inputs in [0, 1] (read off the first batch: '
                                 'values in [0, 1]).\n'
                                 '  Teacher audit: the teacher looks BACKDOORED towards class 0 '
                                 "(class 0's maximum margin 69.9, p = 3.1e-09, robust z = 10.4; "
                                 '<t>s).\n'
+                                '    How: the margin statistic favours class 0 (p = 3.1e-09: '
+                                'poisoned); the universal blend statistic favours class 0 (z = '
+                                '3.1); they agree.\n'
                                 '    The shuffled-teacher ensemble favours class 0 on the inputs '
                                 'seen (agrees).\n'
-                                '  Trigger eraser: ON for class 0 (audit verdict poisoned '
-                                "(erase_on='flagged')). The teacher saw every input with 0 "
-                                'position(s) erased (mask 3.3 % of the input), learned in 11 '
-                                'update(s), <t>s.\n'
-                                '    At the last update the erasure moved 100 % of the samples '
-                                'the teacher called class 0 (0 % of the batch) to other classes '
-                                "and kept 100 % of the others' classes.\n"
+                                '  Trigger eraser: off, on probation (audit verdict poisoned for '
+                                "class 0 (erase_on='flagged'): on probation, the mask must be "
+                                'confirmed before it acts; 12 update(s) so far).\n'
                                 '  Shuffling Vaccine: off.\n'
                                 '  Self-Retrospection: did not run.\n'
                                 '  Student optimizer steps seen: 48.',
-                      'sum': 8.079390602826606,
-                      'wsum': -5.772908955708633},
+                      'sum': 12.546596856089309,
+                      'wsum': -6.383434932725678},
+ 'default_poisoned_no_probation': {'report': 'abd-plugin guard report\n'
+                                             '  Input domain: inputs in [0, 1] (read off the first '
+                                             'batch: values in [0, 1]).\n'
+                                             '  Teacher audit: the teacher looks BACKDOORED '
+                                             "towards class 0 (class 0's maximum margin 69.9, p = "
+                                             '3.1e-09, robust z = 10.4; <t>s).\n'
+                                             '    How: the margin statistic favours class 0 (p = '
+                                             '3.1e-09: poisoned); the universal blend statistic '
+                                             'favours class 0 (z = 3.1); they agree.\n'
+                                             '    The shuffled-teacher ensemble favours class 0 on '
+                                             'the inputs seen (agrees).\n'
+                                             '  Trigger eraser: ON for class 0 (audit verdict '
+                                             "poisoned (erase_on='flagged')). The teacher saw "
+                                             'every input with 0 position(s) erased (mask 3.3 % of '
+                                             'the input), learned in 11 update(s), <t>s.\n'
+                                             '    At the last update the erasure moved 100 % of '
+                                             'the samples the teacher called class 0 (0 % of the '
+                                             'batch) to other classes and kept 100 % of the '
+                                             "others' classes.\n"
+                                             '  Shuffling Vaccine: off.\n'
+                                             '  Self-Retrospection: did not run.\n'
+                                             '  Student optimizer steps seen: 48.',
+                                   'sum': 8.079390602826606,
+                                   'wsum': -5.772908955708633},
  'default_poisoned_recheck': {'report': 'abd-plugin guard report\n'
                                         '  Input domain: inputs in [0, 1] (read off the first '
                                         'batch: values in [0, 1]).\n'
                                         '  Teacher audit: the teacher looks BACKDOORED towards '
                                         "class 0 (class 0's maximum margin 69.9, p = 3.1e-09, "
                                         'robust z = 10.4; <t>s).\n'
+                                        '    How: the margin statistic favours class 0 (p = '
+                                        '3.1e-09: poisoned); the universal blend statistic favours '
+                                        'class 0 (z = 3.1); they agree.\n'
                                         '    The shuffled-teacher ensemble favours class 0 on the '
                                         'inputs seen (agrees).\n'
-                                        '  Trigger eraser: ON for class 0 (audit verdict poisoned '
-                                        "(erase_on='flagged')). The teacher saw every input with "
-                                        '0 position(s) erased (mask 2.4 % of the input), learned '
-                                        'in 23 update(s), <t>s.\n'
-                                        '    At the last update the erasure moved 100 % of the '
-                                        'samples the teacher called class 0 (4 % of the batch) to '
-                                        "other classes and kept 100 % of the others' classes.\n"
-                                        '    Re-audited the erased teacher 1 time(s); at update 8 '
-                                        "class 0's maximum margin was 67.4 (p = 1.4e-08 against "
-                                        'the other classes: still stands out). The mask missed '
-                                        'part of the trigger at update 8: its price was lowered '
-                                        'to 1 (larger masks).\n'
+                                        '  Trigger eraser: off, on probation (audit verdict '
+                                        "poisoned for class 0 (erase_on='flagged'): on probation, "
+                                        'the mask must be confirmed before it acts; 24 update(s) '
+                                        'so far).\n'
                                         '  Shuffling Vaccine: off.\n'
                                         '  Self-Retrospection: did not run.\n'
                                         '  Student optimizer steps seen: 48.',
-                              'sum': 4.023774779983796,
-                              'wsum': -5.9756351791879165},
+                              'sum': 12.546596856089309,
+                              'wsum': -6.383434932725678},
  'forced_clean': {'report': 'abd-plugin guard report\n'
-                            '  Input domain: inputs in [0, 1] (read off the first batch: '
-                            'values in [0, 1]).\n'
+                            '  Input domain: inputs in [0, 1] (read off the first batch: values in '
+                            '[0, 1]).\n'
                             "  Teacher audit: no backdoor found (class 7's maximum margin 0.0927, "
                             'p = 0.5, robust z = 5.8; <t>s).\n'
+                            '    How: the margin statistic favours class 7 (p = 0.5: clean); the '
+                            'universal blend statistic favours class 7 (z = 2.7); they agree.\n'
                             '    The shuffled-teacher ensemble favours class 7 on the inputs seen '
                             '(agrees).\n'
-                            '  Trigger eraser: ON for class 7 (audit verdict clean '
-                            "(erase_on='always')). The teacher saw every input with 0 position(s) "
-                            'erased (mask 0.3 % of the input), learned in 12 update(s), <t>s.\n'
-                            '    At the last update the erasure moved 0 % of the samples the '
-                            'teacher called class 7 (100 % of the batch) to other classes and '
-                            "kept 100 % of the others' classes.\n"
+                            '  Trigger eraser: off, on probation (audit verdict clean for class 7 '
+                            "(erase_on='always'): on probation, the mask must be confirmed before "
+                            'it acts; 12 update(s) so far).\n'
                             '  Shuffling Vaccine: off.\n'
                             '  Self-Retrospection: did not run.\n'
                             '  Student optimizer steps seen: 48.',
-                  'sum': -3.6962555349455215,
-                  'wsum': -6.583964390975123},
+                  'sum': -3.816860363353044,
+                  'wsum': -6.625549063632392},
  'paper': {'report': 'abd-plugin guard report\n'
-                     '  Input domain: inputs in [0, 1] (read off the first batch: '
-                     'values in [0, 1]).\n'
+                     '  Input domain: inputs in [0, 1] (read off the first batch: values in [0, '
+                     '1]).\n'
                      '  Teacher audit: not run (audit=False)\n'
                      '  Trigger eraser: off (erase=False).\n'
                      "  SV: on, 4 shuffled layer(s) ['3', '6', '9', '12'], coef 0.1, 24 batch(es) "
@@ -250,27 +280,22 @@ PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard repor
            'sum': 12.96302442974411,
            'wsum': -6.484258558264415},
  'resumed': {'report': 'abd-plugin guard report\n'
-                       '  Input domain: inputs in [0, 1] (read off the first batch: '
-                       'values in [0, 1]).\n'
+                       '  Input domain: inputs in [0, 1] (read off the first batch: values in [0, '
+                       '1]).\n'
                        "  Teacher audit: the teacher looks BACKDOORED towards class 0 (class 0's "
                        'maximum margin 69.9, p = 3.1e-09, robust z = 10.4; <t>s).\n'
+                       '    How: the margin statistic favours class 0 (p = 3.1e-09: poisoned); the '
+                       'universal blend statistic favours class 0 (z = 3.1); they agree.\n'
                        '    The shuffled-teacher ensemble favours class 0 on the inputs seen '
                        '(agrees).\n'
-                       '  Trigger eraser: ON for class 0 (audit verdict poisoned '
-                       "(erase_on='flagged')). The teacher saw every input with 0 position(s) "
-                       'erased (mask 2.4 % of the input), learned in 23 update(s), <t>s.\n'
-                       '    At the last update the erasure moved 100 % of the samples the teacher '
-                       'called class 0 (4 % of the batch) to other classes and kept 100 % of the '
-                       "others' classes.\n"
-                       "    Re-audited the erased teacher 1 time(s); at update 8 class 0's "
-                       'maximum margin was 67.4 (p = 1.4e-08 against the other classes: still '
-                       'stands out). The mask missed part of the trigger at update 8: its price '
-                       'was lowered to 1 (larger masks).\n'
+                       '  Trigger eraser: off, on probation (audit verdict poisoned for class 0 '
+                       "(erase_on='flagged'): on probation, the mask must be confirmed before it "
+                       'acts; 24 update(s) so far).\n'
                        '  Shuffling Vaccine: off.\n'
                        '  Self-Retrospection: did not run.\n'
                        '  Student optimizer steps seen: 48.',
-             'sum': 4.023774779983796,
-             'wsum': -5.9756351791879165}}
+             'sum': 12.546596856089309,
+             'wsum': -6.383434932725678}}
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
