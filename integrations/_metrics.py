@@ -144,6 +144,14 @@ def record_metrics(record: HookReport, base: str) -> dict[str, float]:
     tail: dict[str, float] = {}
     if isinstance(record, EraserReport):
         out[f"{base}/on"] = 1.0 if record.status == "on" else 0.0
+        out[f"{base}/probation"] = 1.0 if record.status == "probation" else 0.0
+        conf = fields.pop("confirmation")
+        checks = fields.pop("probation_checks")
+        if checks:
+            tail[f"{base}/probation_checks"] = float(checks)
+        if conf:
+            _put(tail, f"{base}/confirm_gap", conf["control_ratio"] - conf["target_ratio"])
+            _put(tail, f"{base}/confirm_transplant", conf["carried"] - conf["carried_control"])
         rechecks = fields.pop("rechecks")
         tail[f"{base}/rechecks"] = float(len(rechecks))
         if rechecks:

@@ -3,6 +3,7 @@ only finite numbers, the audit's figures once, and reading them runs no model.""
 import dataclasses
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -84,7 +85,8 @@ def test_names_come_from_the_records():
         before = report_metrics(guard.report())
         _distil(guard, teacher, student)
         report = guard.report()
-    assert before == {"abd/erase/on": 0.0, "abd/erase/pixels": 0.0, "abd/erase/mass": 0.0,
+    assert before == {"abd/erase/on": 0.0, "abd/erase/probation": 0.0,
+                      "abd/erase/pixels": 0.0, "abd/erase/mass": 0.0,
                       "abd/erase/fraction": 0.0, "abd/erase/updates": 0.0,
                       "abd/erase/batches": 0.0, "abd/erase/price": 2.5,
                       "abd/erase/rechecks": 0.0, "abd/Counting/batches": 0.0,
@@ -128,13 +130,22 @@ def test_names_by_record_type():
     })
     assert report_metrics(report) == {
         "abd/iga/steps": 2.0, "abd/iga/last_loss": 0.5, "abd/iga/last_grad_norm": 1.0,
-        "abd/erase/on": 1.0, "abd/erase/target": 3.0, "abd/erase/pixels": 0.0,
+        "abd/erase/on": 1.0, "abd/erase/probation": 0.0, "abd/erase/target": 3.0,
+        "abd/erase/pixels": 0.0,
         "abd/erase/mass": 0.0, "abd/erase/fraction": 0.1, "abd/erase/updates": 0.0,
         "abd/erase/batches": 0.0, "abd/erase/flip": 0.9, "abd/erase/rechecks": 1.0,
         "abd/erase/recheck_p_value": 0.3, "abd/erase/recheck_stands_out": 0.0,
-        "abd/MyEraser/on": 0.0, "abd/MyEraser/pixels": 0.0, "abd/MyEraser/mass": 0.0,
+        "abd/MyEraser/on": 0.0, "abd/MyEraser/probation": 0.0, "abd/MyEraser/pixels": 0.0,
+        "abd/MyEraser/mass": 0.0,
         "abd/MyEraser/fraction": 0.0, "abd/MyEraser/updates": 0.0, "abd/MyEraser/batches": 0.0,
         "abd/MyEraser/rechecks": 0.0}
+    # a probation's last check: its two contrasts
+    rec = EraserReport(status="probation", probation_checks=2, confirmation={
+        "control_ratio": 0.9, "target_ratio": 0.8, "carried": 0.25, "carried_control": 0.05})
+    m = record_metrics(rec, "abd/erase")
+    assert m["abd/erase/probation"] == 1.0 and m["abd/erase/probation_checks"] == 2.0
+    assert m["abd/erase/confirm_gap"] == pytest.approx(0.1)
+    assert m["abd/erase/confirm_transplant"] == pytest.approx(0.2)
 
 
 def test_sv_sr_figures_when_on():
