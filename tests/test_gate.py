@@ -9,7 +9,14 @@ from torch import nn
 
 from abd_plugin import ABDConfig, ABDGuard
 from abd_plugin.eraser import EraserReport
-from abd_testutils import _clean_digits_cnn, _poisoned_digits_cnn, record_of, stamp
+from abd_testutils import (
+    _blend_digits_cnn,
+    _clean_digits_cnn,
+    _poisoned_digits_cnn,
+    blend_noise,
+    record_of,
+    stamp,
+)
 
 #: small, fast audits (the toy CNN is on 16x16 digits); a mask update per batch, checks every
 #: 10 updates, the probation over after 40
@@ -19,7 +26,7 @@ STEPS = 48
 
 
 def _distill(teacher: nn.Module, xs: torch.Tensor, guard_cfg: ABDConfig | None,
-             stamped: bool, steps: int = STEPS):
+             stamped: bool, steps: int = STEPS, trigger=stamp):
     """A small KD loop on fixed batches (half stamped when ``stamped``); returns the student
     and the guard's report (None without a guard)."""
     torch.manual_seed(0)
@@ -32,7 +39,7 @@ def _distill(teacher: nn.Module, xs: torch.Tensor, guard_cfg: ABDConfig | None,
         for _ in range(steps):
             x = xs[torch.randint(len(xs), (32,), generator=g)]
             if stamped:
-                x[:16] = stamp(x[:16])
+                x[:16] = trigger(x[:16])
             with torch.no_grad():
                 t = teacher(x)
             loss = F.kl_div(F.log_softmax(student(x), 1), F.log_softmax(t, 1),
@@ -134,3 +141,19 @@ def test_probation_state_survives_a_save_and_resume():
         feed(2)
     assert er2.probation.checks[-1]["update"] == 32
     assert "on probation" in str(guard.report())
+
+
+def test_the_bare_default_on_a_blend_teacher_names_the_target_and_does_not_act():
+    """What the default does today on a trigger spread over the whole input (measured, and the
+    README's known limit): the audit names the blend's target, no sparse mask takes it away, so
+    the probation never confirms one and the run is the unguarded run."""
+    teacher, xte, _, trig = _blend_digits_cnn()
+    assert trig is blend_noise
+    s_guard, rep = _distill(teacher, xte, ABDConfig(**FAST), stamped=True, trigger=trig)
+    s_plain, _ = _distill(teacher, xte, None, stamped=True, trigger=trig)
+    assert rep is not None and rep.audit is not None and rep.audit.audit is not None
+    assert rep.audit.audit.suspect == 3 and rep.audit.audit.verdict == "unsure"
+    er = record_of(rep, EraserReport)
+    assert er.status == "off-unconfirmed" and er.target == 3 and er.batches == 0, er.reason
+    for a, b in zip(s_guard.state_dict().values(), s_plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
