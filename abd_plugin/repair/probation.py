@@ -10,12 +10,13 @@ So the mask is learned as usual but the teacher's inputs stay unchanged until a 
 Every ``every`` updates, once the mask covers at least one position, two tests compare what
 the mask does for the suspect ``t`` with a control:
 
-* **Re-audit, every class** (:meth:`ReauditController.specificity`): the audit's margin search
-  for every class on the teacher seen through the mask. A mask over a trigger takes away ``t``'s
-  shortcut: ``t``'s maximum margin falls to a fraction ``r_t`` of its first value while the
-  other classes keep theirs. The control is the median ratio among the other classes; the
-  test passes when ``median_{c != t} r_c - r_t >= gap``. A natural-feature mask lowers ``t``
-  about as much as it lowers the classes it was not learned for.
+* **Re-audit, every class** (:meth:`~abd_plugin.repair.ReauditController.specificity`): the
+  audit's margin search for every class on the teacher seen through the mask. A mask over a
+  trigger takes away ``t``'s shortcut: ``t``'s maximum margin falls to a fraction ``r_t`` of
+  its first value while the other classes keep theirs. The control is the median ratio among
+  the other classes; the test passes when ``median_{c != t} r_c - r_t >= gap``. A
+  natural-feature mask lowers ``t`` about as much as it lowers the classes it was not learned
+  for.
 * **Transplant** (:meth:`~abd_plugin.repair.MaskErasure.transplant`): the masked region of the
   recent samples the teacher calls ``t``, copied onto samples it calls something else. A trigger
   region *carries* the class: the pasted samples go to ``t``; the same region moved elsewhere
@@ -103,7 +104,7 @@ class Probation:
         decision."""
         rec = None
         if not distributed or _dist.rank() == 0:
-            rec = controller._specificity(model, repair, audit, target, updates)
+            rec = controller.specificity(model, repair, audit, target, updates)
             rec.update(self._transplant(model, repair, target, updates))
             rec["pixels"] = int(repair.summary().get("pixels", 0))
             rec["confirmed"] = bool(

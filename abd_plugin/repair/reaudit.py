@@ -84,48 +84,40 @@ class ReauditController:
         self.rechecks.append(rec)
         return rec
 
+    def _repaired_statistic(self, model: nn.Module, repair: InputRepair, a: AuditReport,
+                            classes: list[int] | None, seed: int) -> Tensor:
+        """The audit's margin search (its settings) on ``model`` seen through ``repair``."""
+        from ..audit import max_margin_statistic
+
+        return max_margin_statistic(ViewedModel(model, repair.apply), a.input_shape,
+                                    len(a.statistic), input_range=a.input_range,
+                                    settings=self.audit_settings, logits_fn=self.logits_fn,
+                                    classes=classes, seed=seed)
+
     def _measure(self, model: nn.Module, repair: InputRepair, a: AuditReport, t: int,
                  updates: int) -> dict[str, Any]:
-        from ..audit import max_margin_statistic, order_pvalues
+        from ..audit import order_pvalues
 
-        repaired = ViewedModel(model, repair.apply)
-        stat = max_margin_statistic(repaired, a.input_shape, len(a.statistic),
-                                    input_range=a.input_range, settings=self.audit_settings,
-                                    logits_fn=self.logits_fn, classes=[t],
-                                    seed=self.seed + 1 + len(self.rechecks))
+        stat = self._repaired_statistic(model, repair, a, [t], self.seed + 1 + len(self.rechecks))
         mixed = torch.tensor(a.statistic, dtype=torch.float64)
         mixed[t] = stat[t]
         p = float(order_pvalues(mixed)[t])
         return {"update": updates, "statistic": float(stat[t]), "p_value": p,
                 "stands_out": p < a.alpha, "price": self.price}
 
-    def specificity(self, model: nn.Module, repair: InputRepair, audit: AuditReport,
-                    target: int, updates: int, *, distributed: bool = False
-                    ) -> dict[str, Any]:
-        """How specifically ``repair`` takes the target's shortcut away: the audit's margin
+    def specificity(self, model: nn.Module, repair: InputRepair, a: AuditReport, t: int,
+                    updates: int) -> dict[str, Any]:
+        """How specifically ``repair`` takes class ``t``'s shortcut away: the audit's margin
         search for *every* class on ``model`` seen through the repair, compared class by class
         with the first audit's statistics. Returns ``ratios`` (per class, repaired statistic /
         first statistic), ``target_ratio``, ``control_ratio`` (the median ratio among the
         other classes: what the same repair does to classes it was not learned for),
         ``statistic`` (the repaired statistics) and ``p_value`` (the target's, against the
-        repaired statistics of the other classes). ``distributed``: rank 0 measures and every
-        rank receives the same record."""
-        rec = None
-        if not distributed or _dist.rank() == 0:
-            rec = self._specificity(model, repair, audit, target, updates)
-        if distributed:
-            rec = _dist.broadcast(rec)
-        assert rec is not None
-        return rec
+        repaired statistics of the other classes). The caller shares the record over ranks
+        (:class:`~abd_plugin.repair.Probation`)."""
+        from ..audit import order_pvalues
 
-    def _specificity(self, model: nn.Module, repair: InputRepair, a: AuditReport, t: int,
-                     updates: int) -> dict[str, Any]:
-        from ..audit import max_margin_statistic, order_pvalues
-
-        repaired = ViewedModel(model, repair.apply)
-        stat = max_margin_statistic(repaired, a.input_shape, len(a.statistic),
-                                    input_range=a.input_range, settings=self.audit_settings,
-                                    logits_fn=self.logits_fn, seed=self.seed + 1000 + updates)
+        stat = self._repaired_statistic(model, repair, a, None, self.seed + 1000 + updates)
         first = torch.tensor(a.statistic, dtype=torch.float64)
         # margins are positive after the search; a class the search could not lift above 0
         # counts with a floor of 1e-3 so ratios stay finite and ordered
