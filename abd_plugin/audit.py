@@ -41,7 +41,7 @@ from ._replica import TeacherReplica, model_device, unwrap_model
 from .domain import infer_input_range
 from .hooks import DefenseHook, GuardContext, HookReport
 from .outputs import check_logits, extract_logits
-from .universal import leave_one_out_z, universal_blend_statistic
+from .universal import class_margins, leave_one_out_z, universal_blend_statistic
 from .validation import Bool, Int, Num, Section, section_or_default, spec
 
 Verdict = Literal["poisoned", "clean", "unsure"]
@@ -312,13 +312,9 @@ def max_margin_statistic(
             u = torch.rand((len(cls),) + shape, generator=gen, dtype=torch.float64)
             u = u.to(dev, dtype).requires_grad_(True)
             opt = torch.optim.Adam([u], lr=settings.lr)
-            rows = torch.arange(len(cls), device=dev)
             for _ in range(settings.steps + 1):
                 z = extract_logits(model(low + u * (high - low)), logits_fn)
-                zc = z[rows, cls]
-                other = z.masked_fill(torch.nn.functional.one_hot(cls, z.shape[1]).bool(),
-                                      -math.inf).amax(1)
-                margin = zc - other
+                margin = class_margins(z, cls)
                 if _ == settings.steps:
                     break
                 opt.zero_grad(set_to_none=True)
@@ -397,6 +393,7 @@ def audit(
             model, shape, num_classes, low.view(view), high.view(view),
             steps=s.universal_steps, seed=seed, batch_size=max(s.batch_size, 8 * num_classes),
             logits_fn=logits_fn)
+    u_class, u_z = (None, None) if uni is None else leave_one_out_z(uni)
     verdict, suspect, reason = _decide(stat, p, uni, s)
     ens = None
     if samples is not None:
@@ -408,8 +405,7 @@ def audit(
         input_shape=shape, input_range=(tuple(low.tolist()), tuple(high.tolist())),
         alpha=s.alpha, clean_alpha=s.clean_alpha, ensemble_class=ens, notes=tuple(notes),
         universal=None if uni is None else tuple(float(v) for v in uni),
-        universal_class=None if uni is None else leave_one_out_z(uni)[0],
-        universal_z=None if uni is None else leave_one_out_z(uni)[1],
+        universal_class=u_class, universal_z=u_z,
         margin_suspect=int(torch.argmax(stat)), reason=reason)
 
 

@@ -180,9 +180,8 @@ class EraserStatus(str, enum.Enum):
     OFF_NO_AUDIT = "off-no-audit"  # audit disabled and no target given
 
 
-#: statuses in which the eraser learns its mask, and those in which it erases
+#: statuses in which the eraser learns its mask (it erases only when ``ON``)
 _ACTIVE = (EraserStatus.ON, EraserStatus.PROBATION)
-_ERASING = (EraserStatus.ON,)
 
 
 @dataclass
@@ -446,7 +445,7 @@ class TriggerEraser(DefenseHook):
                         self.confirm_now(distributed=ctx.distributed)
                 elif self.controller.due(self.learner.updates, self.audit):
                     self.recheck(distributed=ctx.distributed)
-        if self.status not in _ERASING:  # waiting on probation, or just found unspecific
+        if self.status is not EraserStatus.ON:  # waiting on probation, or found unspecific
             return None
         self.learner.prepare(x)
         self.erased_batches += 1
@@ -461,7 +460,7 @@ class TriggerEraser(DefenseHook):
         return torch.where(rows, self.repair.apply(x), x)
 
     def view_input(self, x: Tensor) -> Tensor:
-        if self.status not in _ERASING or not self.repair.ready:
+        if self.status is not EraserStatus.ON or not self.repair.ready:
             return x
         return self.repair.apply(x)
 

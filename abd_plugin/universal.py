@@ -45,7 +45,8 @@ from ._replica import model_device
 from .outputs import extract_logits
 
 
-def _margins(z: Tensor, cls: Tensor) -> Tensor:
+def class_margins(z: Tensor, cls: Tensor) -> Tensor:
+    """Per row, ``z[cls] - max_{k != cls} z[k]`` (the audit's margin)."""
     zc = z.gather(1, cls[:, None])[:, 0]
     other = z.scatter(1, cls[:, None], -math.inf).amax(1)
     return zc - other
@@ -79,7 +80,7 @@ def inversion_base(model: nn.Module, shape: tuple[int, ...], num_classes: int, l
             feats.clear()
             x = lo + u * (hi - lo)
             z = extract_logits(model(x), logits_fn).float()
-            loss = (kappa - _margins(z, cls_d)).clamp_min(0).mean()
+            loss = (kappa - class_margins(z, cls_d)).clamp_min(0).mean()
             if tv > 0 and len(shape) >= 3:
                 loss = loss + tv * ((u[..., 1:, :] - u[..., :-1, :]).abs().mean()
                                     + (u[..., :, 1:] - u[..., :, :-1]).abs().mean())
@@ -135,7 +136,7 @@ def universal_blend_statistic(
                 x = ((1 - alpha) * xb + alpha * pat).reshape((k * B,) + shape)
                 z = extract_logits(model(x), logits_fn).float()
                 if it == steps:
-                    m = _margins(z.detach(), tgt).reshape(k, B).double().cpu()
+                    m = class_margins(z.detach(), tgt).reshape(k, B).double().cpu()
                     wk = w.reshape(k, B).double().cpu()
                     out[cs] = (m * wk).sum(1) / wk.sum(1).clamp_min(1)
                     break
@@ -154,4 +155,4 @@ def leave_one_out_z(stat: Tensor) -> tuple[int, float]:
     return t, (float(stat[t]) - float(others.mean())) / max(sd, 1e-12)
 
 
-__all__ = ["inversion_base", "universal_blend_statistic", "leave_one_out_z"]
+__all__ = ["class_margins", "inversion_base", "universal_blend_statistic", "leave_one_out_z"]

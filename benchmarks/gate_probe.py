@@ -104,15 +104,10 @@ def run_cell(cell: str, mode: str, iterations: int, records: list[dict[str, Any]
     a = res.report.audit.audit
     er = res.report.get(EraserReport)
     assert a is not None and er is not None
-    return {"cell": cell, "arch": arch, "trigger": trigger, "teacher_seed": int(tseed),
-            "method": method, "seed": int(seed), "mode": mode, "iterations": iterations,
-            "target": target, "teacher_acc": meta["acc"],
-            "acc": accuracy(student, xte, yte),
-            "asr": attack_success_rate(student, xte, yte, trig, 0 if target is None else target),
-            "verdict": a.verdict, "suspect": a.suspect, "margin_suspect": a.margin_suspect,
+    return {**row, "verdict": a.verdict, "suspect": a.suspect, "margin_suspect": a.margin_suspect,
             "universal_class": a.universal_class, "universal_z": a.universal_z,
             "p": a.p_value, "eraser": er.status, "eraser_reason": er.reason,
-            "pixels": er.pixels, "seconds": round(seconds, 1),
+            "pixels": er.pixels,
             "checks": [{k: v for k, v in r.items() if k != "statistic"} for r in records]}
 
 
