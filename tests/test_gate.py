@@ -115,8 +115,9 @@ def test_a_poisoned_verdict_on_a_clean_teacher_waits_too_unless_told_not_to():
 def test_probation_state_survives_a_save_and_resume():
     teacher, xte, _ = _poisoned_digits_cnn()
     student = nn.Linear(4, 4)
-    cfg = ABDConfig(**{**FAST, "erase_confirm": 2, "erase_confirm_max": 50,
-                       "erase_confirm_gap": 10.0, "erase_confirm_transplant": 1.0})
+    cfg = ABDConfig(**{**FAST, "erase_confirm": 10, "erase_confirm_max": 50,
+                       "erase_confirm_gap": 10.0, "erase_confirm_transplant": 1.0,
+                       "erase_confirm_residual": 1.0, "erase_confirm_universal": 1e6})
     g = torch.Generator().manual_seed(0)
 
     def feed(n: int) -> None:
@@ -137,23 +138,38 @@ def test_probation_state_survives_a_save_and_resume():
     er2 = g2.eraser
     assert er2 is not None and er2.status.value == "probation"
     assert er2.updates == 30 and er2.target == er.target and er2.probation.checks == checks
+    assert er2.spectral_probation.checks == er.spectral_probation.checks
+    assert torch.equal(er2.spectral.apply(xte[:4]), er.spectral.apply(xte[:4]))
     with g2, torch.no_grad():  # the resumed probation goes on checking on schedule
-        feed(2)
-    assert er2.probation.checks[-1]["update"] == 32
+        feed(10)
+    assert er2.probation.checks[-1]["update"] == 40
+    assert er2.spectral_probation.checks[-1]["update"] == 40
     assert "on probation" in str(guard.report())
 
 
-def test_the_bare_default_on_a_blend_teacher_names_the_target_and_does_not_act():
-    """What the default does today on a trigger spread over the whole input (measured, and the
-    README's known limit): the audit names the blend's target, no sparse mask takes it away, so
-    the probation never confirms one and the run is the unguarded run."""
-    teacher, xte, _, trig = _blend_digits_cnn()
+def _asr(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trigger, target: int) -> float:
+    with torch.no_grad():
+        keep = y != target
+        return float((model(trigger(x[keep])).argmax(1) == target).float().mean())
+
+
+def test_the_bare_default_un_blends_a_blend_teacher_with_the_spectral_gain():
+    """A trigger spread over the whole input (a fixed noise image mixed in at 0.2): the audit
+    names its target, no sparse mask takes it away, the spectral gain learned beside the mask
+    is confirmed on probation and acts; the student learns far less of the backdoor than the
+    unguarded one."""
+    teacher, xte, yte, trig = _blend_digits_cnn()
     assert trig is blend_noise
     s_guard, rep = _distill(teacher, xte, ABDConfig(**FAST), stamped=True, trigger=trig)
     s_plain, _ = _distill(teacher, xte, None, stamped=True, trigger=trig)
     assert rep is not None and rep.audit is not None and rep.audit.audit is not None
-    assert rep.audit.audit.suspect == 3 and rep.audit.audit.verdict == "unsure"
+    assert rep.audit.audit.suspect == 3 and rep.audit.audit.verdict != "clean"
     er = record_of(rep, EraserReport)
-    assert er.status == "off-unconfirmed" and er.target == 3 and er.batches == 0, er.reason
-    for a, b in zip(s_guard.state_dict().values(), s_plain.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+    assert er.status == "on" and er.family == "spectral" and er.target == 3, er.reason
+    conf = er.spectral_confirmation
+    assert conf is not None and conf["confirmed"] and conf["update"] <= 40
+    assert er.batches == STEPS - conf["update"] + 1
+    assert "spectral gain" in str(rep)
+    plain, guarded = _asr(s_plain, xte, yte, trig, 3), _asr(s_guard, xte, yte, trig, 3)
+    print(f"student ASR unguarded {plain:.3f} guarded {guarded:.3f}")
+    assert plain >= 0.5 and guarded <= plain - 0.3

@@ -301,6 +301,7 @@ def report_columns(rep: GuardReport, seconds: float) -> dict[str, Any]:
         erase_status="off" if er is None else er.status,
         erase_target=None if er is None else er.target,
         erase_pixels=0 if er is None else er.pixels,
+        erase_family="off" if er is None or er.status != "on" else er.family,
         erase_flip=nan if er is None else er.flip,
         erase_keep=nan if er is None else er.kept,
         erase_seconds=0.0 if er is None else round(er.seconds, 1),

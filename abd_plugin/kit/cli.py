@@ -833,8 +833,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for d, r in rows.items():
         lines.append(f"{names.get(d, 'data-free KD + ' + d):<34}{r['acc']:>8.1f}{r['asr']:>8.1f}")
         if r.get("audit_verdict") not in (None, "off"):
-            on = (f"erased {r['erase_pixels']} pixel(s) for class {r['erase_target']}"
-                  if r["erase_status"] == "on" else "eraser off")
+            if r["erase_status"] != "on":
+                on = "eraser off"
+            elif r.get("erase_family") == "spectral":
+                on = f"spectral gain for class {r['erase_target']}"
+            else:
+                on = f"erased {r['erase_pixels']} pixel(s) for class {r['erase_target']}"
             lines.append(f"{'':<4}audit: {r['audit_verdict']}, suspect class "
                          f"{r['audit_suspect']} (p = {r['audit_p_value']:.2g}, "
                          f"{r['audit_seconds']:.1f}s); {on}")

@@ -18,6 +18,10 @@ Four parts, each usable on its own:
   classes', or the repaired region carries the class when transplanted); a clean teacher
   wrongly suspected keeps a bit-identical run.
 
+* :mod:`.spectral` — :class:`SpectralGain`, the second family: a per-frequency gain over the
+  image for triggers spread over the whole input (a blend, a sinusoid, a warp). The eraser
+  learns it beside the mask while on probation; the first one confirmed acts.
+
 A new repair family is a subclass of :class:`InputRepair` (its parameters, ``apply`` and
 ``cost``); the learner's loop and the controller work with it unchanged.
 """
@@ -26,5 +30,7 @@ from .learner import RepairLearner
 from .mask import MaskErasure
 from .probation import Probation
 from .reaudit import ReauditController
+from .spectral import SpectralGain
 
-__all__ = ["InputRepair", "MaskErasure", "Probation", "RepairLearner", "ReauditController"]
+__all__ = ["InputRepair", "MaskErasure", "Probation", "RepairLearner", "ReauditController",
+           "SpectralGain"]

@@ -1,9 +1,10 @@
 """The repair interface: a learnable transform of the teacher's input."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class InputRepair:
@@ -26,6 +27,14 @@ class InputRepair:
 
     #: short name used in reports
     kind: str = "repair"
+    #: the learner's flip term: ``"p"`` (mean p_t of the target samples) or ``"log"``
+    #: (``-log(1 - p_t)``, which does not saturate when p_t is near 1)
+    flip_loss: str = "p"
+    #: the learner skips a batch in which fewer than this share of samples are not the target
+    min_other_fraction: float = 0.0
+    #: the repair changes a region of the input (:meth:`transplant` moves it elsewhere for the
+    #: probation's control); False: it changes the whole input (the control is another source)
+    has_region: bool = False
 
     def prepare(self, x: Tensor) -> bool:
         """Make sure the parameters exist for inputs shaped like ``x`` and live on its device;
@@ -51,10 +60,32 @@ class InputRepair:
 
     def transplant(self, into: Tensor, source: Tensor, shift: tuple[int, ...] = ()
                    ) -> Tensor:
-        """``into`` with the part of the input this repair changes taken from ``source``
-        (moved by ``shift`` positions: the control). Repairs that change a region implement it;
-        the eraser's probation uses it to check that the region *carries* the target class."""
-        raise NotImplementedError(f"{type(self).__name__} has no region to transplant")
+        """``into`` with what this repair takes away from ``source`` put in (the probation
+        checks that it *carries* the target class). A region repair (``has_region``) copies its
+        region, moved by ``shift`` positions for the control; the default adds the residual
+        ``source - R(source)`` to ``into`` (``shift`` is not used: the control is a residual
+        of another class's samples)."""
+        return into + (source - self.apply(source))
+
+    def changed(self) -> int:
+        """How many positions (or coefficients) the repair changes now; the probation checks
+        a repair that changes something."""
+        return 0
+
+    def before_update(self, model: nn.Module, x: Tensor, target: int, *, updates: int,
+                      last_flip: float, logits_fn: Callable[[Any], Tensor] | None = None,
+                      distributed: bool = False) -> bool:
+        """Called by the learner before each update's steps (grad enabled, autocast off,
+        ``model`` the frozen teacher copy): a repair with a second stage of its own learns it
+        here. True when the learner's parameters were replaced (the learner then resets its
+        optimizer). Default: nothing."""
+        return False
+
+    def learning_input(self, x: Tensor) -> Tensor:
+        """What the learner's objective starts from (after :meth:`before_update`): ``x`` itself
+        here; a two-stage repair returns its first stage's view, and :meth:`learning_view`
+        then applies the second stage only."""
+        return x
 
     def summary(self) -> dict[str, Any]:
         """Numbers the eraser's report shows (e.g. how many positions a mask erases)."""

@@ -101,6 +101,12 @@ class RepairLearner:
         xd = _amp.cast_to_model(model, xd)  # autocast is off below: the model's own dtype
         t = target
         with torch.enable_grad(), torch.autocast(xd.device.type, enabled=False):
+            if self.repair.before_update(model, xd, t, updates=self.updates,
+                                         last_flip=self.last_flip, logits_fn=self.logits_fn,
+                                         distributed=distributed):
+                self._opt = None
+                self._build_optimizer()
+            xd = self.repair.learning_input(xd)
             with torch.no_grad():
                 z0 = extract_logits(model(xd), self.logits_fn)
             check_logits(z0, xd.shape[0], "teacher logits")
@@ -117,15 +123,27 @@ class RepairLearner:
             if n_targets == 0:
                 return
             other = ~tgt
+            need = self.repair.min_other_fraction
+            if need > 0:  # a batch (nearly) all target: a step would only drift
+                share = float(other.float().mean())
+                if distributed:
+                    share = float(_dist.all_reduce_sum(
+                        torch.tensor([share], dtype=torch.float64))[0]) / _dist.world_size()
+                if share < need:
+                    return
             logp0 = F.log_softmax(z0.float(), dim=1)
             assert self._opt is not None
+            log_flip = self.repair.flip_loss == "log"
             for _ in range(self.steps):
                 xr, cost = self.repair.learning_view(xd)
                 z = extract_logits(model(xr), self.logits_fn).float()
+                pt = F.softmax(z, dim=1)[:, t]
+                if log_flip:
+                    pt = -torch.log1p(-pt.clamp(max=1 - 1e-6))
                 if distributed:  # this rank's share of the mean over every rank's targets
-                    flip = F.softmax(z, dim=1)[:, t][tgt].sum() * (_dist.world_size() / n_targets)
+                    flip = pt[tgt].sum() * (_dist.world_size() / n_targets)
                 else:
-                    flip = F.softmax(z[tgt], dim=1)[:, t].mean()
+                    flip = pt[tgt].mean()
                 loss = flip + price * cost
                 if bool(other.any()) and self.keep_weight > 0:
                     loss = loss + self.keep_weight * F.kl_div(

@@ -22,6 +22,7 @@ class MaskErasure(InputRepair):
     """
 
     kind = "mask"
+    has_region = True
 
     def __init__(self, fill: Tensor | None = None) -> None:
         self.logits: Tensor | None = None  # (1, 1, *spatial) for images, (1, F) for vectors
@@ -92,6 +93,10 @@ class MaskErasure(InputRepair):
         if shift:
             m = torch.roll(m, shifts=tuple(shift), dims=tuple(range(-len(shift), 0)))
         return blend(into, m.to(device=into.device, dtype=into.dtype), source)
+
+    def changed(self) -> int:
+        m = self.mask()
+        return 0 if m is None else int((m > 0.5).sum())
 
     def summary(self) -> dict[str, Any]:
         m = self.mask()

@@ -25,6 +25,18 @@ the mask does for the suspect ``t`` with a control:
   search can rebuild elsewhere (a patch that works at any position of a pooled CNN), which the
   re-audit misses.
 
+A repair without a region (the spectral gain, :mod:`abd_plugin.repair.spectral`) is checked
+with two other tests, the same in spirit:
+
+* **Universal re-audit**: the audit's universal blend statistic
+  (:mod:`abd_plugin.universal`) again, through the repair. A repair of a spread trigger takes
+  the suspect's universal shortcut away: its statistic drops (in units of the first audit's
+  spread among the other classes) at least ``universal_gap`` more than the other classes'
+  median drop.
+* **Residual transplant**: what the repair removes from recent target-class samples, added to
+  other samples, sends them to ``t`` at least ``transplant`` more often than what it removes
+  from other-class samples does.
+
 Either test passing confirms the mask (it acts from then on); after ``max_updates`` updates
 without a confirmation the probation ends: the repair stays off for the run, and the student's
 targets were never changed. On a clean teacher wrongly suspected the run is then bit-identical to
@@ -67,10 +79,11 @@ class Probation:
     """
 
     def __init__(self, *, every: int, max_updates: int, gap: float, transplant: float,
-                 controls: int = 8, keep: int = 4, seed: int = 0,
+                 universal_gap: float = 4.5, controls: int = 8, keep: int = 4, seed: int = 0,
                  logits_fn: Callable[[Any], Tensor] | None = None) -> None:
         self.every, self.max_updates = int(every), int(max_updates)
         self.gap, self.transplant_margin = float(gap), float(transplant)
+        self.universal_gap = float(universal_gap)
         self.controls, self.keep, self.seed = int(controls), int(keep), int(seed)
         self.logits_fn = logits_fn
         self.checks: list[dict[str, Any]] = []
@@ -80,21 +93,28 @@ class Probation:
     def enabled(self) -> bool:
         return self.every > 0
 
-    def remember(self, x: Tensor) -> None:
-        """Keep a detached copy of a recent teacher batch (the transplant test's samples)."""
-        self._recent = (self._recent + [x.detach().clone()])[-self.keep:]
+    def remember(self, x: Tensor, *, copy: bool = True) -> None:
+        """Keep a detached copy of a recent teacher batch (the transplant test's samples);
+        ``copy=False``: ``x`` is a copy already (shared by two probations)."""
+        self._recent = (self._recent + [x.detach().clone() if copy else x])[-self.keep:]
 
     def forget(self) -> None:
         self._recent = []
 
+    @property
+    def ended(self) -> bool:
+        """The last check ended the probation (confirmed or not)."""
+        return bool(self.checks and self.checks[-1]["ended"])
+
     def due(self, updates: int, repair: InputRepair) -> bool:
-        """A check after update ``updates``: on schedule, with a mask that covers something,
-        or at the end of the probation whatever the mask."""
-        if not self.enabled or (self.checks and self.checks[-1]["update"] == updates):
+        """A check after update ``updates``: on schedule, with a repair that changes
+        something, or at the end of the probation whatever the repair."""
+        if (not self.enabled or self.ended
+                or (self.checks and self.checks[-1]["update"] == updates)):
             return False
         if updates >= self.max_updates:
             return True
-        return updates % self.every == 0 and int(repair.summary().get("pixels", 0)) > 0
+        return updates % self.every == 0 and repair.changed() > 0
 
     def check(self, model: nn.Module, repair: InputRepair, audit: AuditReport, target: int,
               updates: int, controller: ReauditController, *, distributed: bool = False
@@ -104,12 +124,16 @@ class Probation:
         decision."""
         rec = None
         if not distributed or _dist.rank() == 0:
-            rec = controller.specificity(model, repair, audit, target, updates)
+            if repair.has_region:
+                rec = controller.specificity(model, repair, audit, target, updates)
+                passed = rec["control_ratio"] - rec["target_ratio"] >= self.gap
+            else:
+                rec = self._universal(model, repair, audit, target, updates, controller)
+                passed = rec["universal_gap"] >= self.universal_gap
             rec.update(self._transplant(model, repair, target, updates))
-            rec["pixels"] = int(repair.summary().get("pixels", 0))
+            rec["pixels"] = repair.changed()
             rec["confirmed"] = bool(
-                rec["control_ratio"] - rec["target_ratio"] >= self.gap
-                or rec["carried"] - rec["carried_control"] >= self.transplant_margin)
+                passed or rec["carried"] - rec["carried_control"] >= self.transplant_margin)
             rec["ended"] = rec["confirmed"] or updates >= self.max_updates
         if distributed:
             rec = _dist.broadcast(rec)
@@ -118,6 +142,35 @@ class Probation:
         if rec["ended"]:
             self.forget()
         return rec
+
+    def _universal(self, model: nn.Module, repair: InputRepair, a: AuditReport, t: int,
+                   updates: int, controller: ReauditController) -> dict[str, Any]:
+        """The audit's universal blend statistic again, on ``model`` seen through ``repair``:
+        how far each class's statistic dropped, in units of the first audit's spread among the
+        other classes; ``universal_gap`` is the suspect's drop minus the median drop of the
+        others (what the same repair does to classes it was not learned for)."""
+        from .._replica import ViewedModel
+        from ..universal import universal_blend_statistic
+
+        out: dict[str, Any] = {"update": updates, "universal_gap": float("nan"),
+                               "target_drop": float("nan"), "control_drop": float("nan")}
+        if a.universal is None:
+            return out
+        shape = tuple(a.input_shape)
+        view = (1, shape[0]) + (1,) * (len(shape) - 1)
+        low = torch.tensor(a.input_range[0], dtype=torch.float64).view(view)
+        high = torch.tensor(a.input_range[1], dtype=torch.float64).view(view)
+        s = controller.audit_settings
+        first = torch.tensor(a.universal, dtype=torch.float64)
+        now = universal_blend_statistic(
+            ViewedModel(model, repair.apply), shape, len(first), low, high,
+            steps=s.universal_steps, seed=controller.seed,
+            batch_size=max(s.batch_size, 8 * len(first)), logits_fn=self.logits_fn)
+        others = [c for c in range(len(first)) if c != t]
+        drop = (first - now) / max(float(first[others].std()), 1e-6)
+        out.update(target_drop=float(drop[t]), control_drop=float(drop[others].median()))
+        out["universal_gap"] = out["target_drop"] - out["control_drop"]
+        return out
 
     @torch.no_grad()
     def _transplant(self, model: nn.Module, repair: InputRepair, t: int, updates: int
@@ -138,10 +191,15 @@ class Probation:
             n = min(256, len(os_))
             into, source = os_[:n], ts[torch.randint(len(ts), (n,), generator=g).to(ts.device)]
 
-            def carried(shift: tuple[int, ...]) -> float:
-                z = extract_logits(model(repair.transplant(into, source, shift)),
-                                   self.logits_fn)
+            def carried(shift: tuple[int, ...], src: Tensor = source) -> float:
+                z = extract_logits(model(repair.transplant(into, src, shift)), self.logits_fn)
                 return float((z.argmax(1) == t).float().mean())
+
+            if not repair.has_region:  # the control: what it removes from other classes
+                other = os_[torch.randint(len(os_), (n,), generator=g).to(os_.device)]
+                out["carried"] = carried(())
+                out["carried_control"] = carried((), other)
+                return out
 
             sizes = tuple(int(v) for v in (x.shape[2:] if x.dim() >= 3 else x.shape[1:]))
             shifts = [tuple(int(torch.randint(max(1, s // 4), max(2, s - s // 4), (1,),
