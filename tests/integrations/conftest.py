@@ -72,7 +72,8 @@ def module_hooks(*models):
 
 
 def state_differences(a, b, path=""):
-    """Where two (guard) states differ, as paths; wall times (``seconds`` keys) aside."""
+    """Where two (guard) states differ, as paths; wall times (``seconds`` keys) aside (two NaN
+    floats, e.g. the counters of a repair that never learned, are the same)."""
     if isinstance(a, torch.Tensor):
         return [] if isinstance(b, torch.Tensor) and torch.equal(a, b) else [path]
     if isinstance(a, dict):
@@ -85,7 +86,8 @@ def state_differences(a, b, path=""):
             return [path]
         return [d for i, (x, y) in enumerate(zip(a, b, strict=True))
                 for d in state_differences(x, y, f"{path}/{i}")]
-    return [] if a == b else [path]
+    both_nan = isinstance(a, float) and isinstance(b, float) and a != a and b != b
+    return [] if a == b or both_nan else [path]
 
 
 def snapshot(*owners):
