@@ -9,14 +9,15 @@ from torch import nn
 from abd_plugin.kit.triggers import Trigger, get_trigger, list_triggers
 
 ALL = list_triggers()
-SEEDED = ["trojan_3x3", "trojan_8x8", "trojan_wm", "blend", "l2_inv", "wanet", "wanet_strong"]
+SEEDED = ["trojan_3x3", "trojan_8x8", "trojan_wm", "blend", "l2_inv", "wanet", "wanet_strong",
+          "wanet_mid"]
 U8 = 1 / 255
 
 
 def test_registry_has_every_documented_trigger():
     expected = {"badnet_grid", "badnet_sq", "trojan_3x3", "trojan_8x8", "trojan_wm", "blend", "sig",
                 "sig_canonical", "l0_inv", "l2_inv", "smooth", "cl", "wanet", "square_in",
-                "red_square", "sig_strong", "wanet_strong"}
+                "red_square", "sig_strong", "wanet_strong", "sig_dirty", "wanet_mid"}
     assert set(ALL) == expected
     assert {n for n in ALL if get_trigger(n).clean_label} == {"sig", "sig_canonical", "cl",
                                                                 "sig_strong"}
