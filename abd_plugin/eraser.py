@@ -178,7 +178,9 @@ class EraseSettings(Section):
         the whole input (a blend, a sinusoid, a warp): a per-frequency gain over the image
         (:class:`~abd_plugin.repair.SpectralGain`; images of at least 4 x 4 only). Both learn
         on the same batches; the first one confirmed acts and the other stops. Its own
-        confirmation is the re-audit test or a residual test (``confirm_residual``). Not used
+        confirmation is a universal re-audit (``confirm_universal``) or a residual test
+        (``confirm_residual``), passed at two checks in a row (the mask, with one, wins a tie:
+        it changes less of the input). Not used
         when the mask acts without probation (a given ``target``, ``confirm=0``).""")
     spectral_price: float = spec(
         1.0, Num(0, 1e6),
@@ -345,7 +347,7 @@ class TriggerEraser(DefenseHook):
                                               keep_weight=s.keep_weight, logits_fn=logits_fn)
         self.spectral_probation = Probation(every=s.confirm, max_updates=s.confirm_max,
                                             gap=s.confirm_gap, transplant=s.confirm_residual,
-                                            universal_gap=s.confirm_universal,
+                                            universal_gap=s.confirm_universal, repeat=2,
                                             seed=seed + 1, logits_fn=logits_fn)
         self.family = "mask"
         self.spectral_racing = False  # the spectral repair learns beside the mask
@@ -486,6 +488,8 @@ class TriggerEraser(DefenseHook):
                      f"area elsewhere at most {100 * rec['carried_control']:.0f} % (needs "
                      f"{100 * s.confirm_transplant:.0f} points more)")
         why = f"after {rec['update']} update(s) {margins}; {carry}"
+        if spectral and rec["confirmed"]:
+            why += f" ({rec['streak']} passing checks in a row)"
         verdict = self.audit.verdict
         others_over = not self.spectral_racing or (
             self.spectral_probation.ended if not spectral else self.probation.ended)

@@ -67,6 +67,9 @@ class Probation:
         every: updates between checks (0: no probation; the repair acts at once).
         max_updates: the probation ends unconfirmed after this many updates.
         gap, transplant: the two tests' thresholds.
+        repeat: consecutive checks that must pass before the repair is confirmed (the
+            eraser asks 2 of the spectral gain: the mask keeps one more check to win the race,
+            and one passing check on a clean teacher is not enough).
         controls: random offsets of the transplant's control regions.
         keep: recent teacher batches kept for the transplant test.
         seed: the controls' offsets are drawn from ``seed + update``.
@@ -75,12 +78,13 @@ class Probation:
     Attributes:
         checks: one record per check (``update``, the re-audit's ``target_ratio`` and
             ``control_ratio``, the transplant's ``carried`` and ``carried_control``,
-            ``confirmed``).
+            ``passed``, ``streak`` (passing checks in a row), ``confirmed``).
     """
 
     def __init__(self, *, every: int, max_updates: int, gap: float, transplant: float,
-                 universal_gap: float = 4.5, controls: int = 8, keep: int = 4, seed: int = 0,
-                 logits_fn: Callable[[Any], Tensor] | None = None) -> None:
+                 universal_gap: float = 4.5, repeat: int = 1, controls: int = 8, keep: int = 4,
+                 seed: int = 0, logits_fn: Callable[[Any], Tensor] | None = None) -> None:
+        self.repeat = max(1, int(repeat))
         self.every, self.max_updates = int(every), int(max_updates)
         self.gap, self.transplant_margin = float(gap), float(transplant)
         self.universal_gap = float(universal_gap)
@@ -132,8 +136,12 @@ class Probation:
                 passed = rec["universal_gap"] >= self.universal_gap
             rec.update(self._transplant(model, repair, target, updates))
             rec["pixels"] = repair.changed()
-            rec["confirmed"] = bool(
+            rec["passed"] = bool(
                 passed or rec["carried"] - rec["carried_control"] >= self.transplant_margin)
+            last = self.checks[-1].get("streak", int(self.checks[-1]["confirmed"])) if (
+                self.checks) else 0
+            rec["streak"] = last + 1 if rec["passed"] else 0
+            rec["confirmed"] = rec["streak"] >= self.repeat
             rec["ended"] = rec["confirmed"] or updates >= self.max_updates
         if distributed:
             rec = _dist.broadcast(rec)
