@@ -68,10 +68,11 @@ class SpectralGain(InputRepair):
     Args:
         low, high: the input domain's box per channel (broadcast over a batch); set later with
             :meth:`set_range`.
-        gmax: the largest gain the inverse view gives a coefficient. 1 (the default): the
-            inverse view only attenuates, never amplifies. Measured in DFAD loops (LeNet-5, one
-            seed each, blend / sinusoid): 2 cost 23 / 23 ACC points against vanilla, 1 cost
-            14 / 17 at the same ASR (0.1-1.1 %).
+        gmax: the largest gain the inverse view gives a coefficient (2: it may sharpen what
+            a warp smoothed). Measured with the default's two-check rule (LeNet-5, mnist5k, 3
+            seeds, ``benchmarks/results/spectral-cpu-2026-12-05.md``): 1 (attenuate only) never
+            got a ZSKT WaNet teacher confirmed, 2 removed it; on DFAD blend both cost a few ACC
+            points.
         inv_lr, inv_price: the inversion's Adam learning rate and L1 price on ``h``.
         exemplars: data-free exemplars per class for the inversion.
         boost: the largest extra gain of ``G_keep``.
@@ -86,7 +87,7 @@ class SpectralGain(InputRepair):
     min_other_fraction = 0.05
 
     def __init__(self, low: Tensor | None = None, high: Tensor | None = None, *,
-                 gmax: float = 1.0, inv_lr: float = 0.05, inv_price: float = 0.5,
+                 gmax: float = 2.0, inv_lr: float = 0.05, inv_price: float = 0.5,
                  exemplars: int = 4, boost: float = 2.0, probe_every: int = 50,
                  probe_margin: float = 0.05, seed: int = 0) -> None:
         self.low = None if low is None else low.detach().clone()
