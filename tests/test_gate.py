@@ -82,7 +82,7 @@ def test_a_planted_shortcut_is_confirmed_and_then_erased():
     er = record_of(rep, EraserReport)
     assert rep.audit is not None and rep.audit.audit is not None
     assert rep.audit.audit.suspect == 0
-    assert er.status == "on" and er.target == 0, er.reason
+    assert er.status == "on" and er.target == 0 and er.family == "mask", er.reason
     conf = er.confirmation
     assert conf is not None and conf["confirmed"] and conf["update"] < 40
     # a patch that works anywhere under the CNN's pooling: the margin search rebuilds it away
@@ -168,6 +168,7 @@ def test_the_bare_default_un_blends_a_blend_teacher_with_the_spectral_gain():
     assert er.status == "on" and er.family == "spectral" and er.target == 3, er.reason
     conf = er.spectral_confirmation
     assert conf is not None and conf["confirmed"] and conf["update"] <= 40
+    assert conf["streak"] == 2  # two passing checks in a row: the first one did not act
     assert er.batches == STEPS - conf["update"] + 1
     assert "spectral gain" in str(rep)
     plain, guarded = _asr(s_plain, xte, yte, trig, 3), _asr(s_guard, xte, yte, trig, 3)
