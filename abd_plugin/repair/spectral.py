@@ -104,6 +104,7 @@ class SpectralGain(InputRepair):
         self._ex: Tensor | None = None    # the inversion's exemplars (rebuilt after a resume)
         self.probes: list[dict[str, Any]] = []
         self._probed_at = -1
+        self._dcts: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
         self.inv_hit = float("nan")
 
     def set_range(self, low: Tensor, high: Tensor) -> None:
@@ -154,10 +155,17 @@ class SpectralGain(InputRepair):
         lo = self.low.to(device=x.device, dtype=x.dtype)
         return lo, (self.high.to(device=x.device, dtype=x.dtype) - lo).clamp_min(1e-6)
 
+    def _dct(self, n: int, like: Tensor) -> Tensor:
+        """The DCT matrix for ``n`` points on ``like``'s device and dtype, built once."""
+        key = (n, like.device, like.dtype)
+        d = self._dcts.get(key)
+        if d is None:
+            d = self._dcts[key] = dct_matrix(n, device=like.device, dtype=like.dtype)
+        return d
+
     def _filter(self, u: Tensor, gain: Tensor) -> Tensor:
         h, w = u.shape[-2:]
-        dh = dct_matrix(h, device=u.device, dtype=u.dtype)
-        dw = dh if w == h else dct_matrix(w, device=u.device, dtype=u.dtype)
+        dh, dw = self._dct(h, u), self._dct(w, u)
         return (dh.T @ (gain.to(u.dtype) * (dh @ u @ dw.T)) @ dw).clamp(0, 1)
 
     def _no_dc(self, ref: Tensor) -> Tensor:
