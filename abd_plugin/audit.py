@@ -329,6 +329,19 @@ def max_margin_statistic(
     return best
 
 
+def universal_statistic(model: nn.Module, shape: tuple[int, ...], num_classes: int,
+                        low: Tensor, high: Tensor, settings: AuditSettings, *, seed: int,
+                        logits_fn: Callable[[Any], Tensor] | None = None) -> Tensor:
+    """The audit's universal blend statistic (:func:`~abd_plugin.universal.
+    universal_blend_statistic`) with its settings, for per-channel ``low`` / ``high`` (1-D);
+    the audit and the probation's universal re-audit both call it."""
+    view = (1, shape[0]) + (1,) * (len(shape) - 1)
+    return universal_blend_statistic(
+        model, shape, num_classes, low.reshape(view), high.reshape(view),
+        steps=settings.universal_steps, seed=seed,
+        batch_size=max(settings.batch_size, 8 * num_classes), logits_fn=logits_fn)
+
+
 def audit(
     teacher: nn.Module, input_shape: Sequence[int], *, input_range: Any = (0.0, 1.0),
     num_classes: int | None = None, settings: AuditSettings | None = None,
@@ -388,11 +401,8 @@ def audit(
                      "as rough")
     uni = None
     if s.universal and num_classes >= 3:
-        view = (1, shape[0]) + (1,) * (len(shape) - 1)
-        uni = universal_blend_statistic(
-            model, shape, num_classes, low.view(view), high.view(view),
-            steps=s.universal_steps, seed=seed, batch_size=max(s.batch_size, 8 * num_classes),
-            logits_fn=logits_fn)
+        uni = universal_statistic(model, shape, num_classes, low, high, s, seed=seed,
+                                  logits_fn=logits_fn)
     u_class, u_z = (None, None) if uni is None else leave_one_out_z(uni)
     verdict, suspect, reason = _decide(stat, p, uni, s)
     ens = None
@@ -608,4 +618,4 @@ def audit_report_from_dict(d: dict[str, Any]) -> AuditReport:
 
 __all__ = ["AuditSettings", "AuditReport", "AuditRecord", "TeacherAudit", "audit",
            "max_margin_statistic", "order_pvalues", "robust_z", "ensemble_favourite",
-           "infer_input_range", "audit_report_from_dict"]
+           "infer_input_range", "audit_report_from_dict", "universal_statistic"]

@@ -158,22 +158,18 @@ class Probation:
         other classes; ``universal_gap`` is the suspect's drop minus the median drop of the
         others (what the same repair does to classes it was not learned for)."""
         from .._replica import ViewedModel
-        from ..universal import universal_blend_statistic
+        from ..audit import universal_statistic
 
         out: dict[str, Any] = {"update": updates, "universal_gap": float("nan"),
                                "target_drop": float("nan"), "control_drop": float("nan")}
         if a.universal is None:
             return out
-        shape = tuple(a.input_shape)
-        view = (1, shape[0]) + (1,) * (len(shape) - 1)
-        low = torch.tensor(a.input_range[0], dtype=torch.float64).view(view)
-        high = torch.tensor(a.input_range[1], dtype=torch.float64).view(view)
-        s = controller.audit_settings
         first = torch.tensor(a.universal, dtype=torch.float64)
-        now = universal_blend_statistic(
-            ViewedModel(model, repair.apply), shape, len(first), low, high,
-            steps=s.universal_steps, seed=controller.seed,
-            batch_size=max(s.batch_size, 8 * len(first)), logits_fn=self.logits_fn)
+        now = universal_statistic(
+            ViewedModel(model, repair.apply), tuple(a.input_shape), len(first),
+            torch.tensor(a.input_range[0], dtype=torch.float64),
+            torch.tensor(a.input_range[1], dtype=torch.float64), controller.audit_settings,
+            seed=controller.seed, logits_fn=self.logits_fn)
         others = [c for c in range(len(first)) if c != t]
         drop = (first - now) / max(float(first[others].std()), 1e-6)
         out.update(target_drop=float(drop[t]), control_drop=float(drop[others].median()))
