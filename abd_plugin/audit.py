@@ -15,11 +15,22 @@ opinion. This is the maximum-margin detector of Wang et al., "MM-BD: Post-Traini
 Backdoor Attacks with Arbitrary Backdoor Pattern Types Using a Maximum Margin Statistic" (IEEE S&P
 2024), written here from its description.
 
-The verdict: ``"poisoned"`` when the largest statistic's p-value is below ``alpha``, ``"clean"``
-when it is at least ``clean_alpha``, ``"unsure"`` in between. The inputs live where the teacher's
-real inputs live: pass ``input_range`` (after your normalisation, per channel if it differs), or
-let :func:`infer_input_range` read it off a batch the teacher is fed (inside a guard, the domain
-the guard resolved: the teacher's own evidence first, :mod:`abd_plugin.domain`).
+The plug-in p-value trusts a Gamma fitted to only ``K - 1`` values; on clean teachers it falls
+below 0.05 far more often than 1 time in 20 (4 of 20 clean LeNet-5-BN teachers). The audit
+therefore reports *calibrated* p-values (:func:`calibrated_pvalues`): the same rule applied to
+simulated clean teachers (``K`` independent Gamma statistics with the fitted shape) says how
+often a clean teacher's largest statistic looks at least this extreme. The universal blend
+statistic (:mod:`abd_plugin.universal`) gets its own p-value the same way (the largest of ``K``
+independent normal statistics, :func:`universal_pvalue`).
+
+The verdict: ``"poisoned"`` when the suspect's evidence (the smaller p-value of the statistics
+that favour it, times 2) is below ``alpha``, ``"clean"`` when the margin statistic's p-value is
+at least ``clean_alpha`` and the universal z-score below ``flag_z``, ``"unsure"`` otherwise.
+
+The inputs live where the teacher's real inputs live: pass ``input_range`` (after your
+normalisation, per channel if it differs), or let :func:`infer_input_range` read it off a batch
+the teacher is fed (inside a guard, the domain the guard resolved: the teacher's own evidence
+first, :mod:`abd_plugin.domain`).
 
 The audit never touches the teacher (it runs a frozen copy), the global RNG or autograd state
 outside itself.
@@ -27,6 +38,7 @@ outside itself.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -76,12 +88,22 @@ class AuditSettings(Section):
         """Adam learning rate of the margin search, in units of the input range's width.""")
     alpha: float = spec(
         0.05, Num(0, 1, lo_open=True, hi_open=True),
-        """The audit calls the teacher ``poisoned`` when the largest statistic's p-value is below
-        this.""")
+        """The audit calls the teacher ``poisoned`` when the suspect's evidence is below this:
+        the smaller calibrated p-value of the statistics that favour the suspect, times 2 (two
+        statistics are looked at). On 46 clean teachers of 4 architectures the rate was
+        measured near 1 in 20 or below (README, "The audit's null").""")
     clean_alpha: float = spec(
-        0.2, Num(0, 1, lo_open=True),
-        """The audit calls the teacher ``clean`` when that p-value is at least this (``unsure``
-        in between; must be >= ``alpha``).""")
+        0.5, Num(0, 1, lo_open=True),
+        """The audit calls the teacher ``clean`` when the margin statistic's calibrated
+        p-value is at least this and the universal z-score is below ``flag_z`` (``unsure`` in
+        between; must be >= ``alpha``). A calibrated p-value under 0.5 is a hint, not a
+        finding: ``unsure`` puts the trigger eraser on probation, which costs a clean teacher
+        nothing unless its repair proves itself (0.5 here is the old plug-in 0.2).""")
+    null_draws: int = spec(
+        2000, Int(100, 10_000_000),
+        """Simulated clean teachers per class of the calibrated null (:func:`calibrated_pvalues`;
+        the universal statistic's null uses ten times as many). The smallest p-value is
+        ``1 / (null_draws + 1)``.""")
     batch_size: int = spec(
         512, Int(1, 1_000_000),
         """Inputs optimised at once (classes are processed in chunks of this many inputs).""")
@@ -99,13 +121,13 @@ class AuditSettings(Section):
     target_z: float = spec(
         1.8, Num(0, 1e6),
         """The universal statistic's favourite class becomes the suspect when its leave-one-out
-        z-score is at least this (else the margin statistic's favourite stays the suspect).""")
+        z-score is at least this and its p-value is below the margin statistic's favourite's
+        (else the margin statistic's favourite stays the suspect).""")
     flag_z: float = spec(
         4.0, Num(0, 1e6),
-        """A universal z-score at least this flags the teacher by itself (verdict at least
-        ``unsure``), and lets a ``poisoned`` margin verdict stand when the two statistics name
-        different classes; below it, a margin verdict ``poisoned`` for a class the universal
-        statistic does not favour becomes ``unsure``.""")
+        """A universal z-score at least this keeps the verdict from ``clean`` by itself (at
+        least ``unsure``: the eraser goes on probation). ``poisoned`` needs the suspect's
+        evidence below ``alpha`` (see ``alpha``).""")
 
     def check(self) -> None:
         if self.clean_alpha < self.alpha:
@@ -122,8 +144,12 @@ class AuditReport:
         suspect: the class with the largest statistic.
         target: ``suspect`` unless the verdict is ``"clean"`` (then ``None``).
         statistic: per class, the maximum margin ``r_c``.
-        p_values: per class, the order-statistic p-value of ``r_c`` under a Gamma fitted to the
-            other classes.
+        p_values: per class, the calibrated p-value of ``r_c`` (:func:`calibrated_pvalues`:
+            the share of simulated clean teachers, ``K`` Gamma statistics with the shape fitted
+            to the other classes, whose largest statistic looks at least as extreme).
+        raw_p_values: per class, the plug-in order-statistic p-value ``1 - F(r_c)^K`` of the
+            Gamma fitted to the other classes (MM-BD's; too small on clean teachers, kept for
+            comparison; ``None`` in reports saved before it existed).
         z_scores: per class, ``(r_c - median) / (1.4826 * MAD)`` of the other classes.
         seconds: wall time of the audit.
         input_shape: one input's shape, e.g. ``(3, 32, 32)``.
@@ -134,7 +160,8 @@ class AuditReport:
         alpha, clean_alpha: the thresholds the verdict used.
         universal: per class, the universal blend statistic (:mod:`abd_plugin.universal`;
             ``None`` when not computed); ``universal_class``, ``universal_z``: its favourite and
-            that class's leave-one-out z-score.
+            that class's leave-one-out z-score; ``universal_p``: that z-score's p-value
+            (:func:`universal_pvalue`).
         margin_suspect: the class with the largest maximum margin (the suspect unless the
             universal statistic named another one).
         reason: how the verdict and the suspect were decided, in words.
@@ -150,7 +177,7 @@ class AuditReport:
     input_shape: tuple[int, ...]
     input_range: tuple[tuple[float, ...], tuple[float, ...]]
     alpha: float = 0.05
-    clean_alpha: float = 0.2
+    clean_alpha: float = 0.5
     ensemble_class: int | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     universal: tuple[float, ...] | None = None
@@ -158,6 +185,8 @@ class AuditReport:
     universal_z: float | None = None
     margin_suspect: int | None = None
     reason: str = ""
+    raw_p_values: tuple[float, ...] | None = None
+    universal_p: float | None = None
 
     @property
     def p_value(self) -> float:
@@ -192,7 +221,9 @@ class AuditReport:
             head = f"no backdoor found (largest statistic: {stat})"
         if self.universal_class is not None and self.universal_z is not None:
             head += (f"; the universal blend statistic favours class {self.universal_class} "
-                     f"(z = {self.universal_z:.1f})")
+                     f"(z = {self.universal_z:.1f}"
+                     + (f", p = {self.universal_p:.2g})" if self.universal_p is not None
+                        else ")"))
         if self.ensemble_class is not None:
             head += (f"; the shuffled ensemble favours class {self.ensemble_class}"
                      f" ({'agrees' if self.agree else 'disagrees'})")
@@ -203,13 +234,16 @@ class AuditReport:
         if self.reason:
             lines.append(f"why: {self.reason}")
         uni = self.universal
-        lines.append(f"{'class':>5} {'max margin':>11} {'p-value':>9} {'robust z':>9}"
+        raw = self.raw_p_values
+        lines.append(f"{'class':>5} {'max margin':>11} {'p-value':>9}"
+                     + (f" {'plug-in p':>9}" if raw is not None else "") + f" {'robust z':>9}"
                      + (f" {'universal':>10}" if uni is not None else ""))
         for c, (r, p, z) in enumerate(zip(self.statistic, self.p_values, self.z_scores,
                                            strict=True)):
             mark = "  <- suspect" if c == self.suspect else ""
             u = f" {uni[c]:>10.3f}" if uni is not None else ""
-            lines.append(f"{c:>5} {r:>11.3f} {p:>9.2g} {z:>9.1f}{u}{mark}")
+            q = f" {raw[c]:>9.2g}" if raw is not None else ""
+            lines.append(f"{c:>5} {r:>11.3f} {p:>9.2g}{q} {z:>9.1f}{u}{mark}")
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -246,6 +280,115 @@ def order_pvalues(stat: Tensor) -> Tensor:
         cdf = torch.special.gammainc(k, r[c] / theta)
         out[c] = 1 - cdf.clamp(0, 1) ** K
     return out.clamp(0.0, 1.0)
+
+
+def _shifted(stat: Tensor) -> Tensor:
+    """The statistics shifted so that every value is positive (float64): margins can be <= 0
+    for classes the model can hardly produce; the shift is common to every class."""
+    r = stat.double()
+    return r + torch.clamp(-r.min(), min=0.0) + 1e-6 * (r.abs().max() + 1)
+
+
+def _largest_pvalue(r: Tensor) -> Tensor:
+    """Rows of positive statistics (..., K) -> the plug-in order p-value of each row's
+    largest value (Gamma fitted to the row's other values): what :func:`order_pvalues` gives
+    the suspect, for many rows at once."""
+    K = r.shape[-1]
+    top, idx = r.max(-1)
+    keep = torch.ones_like(r, dtype=torch.bool).scatter_(-1, idx.unsqueeze(-1), False)
+    rest = r[keep].view(*r.shape[:-1], K - 1)
+    k, theta = _gamma_fit_rows(rest)
+    return 1 - torch.special.gammainc(k, top / theta).clamp(0, 1) ** K
+
+
+def _gamma_fit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_gamma_fit` of every row of ``x`` (..., n) at once."""
+    mean = x.mean(-1)
+    s = (torch.log(mean) - torch.log(x).mean(-1)).clamp_min(1e-12)
+    k = (3 - s + torch.sqrt((s - 3) ** 2 + 24 * s)) / (12 * s)
+    for _ in range(20):
+        num = torch.log(k) - torch.special.digamma(k) - s
+        den = 1 / k - torch.special.polygamma(1, k)
+        k = (k - num / den).clamp_min(1e-6)
+    return k, mean / k
+
+
+def _standard_gamma(shape: float, size: tuple[int, ...], gen: torch.Generator) -> Tensor:
+    """Gamma(shape, 1) draws (float64) from ``gen`` only (Marsaglia and Tsang's method; shapes
+    below 1 through Gamma(shape + 1) * U^(1 / shape))."""
+    n = math.prod(size)
+    a = shape + 1.0 if shape < 1.0 else shape
+    d = a - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    out = torch.empty(0, dtype=torch.float64)
+    while out.numel() < n:
+        m = int((n - out.numel()) * 1.1) + 16
+        x = torch.randn(m, generator=gen, dtype=torch.float64)
+        u = torch.rand(m, generator=gen, dtype=torch.float64)
+        v = (1 + c * x) ** 3
+        ok = v > 0
+        logv = torch.log(v.clamp_min(1e-300))
+        ok &= torch.log(u) < 0.5 * x * x + d - d * v + d * logv
+        out = torch.cat([out, (d * v)[ok]])
+    out = out[:n]
+    if shape < 1.0:
+        out = out * torch.rand(n, generator=gen, dtype=torch.float64) ** (1.0 / shape)
+    return out.view(size)
+
+
+def calibrated_pvalues(stat: Tensor, draws: int = 2000, seed: int = 0) -> Tensor:
+    """Per class, the p-value of the audit's decision rule itself, calibrated by simulation.
+
+    :func:`order_pvalues` plugs a Gamma fitted to only ``K - 1`` values into ``1 - F(r)^K``;
+    that ignores the fit's own error and, with 10 classes, calls ``p < 0.05`` far more often
+    than 1 time in 20 when nothing is wrong. Here, for class ``c``: draw ``draws`` sets of
+    ``K`` independent Gamma values with the shape fitted to the other classes (the null: no
+    class is special; the scale does not matter), apply the same rule to each set (the plug-in
+    p-value of its largest value, Gamma fitted to the rest), and return the share of sets whose
+    p-value is at most class ``c``'s: ``(1 + #{p_sim <= p_c}) / (draws + 1)``. Deterministic
+    in ``seed``; the global RNG is not touched. The smallest value is ``1 / (draws + 1)``."""
+    r = _shifted(stat)
+    K = r.numel()
+    raw = order_pvalues(stat)
+    out = torch.ones(K, dtype=torch.float64)
+    if K < 3:
+        return raw
+    gen = torch.Generator().manual_seed(int(seed))
+    for c in range(K):
+        rest = torch.cat([r[:c], r[c + 1:]])
+        if float(rest.std()) == 0.0:
+            out[c] = raw[c]
+            continue
+        k, _ = _gamma_fit_rows(rest)
+        sims = _standard_gamma(float(k), (draws, K), gen)
+        sims = sims + 1e-6 * (sims.max(-1, keepdim=True).values + 1)
+        null = _largest_pvalue(sims)
+        out[c] = (1 + int((null <= raw[c]).sum())) / (draws + 1)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _universal_null(num_classes: int, draws: int, seed: int) -> Tensor:
+    """Sorted leave-one-out z of the largest of ``num_classes`` independent standard normals
+    (``draws`` sets): the universal statistic's null when no class is special."""
+    gen = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(draws, num_classes, generator=gen, dtype=torch.float64)
+    top, idx = x.max(1)
+    keep = torch.ones_like(x, dtype=torch.bool).scatter_(1, idx.unsqueeze(1), False)
+    rest = x[keep].view(draws, num_classes - 1)
+    return ((top - rest.mean(1)) / rest.std(1, unbiased=False)).sort().values
+
+
+def universal_pvalue(z: float, num_classes: int, draws: int = 20000, seed: int = 0) -> float:
+    """The p-value of the universal statistic's favourite: the share of ``draws`` sets of
+    ``num_classes`` independent normal statistics whose largest value's leave-one-out z-score
+    (:func:`~abd_plugin.universal.leave_one_out_z`) is at least ``z``,
+    ``(1 + count) / (draws + 1)``."""
+    if num_classes < 3:
+        return 1.0
+    null = _universal_null(int(num_classes), int(draws), int(seed))
+    above = len(null) - int(torch.searchsorted(null, torch.tensor(float(z), dtype=null.dtype)))
+    return (1 + above) / (len(null) + 1)
 
 
 def robust_z(stat: Tensor) -> Tensor:
@@ -393,7 +536,8 @@ def audit(
         raise ValueError("the audit needs a classifier with at least 2 classes")
     stat = max_margin_statistic(model, shape, num_classes, input_range=(low, high),
                                 settings=s, logits_fn=logits_fn, seed=seed)
-    p = order_pvalues(stat)
+    raw_p = order_pvalues(stat)
+    p = calibrated_pvalues(stat, draws=s.null_draws, seed=seed)
     z = robust_z(stat)
     notes: list[str] = []
     if num_classes < 4:
@@ -404,13 +548,14 @@ def audit(
         uni = universal_statistic(model, shape, num_classes, low, high, s, seed=seed,
                                   logits_fn=logits_fn)
     u_class, u_z = (None, None) if uni is None else leave_one_out_z(uni)
-    verdict, suspect, reason = _decide(stat, p, uni, s)
+    verdict, suspect, reason, u_p = _decide(stat, p, uni, s)
     ens = None
     if samples is not None:
         ens = ensemble_favourite(rep, samples, logits_fn=logits_fn)
     return AuditReport(
         verdict=verdict, suspect=suspect, target=None if verdict == "clean" else suspect,
         statistic=tuple(float(v) for v in stat), p_values=tuple(float(v) for v in p),
+        raw_p_values=tuple(float(v) for v in raw_p), universal_p=u_p,
         z_scores=tuple(float(v) for v in z), seconds=time.perf_counter() - t0,
         input_shape=shape, input_range=(tuple(low.tolist()), tuple(high.tolist())),
         alpha=s.alpha, clean_alpha=s.clean_alpha, ensemble_class=ens, notes=tuple(notes),
@@ -420,34 +565,53 @@ def audit(
 
 
 def _decide(stat: Tensor, p: Tensor, uni: Tensor | None, s: AuditSettings
-            ) -> tuple[Verdict, int, str]:
-    """The verdict, the suspect and why, from the margin statistic (``stat``, its p-values
-    ``p``) and the universal statistic ``uni`` (see :class:`AuditSettings`)."""
+            ) -> tuple[Verdict, int, str, float | None]:
+    """The verdict, the suspect, why, and the universal favourite's p-value, from the margin
+    statistic (``stat``, its calibrated p-values ``p``) and the universal statistic ``uni``
+    (see :class:`AuditSettings`).
+
+    The suspect is the universal statistic's favourite when its z-score reaches ``target_z``
+    and its p-value is below the margin favourite's, else the margin statistic's.
+    ``poisoned``: the suspect's evidence, the smaller calibrated p-value of the statistics that
+    favour it times 2 (Bonferroni: two statistics were looked at), is below ``alpha``.
+    ``clean``: the margin favourite's p-value is at least ``clean_alpha`` and the universal
+    z-score is below ``flag_z``. ``unsure`` otherwise."""
     m = int(torch.argmax(stat))
     pm = float(p[m])
-    mv: Verdict = "poisoned" if pm < s.alpha else ("clean" if pm >= s.clean_alpha else "unsure")
-    said = f"the margin statistic favours class {m} (p = {pm:.2g}: {mv})"
     if uni is None:
-        return mv, m, said
+        mv: Verdict = ("poisoned" if pm < s.alpha else
+                       ("clean" if pm >= s.clean_alpha else "unsure"))
+        return mv, m, f"the margin statistic favours class {m} (p = {pm:.2g}: {mv})", None
     u, zu = leave_one_out_z(uni)
-    said += f"; the universal blend statistic favours class {u} (z = {zu:.1f})"
-    suspect = u if zu >= s.target_z else m
+    pu = universal_pvalue(zu, int(uni.numel()), draws=10 * s.null_draws)
+    said = (f"the margin statistic favours class {m} (p = {pm:.2g}); the universal blend "
+            f"statistic favours class {u} (z = {zu:.1f}, p = {pu:.2g})")
+    suspect = u if (zu >= s.target_z and pu < pm) else m
+    votes = [q for q, c in ((pm, m), (pu, u)) if c == suspect]
+    evidence = min(1.0, 2 * min(votes))
     if u == m:
-        verdict: Verdict = mv if (mv != "clean" or zu < s.flag_z) else "unsure"
-        why = "they agree" + (" and the universal z reaches flag_z" if verdict != mv else "")
-    elif mv == "poisoned" and zu < s.flag_z:
-        verdict, why = "unsure", (f"they disagree and the universal z is below flag_z "
-                                  f"({s.flag_z:g}): poisoned is lowered to unsure")
-    elif zu >= s.flag_z:
-        verdict = "poisoned" if mv == "poisoned" else "unsure"
-        why = f"they disagree; the universal z reaches flag_z ({s.flag_z:g})"
+        who = "both favour it"
+    elif suspect == u:
+        who = (f"the universal z reaches target_z ({s.target_z:g}) and its p is the "
+               "smaller")
+    elif zu >= s.target_z:
+        who = "the margin statistic's p is the smaller"
     else:
-        verdict, why = mv, "they disagree; the margin statistic's verdict stands"
-    if verdict != "clean" and u != m:
-        why += (f"; class {u} is the suspect (universal z >= target_z = {s.target_z:g})"
-                if suspect == u else
-                f"; class {m} is the suspect (universal z below target_z = {s.target_z:g})")
-    return verdict, suspect, f"{said}; {why}"
+        who = f"the universal z is below target_z ({s.target_z:g})"
+    why = f"class {suspect} is the suspect ({who}); its evidence 2 x p = {evidence:.2g}"
+    if evidence < s.alpha:
+        verdict: Verdict = "poisoned"
+        why += f" is below alpha ({s.alpha:g}): poisoned"
+    elif pm >= s.clean_alpha and zu < s.flag_z:
+        verdict = "clean"
+        why += (f"; the margin p reaches clean_alpha ({s.clean_alpha:g}) and the universal z is "
+                f"below flag_z ({s.flag_z:g}): clean")
+    else:
+        verdict = "unsure"
+        why += (f" is not below alpha ({s.alpha:g}), and "
+                + (f"the universal z reaches flag_z ({s.flag_z:g})" if zu >= s.flag_z else
+                   f"the margin p is below clean_alpha ({s.clean_alpha:g})") + ": unsure")
+    return verdict, suspect, f"{said}; {why}", pu
 
 
 def ensemble_favourite(replica: TeacherReplica, samples: Tensor, *,
@@ -618,4 +782,5 @@ def audit_report_from_dict(d: dict[str, Any]) -> AuditReport:
 
 __all__ = ["AuditSettings", "AuditReport", "AuditRecord", "TeacherAudit", "audit",
            "max_margin_statistic", "order_pvalues", "robust_z", "ensemble_favourite",
-           "infer_input_range", "audit_report_from_dict", "universal_statistic"]
+           "infer_input_range", "audit_report_from_dict", "universal_statistic",
+           "calibrated_pvalues", "universal_pvalue"]

@@ -21,6 +21,10 @@ pin exactly; ``default_poisoned``, ``default_poisoned_recheck``, ``resumed`` and
 students equal one another), and ``forced_clean`` now equals ``default_clean`` (the mask forced
 on a clean teacher waits, unconfirmed: the run is bit-identical to the unforced one).
 
+Re-recorded for issue 17's calibrated audit null (the reports' p-values are calibrated and the
+verdict's "How:" line gives both statistics' p-values and the suspect's evidence): every student
+sum is bit-identical; only the report texts changed.
+
 Re-record (only when a behaviour change is intended, and say so in the commit):
 ``python tests/test_behaviour_pins.py`` prints the ``PINS`` literal.
 """
@@ -144,88 +148,101 @@ SCENARIOS: dict[str, Callable[[], dict[str, Any]]] = {
 }
 
 PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard report\n'
-                       '  Input domain: inputs in [0, 1] (read off the first batch: values in [0, '
-                       '1]).\n'
+                       '  Input domain: inputs in [0, 1] (read off the first batch: values in '
+                       '[0, 1]).\n'
                        '  Teacher audit: not run (audit=False)\n'
                        '  Trigger eraser: off (erase=False).\n'
-                       '  SV: no vaccine found after 8 shuffle(s) at depth 1, 5 depth(s) scored '
-                       'first (best tail ratio 0.0000 <= 0.02) - SV is off; SR is still available; '
-                       'suspicious fraction nan over 0 synthesis batches, <t>s\n'
+                       '  SV: no vaccine found after 8 shuffle(s) at depth 1, 5 depth(s) '
+                       'scored first (best tail ratio 0.0000 <= 0.02) - SV is off; SR is '
+                       'still available; suspicious fraction nan over 0 synthesis batches, '
+                       '<t>s\n'
                        '  Self-Retrospection: 18 step(s) (window starts at step 30), <t>s.\n'
                        '  Student optimizer steps seen: 48.',
              'sum': 8.25706594978692,
              'wsum': -5.98235205305793},
  'default_clean': {'report': 'abd-plugin guard report\n'
-                             '  Input domain: inputs in [0, 1] (read off the first batch: values '
-                             'in [0, 1]).\n'
-                             "  Teacher audit: no backdoor found (class 7's maximum margin 0.0927, "
-                             'p = 0.5, robust z = 5.8; <t>s).\n'
-                             '    How: the margin statistic favours class 7 (p = 0.5: clean); the '
-                             'universal blend statistic favours class 7 (z = 2.7); they agree.\n'
-                             '    The shuffled-teacher ensemble favours class 7 on the inputs seen '
-                             '(agrees).\n'
-                             "  Trigger eraser: off (audit verdict clean (erase_on='flagged')).\n"
+                             '  Input domain: inputs in [0, 1] (read off the first batch: '
+                             'values in [0, 1]).\n'
+                             "  Teacher audit: no backdoor found (class 7's maximum margin "
+                             '0.0927, p = 0.91, robust z = 5.8; <t>s).\n'
+                             '    How: the margin statistic favours class 7 (p = 0.91); the '
+                             'universal blend statistic favours class 7 (z = 2.7, p = 0.21); '
+                             'class 7 is the suspect (both favour it); its evidence 2 x p = '
+                             '0.43; the margin p reaches clean_alpha (0.5) and the universal '
+                             'z is below flag_z (4): clean.\n'
+                             '    The shuffled-teacher ensemble favours class 7 on the inputs '
+                             'seen (agrees).\n'
+                             '  Trigger eraser: off (audit verdict clean '
+                             "(erase_on='flagged')).\n"
                              '  Shuffling Vaccine: off.\n'
                              '  Self-Retrospection: did not run.\n'
                              '  Student optimizer steps seen: 48.',
                    'sum': -3.816860363353044,
                    'wsum': -6.625549063632392},
  'default_iga': {'report': 'abd-plugin guard report\n'
-                           '  Input domain: inputs in [0, 1] (read off the first batch: values in '
-                           '[0, 1]).\n'
-                           '  Teacher audit: the teacher looks BACKDOORED towards class 0 (class '
-                           "0's maximum margin 69.9, p = 3.1e-09, robust z = 10.4; <t>s).\n"
-                           '    How: the margin statistic favours class 0 (p = 3.1e-09: poisoned); '
-                           'the universal blend statistic favours class 0 (z = 3.1); they agree.\n'
-                           '    The shuffled-teacher ensemble favours class 0 on the inputs seen '
-                           '(agrees).\n'
-                           '  Trigger eraser: off, on probation (audit verdict poisoned for class '
-                           "0 (erase_on='flagged'): on probation, the mask must be confirmed "
-                           'before it acts; 12 update(s) so far).\n'
+                           '  Input domain: inputs in [0, 1] (read off the first batch: '
+                           'values in [0, 1]).\n'
+                           '  Teacher audit: the teacher looks BACKDOORED towards class 0 '
+                           "(class 0's maximum margin 69.9, p = 0.003, robust z = 10.4; "
+                           '<t>s).\n'
+                           '    How: the margin statistic favours class 0 (p = 0.003); the '
+                           'universal blend statistic favours class 0 (z = 3.1, p = 0.11); '
+                           'class 0 is the suspect (both favour it); its evidence 2 x p = '
+                           '0.006 is below alpha (0.05): poisoned.\n'
+                           '    The shuffled-teacher ensemble favours class 0 on the inputs '
+                           'seen (agrees).\n'
+                           '  Trigger eraser: off, on probation (audit verdict poisoned for '
+                           "class 0 (erase_on='flagged'): on probation, the mask must be "
+                           'confirmed before it acts; 12 update(s) so far).\n'
                            '  Shuffling Vaccine: off.\n'
                            '  Self-Retrospection: did not run.\n'
-                           '  Input-gradient alignment (KDIGA): 48 step(s), last term 1.53, <t>s.\n'
+                           '  Input-gradient alignment (KDIGA): 48 step(s), last term 1.53, '
+                           '<t>s.\n'
                            '  Student optimizer steps seen: 48.',
                  'sum': 10.729437425499782,
                  'wsum': -8.207474365515536},
  'default_poisoned': {'report': 'abd-plugin guard report\n'
                                 '  Input domain: inputs in [0, 1] (read off the first batch: '
                                 'values in [0, 1]).\n'
-                                '  Teacher audit: the teacher looks BACKDOORED towards class 0 '
-                                "(class 0's maximum margin 69.9, p = 3.1e-09, robust z = 10.4; "
-                                '<t>s).\n'
-                                '    How: the margin statistic favours class 0 (p = 3.1e-09: '
-                                'poisoned); the universal blend statistic favours class 0 (z = '
-                                '3.1); they agree.\n'
-                                '    The shuffled-teacher ensemble favours class 0 on the inputs '
-                                'seen (agrees).\n'
-                                '  Trigger eraser: off, on probation (audit verdict poisoned for '
-                                "class 0 (erase_on='flagged'): on probation, the mask must be "
-                                'confirmed before it acts; 12 update(s) so far).\n'
+                                '  Teacher audit: the teacher looks BACKDOORED towards class '
+                                "0 (class 0's maximum margin 69.9, p = 0.003, robust z = "
+                                '10.4; <t>s).\n'
+                                '    How: the margin statistic favours class 0 (p = 0.003); '
+                                'the universal blend statistic favours class 0 (z = 3.1, p = '
+                                '0.11); class 0 is the suspect (both favour it); its evidence '
+                                '2 x p = 0.006 is below alpha (0.05): poisoned.\n'
+                                '    The shuffled-teacher ensemble favours class 0 on the '
+                                'inputs seen (agrees).\n'
+                                '  Trigger eraser: off, on probation (audit verdict poisoned '
+                                "for class 0 (erase_on='flagged'): on probation, the mask "
+                                'must be confirmed before it acts; 12 update(s) so far).\n'
                                 '  Shuffling Vaccine: off.\n'
                                 '  Self-Retrospection: did not run.\n'
                                 '  Student optimizer steps seen: 48.',
                       'sum': 12.546596856089309,
                       'wsum': -6.383434932725678},
  'default_poisoned_no_probation': {'report': 'abd-plugin guard report\n'
-                                             '  Input domain: inputs in [0, 1] (read off the first '
-                                             'batch: values in [0, 1]).\n'
+                                             '  Input domain: inputs in [0, 1] (read off the '
+                                             'first batch: values in [0, 1]).\n'
                                              '  Teacher audit: the teacher looks BACKDOORED '
-                                             "towards class 0 (class 0's maximum margin 69.9, p = "
-                                             '3.1e-09, robust z = 10.4; <t>s).\n'
-                                             '    How: the margin statistic favours class 0 (p = '
-                                             '3.1e-09: poisoned); the universal blend statistic '
-                                             'favours class 0 (z = 3.1); they agree.\n'
-                                             '    The shuffled-teacher ensemble favours class 0 on '
-                                             'the inputs seen (agrees).\n'
+                                             "towards class 0 (class 0's maximum margin 69.9, "
+                                             'p = 0.003, robust z = 10.4; <t>s).\n'
+                                             '    How: the margin statistic favours class 0 '
+                                             '(p = 0.003); the universal blend statistic '
+                                             'favours class 0 (z = 3.1, p = 0.11); class 0 is '
+                                             'the suspect (both favour it); its evidence 2 x '
+                                             'p = 0.006 is below alpha (0.05): poisoned.\n'
+                                             '    The shuffled-teacher ensemble favours class '
+                                             '0 on the inputs seen (agrees).\n'
                                              '  Trigger eraser: ON for class 0 (audit verdict '
                                              "poisoned (erase_on='flagged')). The teacher saw "
-                                             'every input with 0 position(s) erased (mask 3.3 % of '
-                                             'the input), learned in 11 update(s), <t>s.\n'
-                                             '    At the last update the erasure moved 100 % of '
-                                             'the samples the teacher called class 0 (0 % of the '
-                                             'batch) to other classes and kept 100 % of the '
-                                             "others' classes.\n"
+                                             'every input with 0 position(s) erased (mask 3.3 '
+                                             '% of the input), learned in 11 update(s), '
+                                             '<t>s.\n'
+                                             '    At the last update the erasure moved 100 % '
+                                             'of the samples the teacher called class 0 (0 % '
+                                             'of the batch) to other classes and kept 100 % '
+                                             "of the others' classes.\n"
                                              '  Shuffling Vaccine: off.\n'
                                              '  Self-Retrospection: did not run.\n'
                                              '  Student optimizer steps seen: 48.',
@@ -234,63 +251,71 @@ PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard repor
  'default_poisoned_recheck': {'report': 'abd-plugin guard report\n'
                                         '  Input domain: inputs in [0, 1] (read off the first '
                                         'batch: values in [0, 1]).\n'
-                                        '  Teacher audit: the teacher looks BACKDOORED towards '
-                                        "class 0 (class 0's maximum margin 69.9, p = 3.1e-09, "
-                                        'robust z = 10.4; <t>s).\n'
+                                        '  Teacher audit: the teacher looks BACKDOORED '
+                                        "towards class 0 (class 0's maximum margin 69.9, p = "
+                                        '0.003, robust z = 10.4; <t>s).\n'
                                         '    How: the margin statistic favours class 0 (p = '
-                                        '3.1e-09: poisoned); the universal blend statistic favours '
-                                        'class 0 (z = 3.1); they agree.\n'
-                                        '    The shuffled-teacher ensemble favours class 0 on the '
-                                        'inputs seen (agrees).\n'
+                                        '0.003); the universal blend statistic favours class '
+                                        '0 (z = 3.1, p = 0.11); class 0 is the suspect (both '
+                                        'favour it); its evidence 2 x p = 0.006 is below '
+                                        'alpha (0.05): poisoned.\n'
+                                        '    The shuffled-teacher ensemble favours class 0 on '
+                                        'the inputs seen (agrees).\n'
                                         '  Trigger eraser: off, on probation (audit verdict '
-                                        "poisoned for class 0 (erase_on='flagged'): on probation, "
-                                        'the mask must be confirmed before it acts; 24 update(s) '
-                                        'so far).\n'
+                                        "poisoned for class 0 (erase_on='flagged'): on "
+                                        'probation, the mask must be confirmed before it '
+                                        'acts; 24 update(s) so far).\n'
                                         '  Shuffling Vaccine: off.\n'
                                         '  Self-Retrospection: did not run.\n'
                                         '  Student optimizer steps seen: 48.',
                               'sum': 12.546596856089309,
                               'wsum': -6.383434932725678},
  'forced_clean': {'report': 'abd-plugin guard report\n'
-                            '  Input domain: inputs in [0, 1] (read off the first batch: values in '
-                            '[0, 1]).\n'
-                            "  Teacher audit: no backdoor found (class 7's maximum margin 0.0927, "
-                            'p = 0.5, robust z = 5.8; <t>s).\n'
-                            '    How: the margin statistic favours class 7 (p = 0.5: clean); the '
-                            'universal blend statistic favours class 7 (z = 2.7); they agree.\n'
-                            '    The shuffled-teacher ensemble favours class 7 on the inputs seen '
-                            '(agrees).\n'
-                            '  Trigger eraser: off, on probation (audit verdict clean for class 7 '
-                            "(erase_on='always'): on probation, the mask must be confirmed before "
-                            'it acts; 12 update(s) so far).\n'
+                            '  Input domain: inputs in [0, 1] (read off the first batch: '
+                            'values in [0, 1]).\n'
+                            "  Teacher audit: no backdoor found (class 7's maximum margin "
+                            '0.0927, p = 0.91, robust z = 5.8; <t>s).\n'
+                            '    How: the margin statistic favours class 7 (p = 0.91); the '
+                            'universal blend statistic favours class 7 (z = 2.7, p = 0.21); '
+                            'class 7 is the suspect (both favour it); its evidence 2 x p = '
+                            '0.43; the margin p reaches clean_alpha (0.5) and the universal z '
+                            'is below flag_z (4): clean.\n'
+                            '    The shuffled-teacher ensemble favours class 7 on the inputs '
+                            'seen (agrees).\n'
+                            '  Trigger eraser: off, on probation (audit verdict clean for '
+                            "class 7 (erase_on='always'): on probation, the mask must be "
+                            'confirmed before it acts; 12 update(s) so far).\n'
                             '  Shuffling Vaccine: off.\n'
                             '  Self-Retrospection: did not run.\n'
                             '  Student optimizer steps seen: 48.',
                   'sum': -3.816860363353044,
                   'wsum': -6.625549063632392},
  'paper': {'report': 'abd-plugin guard report\n'
-                     '  Input domain: inputs in [0, 1] (read off the first batch: values in [0, '
-                     '1]).\n'
+                     '  Input domain: inputs in [0, 1] (read off the first batch: values in '
+                     '[0, 1]).\n'
                      '  Teacher audit: not run (audit=False)\n'
                      '  Trigger eraser: off (erase=False).\n'
-                     "  SV: on, 4 shuffled layer(s) ['3', '6', '9', '12'], coef 0.1, 24 batch(es) "
-                     'seen; suspicious fraction 0.000 over 24 synthesis batches, <t>s\n'
+                     "  SV: on, 4 shuffled layer(s) ['3', '6', '9', '12'], coef 0.1, 24 "
+                     'batch(es) seen; suspicious fraction 0.000 over 24 synthesis batches, '
+                     '<t>s\n'
                      '  Self-Retrospection: 12 step(s) (window starts at step 36), <t>s.\n'
                      '  Student optimizer steps seen: 48.',
            'sum': 12.96302442974411,
            'wsum': -6.484258558264415},
  'resumed': {'report': 'abd-plugin guard report\n'
-                       '  Input domain: inputs in [0, 1] (read off the first batch: values in [0, '
-                       '1]).\n'
-                       "  Teacher audit: the teacher looks BACKDOORED towards class 0 (class 0's "
-                       'maximum margin 69.9, p = 3.1e-09, robust z = 10.4; <t>s).\n'
-                       '    How: the margin statistic favours class 0 (p = 3.1e-09: poisoned); the '
-                       'universal blend statistic favours class 0 (z = 3.1); they agree.\n'
+                       '  Input domain: inputs in [0, 1] (read off the first batch: values in '
+                       '[0, 1]).\n'
+                       '  Teacher audit: the teacher looks BACKDOORED towards class 0 (class '
+                       "0's maximum margin 69.9, p = 0.003, robust z = 10.4; <t>s).\n"
+                       '    How: the margin statistic favours class 0 (p = 0.003); the '
+                       'universal blend statistic favours class 0 (z = 3.1, p = 0.11); class '
+                       '0 is the suspect (both favour it); its evidence 2 x p = 0.006 is '
+                       'below alpha (0.05): poisoned.\n'
                        '    The shuffled-teacher ensemble favours class 0 on the inputs seen '
                        '(agrees).\n'
-                       '  Trigger eraser: off, on probation (audit verdict poisoned for class 0 '
-                       "(erase_on='flagged'): on probation, the mask must be confirmed before it "
-                       'acts; 24 update(s) so far).\n'
+                       '  Trigger eraser: off, on probation (audit verdict poisoned for class '
+                       "0 (erase_on='flagged'): on probation, the mask must be confirmed "
+                       'before it acts; 24 update(s) so far).\n'
                        '  Shuffling Vaccine: off.\n'
                        '  Self-Retrospection: did not run.\n'
                        '  Student optimizer steps seen: 48.',

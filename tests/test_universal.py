@@ -18,7 +18,9 @@ def test_the_audit_names_a_blend_triggers_target_that_the_margin_statistic_misse
     rep = audit(model, (1, 16, 16), **FAST)
     assert rep.margin_suspect != 3  # the margin statistic alone: a natural class, "clean"
     assert rep.universal_class == 3 and rep.universal_z is not None and rep.universal_z >= 4.0
-    assert rep.suspect == 3 and rep.target == 3 and rep.verdict == "unsure"
+    # the universal z alone is far beyond its null (calibrated p ~ 1e-4): poisoned, for class 3
+    assert rep.suspect == 3 and rep.target == 3 and rep.verdict == "poisoned"
+    assert rep.universal_p is not None and 2 * rep.universal_p < rep.alpha
     assert "universal blend statistic favours class 3" in rep.reason
     assert "universal" in str(rep)  # the table's column
     off = audit(model, (1, 16, 16), **FAST, universal=False)

@@ -99,6 +99,13 @@ def audit_table(archs: Sequence[str], triggers: Sequence[str], seeds: Sequence[i
                        "target": spec.target, "teacher_acc": meta["acc"], "teacher_asr": asr,
                        "verdict": rep.verdict, "suspect": rep.suspect,
                        "p_value": rep.p_value, "z_score": rep.z_score,
+                       "margin_suspect": rep.margin_suspect,
+                       "margin_p": rep.p_values[int(rep.margin_suspect or 0)],
+                       "margin_raw_p": (None if rep.raw_p_values is None else
+                                        rep.raw_p_values[int(rep.margin_suspect or 0)]),
+                       "universal_class": rep.universal_class, "universal_z": rep.universal_z,
+                       "universal_p": rep.universal_p, "statistic": list(rep.statistic),
+                       "universal": None if rep.universal is None else list(rep.universal),
                        "seconds": rep.seconds, "train_seconds": train_s}
                 rows.append(row)
                 log(f"{arch} {trig} seed {seed}: {rep.verdict}, suspect {rep.suspect}, "
@@ -130,6 +137,13 @@ def write_audit_table(rows: list[dict[str, Any]], out: Path) -> None:
         lines += [f"Clean teachers: {len(clean)}; called poisoned: "
                   f"{sum(r['verdict'] == 'poisoned' for r in clean)}; unsure: "
                   f"{sum(r['verdict'] == 'unsure' for r in clean)}."]
+        cal = [r["margin_p"] for r in clean if r.get("margin_p") is not None]
+        raw = [r["margin_raw_p"] for r in clean if r.get("margin_raw_p") is not None]
+        if cal and raw:  # a calibrated null falls below 0.05 about 1 time in 20
+            lines += [f"Clean teachers' margin p-value below 0.05: calibrated "
+                      f"{sum(v < 0.05 for v in cal)} / {len(cal)}, plug-in "
+                      f"{sum(v < 0.05 for v in raw)} / {len(raw)}; median calibrated "
+                      f"{statistics.median(cal):.2f} (uniform: 0.5)."]
     secs = [r["seconds"] for r in rows]
     lines += [f"Audit seconds per teacher: {statistics.mean(secs):.1f} (max {max(secs):.1f})."]
     (out / "audit.md").write_text("\n".join(lines) + "\n")

@@ -31,3 +31,5 @@ def test_audit_table_counts_targets_and_false_alarms(tmp_path, capsys):
     assert "suspect = true target: 1" in md and "Clean teachers: 1; called poisoned: 0" in md
     rows = json.loads((tmp_path / "audit.json").read_text())
     assert [r["verdict"] for r in rows] == ["clean", "poisoned"]
+    assert "Clean teachers' margin p-value below 0.05: calibrated 0 / 1, plug-in 0 / 1" in md
+    assert len(rows[1]["statistic"]) == 10 and rows[1]["margin_raw_p"] <= rows[1]["margin_p"]
