@@ -90,8 +90,8 @@ class AuditSettings(Section):
         0.05, Num(0, 1, lo_open=True, hi_open=True),
         """The audit calls the teacher ``poisoned`` when the suspect's evidence is below this:
         the smaller calibrated p-value of the statistics that favour the suspect, times 2 (two
-        statistics are looked at). On 46 clean teachers of 4 architectures the rate was
-        measured near 1 in 20 or below (README, "The audit's null").""")
+        statistics are looked at). Measured: 1 of 52 clean teachers of 4 architectures called
+        ``poisoned`` (README, "The audit's null").""")
     clean_alpha: float = spec(
         0.5, Num(0, 1, lo_open=True),
         """The audit calls the teacher ``clean`` when the margin statistic's calibrated
