@@ -251,25 +251,13 @@ class AuditReport:
 # ---------------------------------------------------------------------------------- statistics
 def _gamma_fit(x: Tensor) -> tuple[Tensor, Tensor]:
     """Maximum-likelihood Gamma (shape k, scale theta) of positive samples (float64)."""
-    mean = x.mean()
-    s = torch.log(mean) - torch.log(x).mean()
-    s = s.clamp_min(1e-12)
-    k = (3 - s + torch.sqrt((s - 3) ** 2 + 24 * s)) / (12 * s)  # Minka's start
-    for _ in range(20):  # Newton on log k - digamma(k) = s
-        num = torch.log(k) - torch.special.digamma(k) - s
-        den = 1 / k - torch.special.polygamma(1, k)
-        k = (k - num / den).clamp_min(1e-6)
-    return k, mean / k
+    return _gamma_fit_rows(x)
 
 
 def order_pvalues(stat: Tensor) -> Tensor:
     """Per class: ``1 - F(r_c)^K`` with F the Gamma fitted to the other classes' statistics."""
-    r = stat.double()
+    r = _shifted(stat)
     K = r.numel()
-    # margins can be <= 0 for classes the model can hardly produce: shift so the fit sees
-    # positive values (the shift is common to every class)
-    shift = torch.clamp(-r.min(), min=0.0) + 1e-6 * (r.abs().max() + 1)
-    r = r + shift
     out = torch.ones(K, dtype=torch.float64)
     for c in range(K):
         rest = torch.cat([r[:c], r[c + 1:]])
@@ -302,7 +290,9 @@ def _largest_pvalue(r: Tensor) -> Tensor:
 
 
 def _gamma_fit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`_gamma_fit` of every row of ``x`` (..., n) at once."""
+    """Maximum-likelihood Gamma (shape k, scale theta) of every row of positive samples
+    ``x`` (..., n) at once (float64): Minka's start, 20 Newton steps on
+    ``log k - digamma(k) = log mean - mean log``."""
     mean = x.mean(-1)
     s = (torch.log(mean) - torch.log(x).mean(-1)).clamp_min(1e-12)
     k = (3 - s + torch.sqrt((s - 3) ** 2 + 24 * s)) / (12 * s)
@@ -346,7 +336,8 @@ def calibrated_pvalues(stat: Tensor, draws: int = 2000, seed: int = 0) -> Tensor
     class is special; the scale does not matter), apply the same rule to each set (the plug-in
     p-value of its largest value, Gamma fitted to the rest), and return the share of sets whose
     p-value is at most class ``c``'s: ``(1 + #{p_sim <= p_c}) / (draws + 1)``. Deterministic
-    in ``seed``; the global RNG is not touched. The smallest value is ``1 / (draws + 1)``."""
+    in ``seed``; the global RNG is not touched. The smallest value is ``1 / (draws + 1)``.
+    With fewer than 3 classes there is nothing to fit: the plug-in values are returned."""
     r = _shifted(stat)
     K = r.numel()
     raw = order_pvalues(stat)
