@@ -185,6 +185,12 @@ class EraseSettings(Section):
     spectral_price: float = spec(
         1.0, Num(0, 1e6),
         """The spectral gain's price on how much of the spectrum it changes.""")
+    spectral_every_on: int = spec(
+        2, Int(1, 1_000_000),
+        """Once the spectral gain acts, it is updated on every ``spectral_every_on``-th of the
+        batches it learned on during the probation (1: as often). Its updates (an inversion
+        step and the gain's own steps) are the guard's largest per-batch cost after the
+        probation.""")
     confirm_residual: float = spec(
         0.5, Num(0, 1),
         """Residual test (the spectral repair): what the repair removes from recent
@@ -351,6 +357,7 @@ class TriggerEraser(DefenseHook):
                                             seed=seed + 1, logits_fn=logits_fn)
         self.family = "mask"
         self.spectral_racing = False  # the spectral repair learns beside the mask
+        self.skipped_on = 0  # batches the acting spectral gain was not updated on
         self.erased_batches = 0
         self.audit: AuditReport | None = None  # the audit that armed the eraser (for re-audits)
 
@@ -524,7 +531,7 @@ class TriggerEraser(DefenseHook):
                 if self.status is EraserStatus.PROBATION:
                     self._probation_update(x, ctx)
                 elif self.family == "spectral":
-                    self.learn_spectral(x, distributed=ctx.distributed)
+                    self._spectral_on_update(x, ctx)
                 else:
                     self.learn(x, distributed=ctx.distributed)
                     if self.controller.due(self.learner.updates, self.audit):
@@ -571,6 +578,14 @@ class TriggerEraser(DefenseHook):
         if (self.spectral_racing and self.status is EraserStatus.PROBATION
                 and self.spectral_probation.due(clock, self.spectral)):
             self.confirm_now(distributed=dist, family="spectral")
+
+    def _spectral_on_update(self, x: Tensor, ctx: GuardContext) -> None:
+        """The acting gain's update, on every ``spectral_every_on``-th learning batch."""
+        seen = self.spectral_learner.updates + self.skipped_on
+        if seen % self.settings.spectral_every_on == 0:
+            self.learn_spectral(x, distributed=ctx.distributed)
+        else:
+            self.skipped_on += 1
 
     def _ensure_range(self, x: Tensor, domain: InputDomain | None) -> None:
         if self.spectral.low is None:
@@ -623,7 +638,7 @@ class TriggerEraser(DefenseHook):
                 **self.repair.state_dict(), **learner, **self.controller.state_dict(),
                 "audit": None if self.audit is None else asdict(self.audit),
                 **self.probation.state_dict(), "family": self.family,
-                "spectral_racing": self.spectral_racing,
+                "spectral_racing": self.spectral_racing, "skipped_on": self.skipped_on,
                 "spectral": {"repair": self.spectral.state_dict(),
                              "learner": self.spectral_learner.state_dict(),
                              **self.spectral_probation.state_dict()}}
@@ -641,6 +656,7 @@ class TriggerEraser(DefenseHook):
         self.probation.load_state_dict(state)  # no checks in states saved before it existed
         self.family = state.get("family", "mask")
         self.spectral_racing = bool(state.get("spectral_racing", False))
+        self.skipped_on = int(state.get("skipped_on", 0))
         sp = state.get("spectral")  # absent in states saved before the spectral family
         if sp is not None:
             self.spectral.load_state_dict(sp["repair"])

@@ -171,6 +171,14 @@ def test_the_bare_default_un_blends_a_blend_teacher_with_the_spectral_gain():
     assert conf["streak"] == 2  # two passing checks in a row: the first one did not act
     assert er.batches == STEPS - conf["update"] + 1
     assert "spectral gain" in str(rep)
+    # once it acts, the gain learns on every second of its learning batches (the default
+    # spectral_every_on = 2): the batches after the confirming one, halved
+    after = STEPS - conf["update"]
+    assert er.updates == conf["update"] + (after + 1) // 2
     plain, guarded = _asr(s_plain, xte, yte, trig, 3), _asr(s_guard, xte, yte, trig, 3)
     print(f"student ASR unguarded {plain:.3f} guarded {guarded:.3f}")
     assert plain >= 0.5 and guarded <= plain - 0.3
+    _, rep1 = _distill(teacher, xte, ABDConfig(**FAST, erase_spectral_every_on=1),
+                       stamped=True, trigger=trig)
+    er1 = record_of(rep1, EraserReport)
+    assert er1.spectral_confirmation == conf and er1.updates == conf["update"] + after
