@@ -271,22 +271,28 @@ def order_pvalues(stat: Tensor) -> Tensor:
 
 
 def _shifted(stat: Tensor) -> Tensor:
-    """The statistics shifted so that every value is positive (float64): margins can be <= 0
-    for classes the model can hardly produce; the shift is common to every class."""
+    """The statistics (one set per row of the last dimension) shifted so that every value is
+    positive (float64): margins can be <= 0 for classes the model can hardly produce; the
+    shift is common to every class of a set."""
     r = stat.double()
-    return r + torch.clamp(-r.min(), min=0.0) + 1e-6 * (r.abs().max() + 1)
+    lo = r.min(-1, keepdim=True).values
+    return r + torch.clamp(-lo, min=0.0) + 1e-6 * (r.abs().max(-1, keepdim=True).values + 1)
+
+
+def _split_largest(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows (..., K) -> each row's largest value (...,) and its other values (..., K - 1)."""
+    top, idx = x.max(-1)
+    keep = torch.ones_like(x, dtype=torch.bool).scatter_(-1, idx.unsqueeze(-1), False)
+    return top, x[keep].view(*x.shape[:-1], x.shape[-1] - 1)
 
 
 def _largest_pvalue(r: Tensor) -> Tensor:
     """Rows of positive statistics (..., K) -> the plug-in order p-value of each row's
     largest value (Gamma fitted to the row's other values): what :func:`order_pvalues` gives
     the suspect, for many rows at once."""
-    K = r.shape[-1]
-    top, idx = r.max(-1)
-    keep = torch.ones_like(r, dtype=torch.bool).scatter_(-1, idx.unsqueeze(-1), False)
-    rest = r[keep].view(*r.shape[:-1], K - 1)
+    top, rest = _split_largest(r)
     k, theta = _gamma_fit_rows(rest)
-    return 1 - torch.special.gammainc(k, top / theta).clamp(0, 1) ** K
+    return 1 - torch.special.gammainc(k, top / theta).clamp(0, 1) ** r.shape[-1]
 
 
 def _gamma_fit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -351,9 +357,7 @@ def calibrated_pvalues(stat: Tensor, draws: int = 2000, seed: int = 0) -> Tensor
             out[c] = raw[c]
             continue
         k, _ = _gamma_fit_rows(rest)
-        sims = _standard_gamma(float(k), (draws, K), gen)
-        sims = sims + 1e-6 * (sims.max(-1, keepdim=True).values + 1)
-        null = _largest_pvalue(sims)
+        null = _largest_pvalue(_shifted(_standard_gamma(float(k), (draws, K), gen)))
         out[c] = (1 + int((null <= raw[c]).sum())) / (draws + 1)
     return out
 
@@ -363,10 +367,8 @@ def _universal_null(num_classes: int, draws: int, seed: int) -> Tensor:
     """Sorted leave-one-out z of the largest of ``num_classes`` independent standard normals
     (``draws`` sets): the universal statistic's null when no class is special."""
     gen = torch.Generator().manual_seed(int(seed))
-    x = torch.randn(draws, num_classes, generator=gen, dtype=torch.float64)
-    top, idx = x.max(1)
-    keep = torch.ones_like(x, dtype=torch.bool).scatter_(1, idx.unsqueeze(1), False)
-    rest = x[keep].view(draws, num_classes - 1)
+    top, rest = _split_largest(torch.randn(draws, num_classes, generator=gen,
+                                           dtype=torch.float64))
     return ((top - rest.mean(1)) / rest.std(1, unbiased=False)).sort().values
 
 
