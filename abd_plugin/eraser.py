@@ -494,7 +494,12 @@ class TriggerEraser(DefenseHook):
                      f"{100 * rec['carried']:.0f} % of other samples to class {t}, the same "
                      f"area elsewhere at most {100 * rec['carried_control']:.0f} % (needs "
                      f"{100 * s.confirm_transplant:.0f} points more)")
-        why = f"after {rec['update']} update(s) {margins}; {carry}"
+        if rec.get("reaudit_skipped"):  # the transplant passed: the re-audit was not run
+            test = "universal re-audit" if spectral else "every-class re-audit"
+            why = (f"after {rec['update']} update(s) {carry}; the {test} was not needed (the "
+                   "check passes on this test alone)")
+        else:
+            why = f"after {rec['update']} update(s) {margins}; {carry}"
         if spectral and rec["confirmed"]:
             why += f" ({rec['streak']} passing checks in a row)"
         verdict = self.audit.verdict

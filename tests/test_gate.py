@@ -3,6 +3,8 @@ itself, that it takes that class's shortcut away and nothing else (the eraser's 
 A clean teacher wrongly suspected keeps a bit-identical run; a planted shortcut is confirmed."""
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -181,4 +183,61 @@ def test_the_bare_default_un_blends_a_blend_teacher_with_the_spectral_gain():
     _, rep1 = _distill(teacher, xte, ABDConfig(**FAST, erase_spectral_every_on=1),
                        stamped=True, trigger=trig)
     er1 = record_of(rep1, EraserReport)
-    assert er1.spectral_confirmation == conf and er1.updates == conf["update"] + after
+    # NaN-aware: a check the residual test passed skips the universal re-audit (NaN fields)
+    assert json.dumps(er1.spectral_confirmation, sort_keys=True) == json.dumps(conf,
+                                                                               sort_keys=True)
+    assert er1.updates == conf["update"] + after
+
+
+class _Carrier:
+    """A stand-in repair whose 'region' carries class 1 (``carries``) or nothing."""
+
+    def __init__(self, *, region: bool, carries: bool) -> None:
+        self.has_region, self.carries = region, carries
+
+    def changed(self) -> int:
+        return 4
+
+    def transplant(self, into: torch.Tensor, src: torch.Tensor, shift: tuple[int, ...]
+                   ) -> torch.Tensor:
+        return src if self.carries and shift == () and src.mean() > 0 else into
+
+
+class _Controller:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def specificity(self, model, repair, audit, t, updates):  # noqa: ANN001, ANN201
+        self.calls += 1
+        return {"update": updates, "ratios": [1.0, 0.2], "target_ratio": 0.2,
+                "control_ratio": 1.0, "statistic": [1.0, 1.0], "p_value": 0.5}
+
+
+def test_a_check_the_transplant_passes_skips_the_costly_re_audit():
+    """The transplant runs first; when it passes, the check passes whatever the re-audit says,
+    so the re-audit is not run (NaN fields, ``reaudit_skipped``); when it fails, the re-audit
+    decides."""
+    from abd_plugin.repair import Probation
+
+    class Sign(nn.Module):  # class 1 when the input's mean is positive
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            m = x.flatten(1).mean(1, keepdim=True)
+            return torch.cat([-m, m], 1)
+
+    x = torch.cat([torch.ones(8, 1, 4, 4), -torch.ones(8, 1, 4, 4)])
+    audit = type("A", (), {"universal": None})()
+    for region in (True, False):
+        for carries in (True, False):
+            ctl, pr = _Controller(), Probation(every=1, max_updates=10, gap=0.17,
+                                               transplant=0.5)
+            pr.remember(x)
+            rec = pr.check(Sign(), _Carrier(region=region, carries=carries), audit, 1, 1,
+                           ctl)  # type: ignore[arg-type]
+            assert rec["reaudit_skipped"] is carries
+            assert rec["carried"] == (1.0 if carries else 0.0)
+            assert ctl.calls == (1 if region and not carries else 0)
+            # region: the re-audit's gap (0.8) passes on its own; no region and no audit
+            # statistic: only the transplant can pass
+            assert rec["passed"] is (carries or region)
+            key = "target_ratio" if region else "universal_gap"
+            assert (rec[key] != rec[key]) is (carries or not region)  # NaN: not measured

@@ -37,7 +37,9 @@ with two other tests, the same in spirit:
   other samples, sends them to ``t`` at least ``transplant`` more often than what it removes
   from other-class samples does.
 
-Either test passing confirms the mask (it acts from then on); after ``max_updates`` updates
+Either test passing confirms the mask (it acts from then on). The transplant runs first: when it
+passes, the re-audit (seconds, against milliseconds) cannot change the decision and is skipped
+(``reaudit_skipped``; its numbers are NaN in the record). After ``max_updates`` updates
 without a confirmation the probation ends: the repair stays off for the run, and the student's
 targets were never changed. On a clean teacher wrongly suspected the run is then bit-identical to
 an unguarded one (the checks use their own random generators and a frozen copy).
@@ -128,16 +130,23 @@ class Probation:
         decision."""
         rec = None
         if not distributed or _dist.rank() == 0:
-            if repair.has_region:
+            # the transplant first: when it passes, the check passes whatever the re-audit
+            # says, so the re-audit (the costly test, seconds) is skipped (NaN fields)
+            moved = self._transplant(model, repair, target, updates)
+            carries = moved["carried"] - moved["carried_control"] >= self.transplant_margin
+            if carries:
+                rec = self._skipped(repair, updates)
+                passed = False
+            elif repair.has_region:
                 rec = controller.specificity(model, repair, audit, target, updates)
                 passed = rec["control_ratio"] - rec["target_ratio"] >= self.gap
             else:
                 rec = self._universal(model, repair, audit, target, updates, controller)
                 passed = rec["universal_gap"] >= self.universal_gap
-            rec.update(self._transplant(model, repair, target, updates))
+            rec["reaudit_skipped"] = carries
+            rec.update(moved)
             rec["pixels"] = repair.changed()
-            rec["passed"] = bool(
-                passed or rec["carried"] - rec["carried_control"] >= self.transplant_margin)
+            rec["passed"] = bool(passed or carries)
             last = self.checks[-1].get("streak", int(self.checks[-1]["confirmed"])) if (
                 self.checks) else 0
             rec["streak"] = last + 1 if rec["passed"] else 0
@@ -151,6 +160,15 @@ class Probation:
             self.forget()
         return rec
 
+    @staticmethod
+    def _skipped(repair: InputRepair, updates: int) -> dict[str, Any]:
+        """A re-audit's record with nothing measured (its numbers NaN)."""
+        nan = float("nan")
+        if repair.has_region:
+            return {"update": updates, "ratios": [], "target_ratio": nan, "control_ratio": nan,
+                    "statistic": [], "p_value": nan}
+        return {"update": updates, "universal_gap": nan, "target_drop": nan, "control_drop": nan}
+
     def _universal(self, model: nn.Module, repair: InputRepair, a: AuditReport, t: int,
                    updates: int, controller: ReauditController) -> dict[str, Any]:
         """The audit's universal blend statistic again, on ``model`` seen through ``repair``:
@@ -160,8 +178,7 @@ class Probation:
         from .._replica import ViewedModel
         from ..audit import universal_statistic
 
-        out: dict[str, Any] = {"update": updates, "universal_gap": float("nan"),
-                               "target_drop": float("nan"), "control_drop": float("nan")}
+        out = self._skipped(repair, updates)
         if a.universal is None:
             return out
         first = torch.tensor(a.universal, dtype=torch.float64)
