@@ -185,6 +185,12 @@ class EraseSettings(Section):
     spectral_price: float = spec(
         1.0, Num(0, 1e6),
         """The spectral gain's price on how much of the spectrum it changes.""")
+    every_on: int = spec(
+        1, Int(1, 1_000_000),
+        """Once a mask confirmed on probation acts, it is updated on every ``every_on``-th of
+        its learning batches (1: as often as on probation). A mask that acts without probation
+        (a given ``target``, ``confirm=0``, ``confirm_poisoned="never"``) learns on all of
+        them.""")
     spectral_every_on: int = spec(
         2, Int(1, 1_000_000),
         """Once the spectral gain acts, it is updated on every ``spectral_every_on``-th of the
@@ -357,7 +363,7 @@ class TriggerEraser(DefenseHook):
                                             seed=seed + 1, logits_fn=logits_fn)
         self.family = "mask"
         self.spectral_racing = False  # the spectral repair learns beside the mask
-        self.skipped_on = 0  # batches the acting spectral gain was not updated on
+        self.skipped_on = 0  # learning batches the acting family was not updated on
         self.erased_batches = 0
         self.audit: AuditReport | None = None  # the audit that armed the eraser (for re-audits)
 
@@ -535,12 +541,8 @@ class TriggerEraser(DefenseHook):
             with ctx.suspended():
                 if self.status is EraserStatus.PROBATION:
                     self._probation_update(x, ctx)
-                elif self.family == "spectral":
-                    self._spectral_on_update(x, ctx)
                 else:
-                    self.learn(x, distributed=ctx.distributed)
-                    if self.controller.due(self.learner.updates, self.audit):
-                        self.recheck(distributed=ctx.distributed)
+                    self._on_update(x, ctx)
         if self.status is not EraserStatus.ON:  # waiting on probation, or found unspecific
             return None
         learner, repair = self._acting()
@@ -584,13 +586,21 @@ class TriggerEraser(DefenseHook):
                 and self.spectral_probation.due(clock, self.spectral)):
             self.confirm_now(distributed=dist, family="spectral")
 
-    def _spectral_on_update(self, x: Tensor, ctx: GuardContext) -> None:
-        """The acting gain's update, on every ``spectral_every_on``-th learning batch."""
-        seen = self.spectral_learner.updates + self.skipped_on
-        if seen % self.settings.spectral_every_on == 0:
-            self.learn_spectral(x, distributed=ctx.distributed)
-        else:
+    def _on_update(self, x: Tensor, ctx: GuardContext) -> None:
+        """The acting family's update, on every ``spectral_every_on``-th (the spectral gain)
+        or ``every_on``-th (a mask confirmed on probation) learning batch."""
+        s, dist = self.settings, ctx.distributed
+        spectral = self.family == "spectral"
+        learner, every = ((self.spectral_learner, s.spectral_every_on) if spectral
+                          else (self.learner, s.every_on if self.probation.checks else 1))
+        if (learner.updates + self.skipped_on) % every:
             self.skipped_on += 1
+        elif spectral:
+            self.learn_spectral(x, distributed=dist)
+        else:
+            self.learn(x, distributed=dist)
+            if self.controller.due(self.learner.updates, self.audit):
+                self.recheck(distributed=dist)
 
     def _ensure_range(self, x: Tensor, domain: InputDomain | None) -> None:
         if self.spectral.low is None:

@@ -90,8 +90,27 @@ def test_a_planted_shortcut_is_confirmed_and_then_erased():
     # a patch that works anywhere under the CNN's pooling: the margin search rebuilds it away
     # from the mask, but the masked region of the stamped samples carries class 0
     assert conf["carried"] - conf["carried_control"] >= 0.5
+    # the transplant decided the check: the every-class re-audit (seconds) was not run
+    assert conf["reaudit_skipped"] and conf["target_ratio"] != conf["target_ratio"]
+    assert "was not needed" in er.reason
     # erased from the batch whose update confirmed it on
     assert er.batches == STEPS - conf["update"] + 1 and "confirmed" in er.reason
+
+
+def test_a_confirmed_mask_learns_on_every_every_on_th_batch_once_it_acts():
+    teacher, xte, _ = _poisoned_digits_cnn()
+    reps = {k: _distill(teacher, xte, ABDConfig(**FAST, erase_every_on=k), stamped=True)[1]
+            for k in (1, 2, 3)}
+    ers = {k: record_of(r, EraserReport) for k, r in reps.items()}
+    conf = ers[1].confirmation
+    assert conf is not None and conf["confirmed"]
+    after = STEPS - conf["update"]  # learning batches after the confirming one
+    for k, er in ers.items():
+        assert er.status == "on" and er.family == "mask"
+        # the same probation whatever every_on (NaN-aware: the skipped re-audit's fields)
+        assert json.dumps(er.confirmation, sort_keys=True) == json.dumps(conf, sort_keys=True)
+        assert er.batches == after + 1  # erased from the confirming batch on, every batch
+        assert er.updates == conf["update"] + (after + k - 1) // k
 
 
 def test_a_poisoned_verdict_on_a_clean_teacher_waits_too_unless_told_not_to():
