@@ -26,6 +26,12 @@ independent normal statistics, :func:`universal_pvalue`).
 The verdict: ``"poisoned"`` when the suspect's evidence (the smaller p-value of the statistics
 that favour it, times 2) is below ``alpha``, ``"clean"`` when the margin statistic's p-value is
 at least ``clean_alpha`` and the universal z-score below ``flag_z``, ``"unsure"`` otherwise.
+Before a teacher is called clean, a third look: the universal patch statistic
+(:func:`~abd_plugin.universal.universal_patch_statistic`, one small pasted patch per class) turns
+``clean`` into ``"unsure"``, with its favourite as the suspect, when its leave-one-out z-score
+reaches ``patch_flag_z``; the margin search saturates on some architectures (a residual network on
+normalised colour inputs reaches margins in the hundreds for every class) and hides a patch
+backdoor there.
 
 The inputs live where the teacher's real inputs live: pass ``input_range`` (after your
 normalisation, per channel if it differs), or let :func:`infer_input_range` read it off a batch
@@ -53,10 +59,19 @@ from ._replica import TeacherReplica, model_device, unwrap_model
 from .domain import infer_input_range
 from .hooks import DefenseHook, GuardContext, HookReport
 from .outputs import check_logits, extract_logits
-from .universal import class_margins, leave_one_out_z, universal_blend_statistic
+from .universal import (
+    class_margins,
+    leave_one_out_z,
+    universal_blend_statistic,
+    universal_patch_statistic,
+)
 from .validation import Bool, Int, Num, Section, section_or_default, spec
 
 Verdict = Literal["poisoned", "clean", "unsure"]
+
+#: the universal patch statistic's z-score that keeps a verdict from ``clean`` (measured on the
+#: kit's clean teachers: README, "The audit's null")
+PATCH_FLAG_Z = 7.0
 RangeLike = tuple[float, float] | tuple[Sequence[float], Sequence[float]]
 
 
@@ -128,6 +143,26 @@ class AuditSettings(Section):
         """A universal z-score at least this keeps the verdict from ``clean`` by itself (at
         least ``unsure``: the eraser goes on probation). ``poisoned`` needs the suspect's
         evidence below ``alpha`` (see ``alpha``).""")
+    patch: bool = spec(
+        True, Bool(),
+        """Before calling a teacher ``clean``, also compute the universal patch statistic
+        (:func:`~abd_plugin.universal.universal_patch_statistic`: per class, how well one
+        pattern pasted through one small mask, ``patch_budget`` of the positions, moves the
+        other classes' inputs there). Its leave-one-out z-score at ``patch_flag_z`` or more
+        makes the verdict ``unsure`` with its favourite as the suspect (never ``poisoned``: the
+        eraser goes on probation). It finds patch backdoors where the margin search saturates
+        (a residual network on normalised 3-channel inputs). About the universal statistic's
+        cost, paid only by teachers the other two statistics call clean.""")
+    patch_budget: float = spec(
+        0.03, Num(0, 1, lo_open=True),
+        """The patch head's area: the mask's mean over the positions is held at most this.""")
+    patch_steps: int = spec(
+        60, Int(1, 100_000),
+        """Adam steps of each class's patch head.""")
+    patch_flag_z: float = spec(
+        PATCH_FLAG_Z, Num(0, 1e6),
+        """The patch statistic's leave-one-out z-score at which it keeps the verdict from
+        ``clean`` and names the suspect (see ``patch``).""")
 
     def check(self) -> None:
         if self.clean_alpha < self.alpha:
@@ -164,6 +199,10 @@ class AuditReport:
             (:func:`universal_pvalue`).
         margin_suspect: the class with the largest maximum margin (the suspect unless the
             universal statistic named another one).
+        patch: per class, the universal patch statistic (``None`` when not computed: only a
+            teacher the other two statistics call clean gets it, with ``AuditSettings.patch``
+            on and inputs with two spatial axes); ``patch_class``, ``patch_z``: its favourite and that class's leave-one-out
+            z-score.
         reason: how the verdict and the suspect were decided, in words.
     """
 
@@ -187,6 +226,9 @@ class AuditReport:
     reason: str = ""
     raw_p_values: tuple[float, ...] | None = None
     universal_p: float | None = None
+    patch: tuple[float, ...] | None = None
+    patch_class: int | None = None
+    patch_z: float | None = None
 
     @property
     def p_value(self) -> float:
@@ -224,6 +266,9 @@ class AuditReport:
                      f"(z = {self.universal_z:.1f}"
                      + (f", p = {self.universal_p:.2g})" if self.universal_p is not None
                         else ")"))
+        if self.patch_class is not None and self.patch_z is not None:
+            head += (f"; the universal patch statistic favours class {self.patch_class} "
+                     f"(z = {self.patch_z:.1f})")
         if self.ensemble_class is not None:
             head += (f"; the shuffled ensemble favours class {self.ensemble_class}"
                      f" ({'agrees' if self.agree else 'disagrees'})")
@@ -237,11 +282,13 @@ class AuditReport:
         raw = self.raw_p_values
         lines.append(f"{'class':>5} {'max margin':>11} {'p-value':>9}"
                      + (f" {'plug-in p':>9}" if raw is not None else "") + f" {'robust z':>9}"
-                     + (f" {'universal':>10}" if uni is not None else ""))
+                     + (f" {'universal':>10}" if uni is not None else "")
+                     + (f" {'patch':>10}" if self.patch is not None else ""))
         for c, (r, p, z) in enumerate(zip(self.statistic, self.p_values, self.z_scores,
                                            strict=True)):
             mark = "  <- suspect" if c == self.suspect else ""
             u = f" {uni[c]:>10.3f}" if uni is not None else ""
+            u += f" {self.patch[c]:>10.3f}" if self.patch is not None else ""
             q = f" {raw[c]:>9.2g}" if raw is not None else ""
             lines.append(f"{c:>5} {r:>11.3f} {p:>9.2g}{q} {z:>9.1f}{u}{mark}")
         lines.extend(self.notes)
@@ -465,6 +512,19 @@ def max_margin_statistic(
     return best
 
 
+def patch_statistic(model: nn.Module, shape: tuple[int, ...], num_classes: int,
+                    low: Tensor, high: Tensor, settings: AuditSettings, *, seed: int,
+                    logits_fn: Callable[[Any], Tensor] | None = None) -> Tensor:
+    """The audit's universal patch statistic (:func:`~abd_plugin.universal.
+    universal_patch_statistic`) with its settings, on the same base as the universal statistic
+    (same seed), for per-channel ``low`` / ``high`` (1-D)."""
+    view = (1, shape[0]) + (1,) * (len(shape) - 1)
+    return universal_patch_statistic(
+        model, shape, num_classes, low.reshape(view), high.reshape(view),
+        budget=settings.patch_budget, steps=settings.patch_steps, seed=seed,
+        batch_size=max(settings.batch_size, 8 * num_classes), logits_fn=logits_fn)
+
+
 def universal_statistic(model: nn.Module, shape: tuple[int, ...], num_classes: int,
                         low: Tensor, high: Tensor, settings: AuditSettings, *, seed: int,
                         logits_fn: Callable[[Any], Tensor] | None = None) -> Tensor:
@@ -542,6 +602,12 @@ def audit(
                                   logits_fn=logits_fn)
     u_class, u_z = (None, None) if uni is None else leave_one_out_z(uni)
     verdict, suspect, reason, u_p = _decide(stat, p, uni, s)
+    patch = None
+    if s.patch and verdict == "clean" and num_classes >= 3 and len(shape) >= 3:
+        patch = patch_statistic(model, shape, num_classes, low, high, s, seed=seed,
+                                logits_fn=logits_fn)
+        verdict, suspect, reason = _patch_vote(verdict, suspect, reason, patch, s)
+    p_class, p_z = (None, None) if patch is None else leave_one_out_z(patch)
     ens = None
     if samples is not None:
         ens = ensemble_favourite(rep, samples, logits_fn=logits_fn)
@@ -554,7 +620,21 @@ def audit(
         alpha=s.alpha, clean_alpha=s.clean_alpha, ensemble_class=ens, notes=tuple(notes),
         universal=None if uni is None else tuple(float(v) for v in uni),
         universal_class=u_class, universal_z=u_z,
-        margin_suspect=int(torch.argmax(stat)), reason=reason)
+        margin_suspect=int(torch.argmax(stat)), reason=reason,
+        patch=None if patch is None else tuple(float(v) for v in patch),
+        patch_class=p_class, patch_z=p_z)
+
+
+def _patch_vote(verdict: Verdict, suspect: int, why: str, patch: Tensor, s: AuditSettings
+                ) -> tuple[Verdict, int, str]:
+    """The patch statistic's say on a ``clean`` verdict: at ``patch_flag_z`` or more its
+    favourite becomes the suspect and the verdict ``unsure``."""
+    c, z = leave_one_out_z(patch)
+    said = f"; the universal patch statistic favours class {c} (z = {z:.1f})"
+    if z < s.patch_flag_z:
+        return verdict, suspect, why + said + f", below patch_flag_z ({s.patch_flag_z:g})"
+    return "unsure", c, why + said + (f", at least patch_flag_z ({s.patch_flag_z:g}): unsure, "
+                                      f"suspect class {c}")
 
 
 def _decide(stat: Tensor, p: Tensor, uni: Tensor | None, s: AuditSettings
@@ -776,4 +856,4 @@ def audit_report_from_dict(d: dict[str, Any]) -> AuditReport:
 __all__ = ["AuditSettings", "AuditReport", "AuditRecord", "TeacherAudit", "audit",
            "max_margin_statistic", "order_pvalues", "robust_z", "ensemble_favourite",
            "infer_input_range", "audit_report_from_dict", "universal_statistic",
-           "calibrated_pvalues", "universal_pvalue"]
+           "calibrated_pvalues", "universal_pvalue", "patch_statistic"]

@@ -25,6 +25,10 @@ Re-recorded for issue 17's calibrated audit null (the reports' p-values are cali
 verdict's "How:" line gives both statistics' p-values and the suspect's evidence): every student
 sum is bit-identical; only the report texts changed.
 
+Re-recorded for issue 17's universal patch statistic (the audit's look before ``clean``): every
+student sum is bit-identical; the two clean-teacher reports' "How:" line now ends with the patch
+statistic's vote (below its threshold, so the verdict stays ``clean``).
+
 Re-record (only when a behaviour change is intended, and say so in the commit):
 ``python tests/test_behaviour_pins.py`` prints the ``PINS`` literal.
 """
@@ -169,7 +173,8 @@ PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard repor
                              'universal blend statistic favours class 7 (z = 2.7, p = 0.21); '
                              'class 7 is the suspect (both favour it); its evidence 2 x p = '
                              '0.43; the margin p reaches clean_alpha (0.5) and the universal '
-                             'z is below flag_z (4): clean.\n'
+                             'z is below flag_z (4): clean; the universal patch '
+                             'statistic favours class 7 (z = 2.7), below patch_flag_z (7).\n'
                              '    The shuffled-teacher ensemble favours class 7 on the inputs '
                              'seen (agrees).\n'
                              '  Trigger eraser: off (audit verdict clean '
@@ -279,7 +284,8 @@ PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard repor
                             'universal blend statistic favours class 7 (z = 2.7, p = 0.21); '
                             'class 7 is the suspect (both favour it); its evidence 2 x p = '
                             '0.43; the margin p reaches clean_alpha (0.5) and the universal z '
-                            'is below flag_z (4): clean.\n'
+                            'is below flag_z (4): clean; the universal patch '
+                            'statistic favours class 7 (z = 2.7), below patch_flag_z (7).\n'
                             '    The shuffled-teacher ensemble favours class 7 on the inputs '
                             'seen (agrees).\n'
                             '  Trigger eraser: off, on probation (audit verdict clean for '

@@ -296,6 +296,7 @@ def report_columns(rep: GuardReport, seconds: float) -> dict[str, Any]:
         audit_verdict="off" if a is None else a.state,
         audit_suspect=None if audit is None else audit.suspect,
         audit_p_value=nan if audit is None else audit.p_value,
+        audit_patch_z=nan if audit is None or audit.patch_z is None else audit.patch_z,
         audit_seconds=round(audit_seconds, 2),
         ensemble_class=None if a is None else a.ensemble_class,
         erase_status="off" if er is None else er.status,
