@@ -2,11 +2,13 @@
 where the margin statistic favours a natural class; the audit combines the two and says how."""
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 from torch import nn
 
-from abd_plugin.audit import audit
+from abd_plugin.audit import audit, audit_report_from_dict
 from abd_plugin.universal import (
     leave_one_out_z,
     universal_blend_statistic,
@@ -96,6 +98,8 @@ def test_the_patch_vote_turns_a_clean_verdict_into_unsure_for_its_class_and_says
     assert rep.patch_z >= 4.0
     assert "universal patch statistic favours class 0" in rep.reason and "unsure" in rep.reason
     assert "patch" in str(rep)  # the table's column
+    # a saved guard state keeps the patch vote (the audit's record goes through asdict)
+    assert audit_report_from_dict(asdict(rep)) == rep
     off = audit(model, (1, 16, 16), **lax, patch=False)
     assert off.verdict == "clean" and off.patch is None
     high = audit(model, (1, 16, 16), **dict(lax, patch_flag_z=1e6))  # below it: clean
