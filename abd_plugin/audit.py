@@ -61,6 +61,7 @@ from .hooks import DefenseHook, GuardContext, HookReport
 from .outputs import check_logits, extract_logits
 from .universal import (
     class_margins,
+    inversion_base,
     leave_one_out_z,
     universal_blend_statistic,
     universal_patch_statistic,
@@ -201,8 +202,8 @@ class AuditReport:
             universal statistic named another one).
         patch: per class, the universal patch statistic (``None`` when not computed: only a
             teacher the other two statistics call clean gets it, with ``AuditSettings.patch``
-            on and inputs with two spatial axes); ``patch_class``, ``patch_z``: its favourite and that class's leave-one-out
-            z-score.
+            on and inputs with two spatial axes); ``patch_class``, ``patch_z``: its favourite
+            and that class's leave-one-out z-score.
         reason: how the verdict and the suspect were decided, in words.
     """
 
@@ -512,30 +513,44 @@ def max_margin_statistic(
     return best
 
 
+def _base(model: nn.Module, shape: tuple[int, ...], num_classes: int, low: Tensor,
+          high: Tensor, *, seed: int, logits_fn: Callable[[Any], Tensor] | None = None
+          ) -> tuple[Tensor, Tensor]:
+    """The data-free base both universal heads start from (:func:`~abd_plugin.universal.
+    inversion_base` with its defaults), for per-channel ``low`` / ``high`` (1-D)."""
+    view = (1, shape[0]) + (1,) * (len(shape) - 1)
+    with torch.enable_grad(), torch.autocast(model_device(model).type, enabled=False):
+        return inversion_base(model, shape, num_classes, low.reshape(view), high.reshape(view),
+                              seed=seed, logits_fn=logits_fn)
+
+
 def patch_statistic(model: nn.Module, shape: tuple[int, ...], num_classes: int,
                     low: Tensor, high: Tensor, settings: AuditSettings, *, seed: int,
-                    logits_fn: Callable[[Any], Tensor] | None = None) -> Tensor:
+                    logits_fn: Callable[[Any], Tensor] | None = None,
+                    base: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """The audit's universal patch statistic (:func:`~abd_plugin.universal.
-    universal_patch_statistic`) with its settings, on the same base as the universal statistic
-    (same seed), for per-channel ``low`` / ``high`` (1-D)."""
+    universal_patch_statistic`) with its settings, for per-channel ``low`` / ``high`` (1-D);
+    ``base``: the universal statistic's (the audit shares it; default: made from ``seed``)."""
     view = (1, shape[0]) + (1,) * (len(shape) - 1)
     return universal_patch_statistic(
         model, shape, num_classes, low.reshape(view), high.reshape(view),
         budget=settings.patch_budget, steps=settings.patch_steps, seed=seed,
-        batch_size=max(settings.batch_size, 8 * num_classes), logits_fn=logits_fn)
+        batch_size=max(settings.batch_size, 8 * num_classes), logits_fn=logits_fn, base=base)
 
 
 def universal_statistic(model: nn.Module, shape: tuple[int, ...], num_classes: int,
                         low: Tensor, high: Tensor, settings: AuditSettings, *, seed: int,
-                        logits_fn: Callable[[Any], Tensor] | None = None) -> Tensor:
+                        logits_fn: Callable[[Any], Tensor] | None = None,
+                        base: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """The audit's universal blend statistic (:func:`~abd_plugin.universal.
     universal_blend_statistic`) with its settings, for per-channel ``low`` / ``high`` (1-D);
-    the audit and the probation's universal re-audit both call it."""
+    the audit and the probation's universal re-audit both call it. ``base``: a precomputed
+    base (default: made from ``seed``)."""
     view = (1, shape[0]) + (1,) * (len(shape) - 1)
     return universal_blend_statistic(
         model, shape, num_classes, low.reshape(view), high.reshape(view),
         steps=settings.universal_steps, seed=seed,
-        batch_size=max(settings.batch_size, 8 * num_classes), logits_fn=logits_fn)
+        batch_size=max(settings.batch_size, 8 * num_classes), logits_fn=logits_fn, base=base)
 
 
 def audit(
@@ -597,15 +612,17 @@ def audit(
         notes.append(f"note: with {num_classes} classes the null fit is weak; read the p-values "
                      "as rough")
     uni = None
+    base = None  # the data-free base both universal heads start from, made once
     if s.universal and num_classes >= 3:
+        base = _base(model, shape, num_classes, low, high, seed=seed, logits_fn=logits_fn)
         uni = universal_statistic(model, shape, num_classes, low, high, s, seed=seed,
-                                  logits_fn=logits_fn)
+                                  logits_fn=logits_fn, base=base)
     u_class, u_z = (None, None) if uni is None else leave_one_out_z(uni)
     verdict, suspect, reason, u_p = _decide(stat, p, uni, s)
     patch = None
     if s.patch and verdict == "clean" and num_classes >= 3 and len(shape) >= 3:
         patch = patch_statistic(model, shape, num_classes, low, high, s, seed=seed,
-                                logits_fn=logits_fn)
+                                logits_fn=logits_fn, base=base)
         verdict, suspect, reason = _patch_vote(verdict, suspect, reason, patch, s)
     p_class, p_z = (None, None) if patch is None else leave_one_out_z(patch)
     ens = None

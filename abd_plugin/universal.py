@@ -171,7 +171,7 @@ def universal_patch_statistic(
     here with ``per_class`` and ``seed``)."""
     if not 0 < budget <= 1:
         raise ValueError(f"budget must be in (0, 1], got {budget}")
-    if len(shape) < 2:
+    if len(shape) < 3:
         raise ValueError(f"the patch statistic needs spatial inputs (C, H, W), got {shape}")
     dev = model_device(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
