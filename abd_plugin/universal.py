@@ -103,17 +103,18 @@ def inversion_base(model: nn.Module, shape: tuple[int, ...], num_classes: int, l
     return (lo + u.detach() * (hi - lo)), cls
 
 
-def universal_blend_statistic(
-    model: nn.Module, shape: tuple[int, ...], num_classes: int, low: Tensor, high: Tensor, *,
-    alpha: float = 0.1, steps: int = 60, lr: float = 0.1, per_class: int = 3, seed: int = 0,
-    batch_size: int = 4096, logits_fn: Callable[[Any], Tensor] | None = None,
-    base: tuple[Tensor, Tensor] | None = None,
+def _universal_heads(
+    model: nn.Module, shape: tuple[int, ...], num_classes: int, low: Tensor, high: Tensor,
+    base: tuple[Tensor, Tensor] | None, *,
+    init: Callable[[int, torch.Generator], list[Tensor]],
+    paste: Callable[[list[Tensor], Tensor, Tensor, Tensor], Tensor],
+    steps: int, lr: float, per_class: int, seed: int, gen_seed: int, batch_size: int,
+    logits_fn: Callable[[Any], Tensor] | None,
 ) -> Tensor:
-    """Per class ``c`` (float64, (K,)): the mean margin of ``c`` over the base inputs of the
-    other classes after ``steps`` Adam steps of a blend head that mixes one pattern into all of
-    them with weight ``alpha`` (see the module docstring). ``model`` is a frozen copy in eval
-    mode; ``low``/``high`` broadcast over a batch (per channel). ``base``: the
-    :func:`inversion_base` to use (default: made here with ``per_class`` and ``seed``)."""
+    """What both universal heads share: per class ``c``, head parameters ``init(k, gen)``
+    (float64, first axis the ``k`` classes of a chunk, drawn from ``gen``), trained by Adam for
+    ``steps`` steps so that ``paste(params, base, lo, hi)`` (shape ``(k, B, *shape)``) sends the
+    other classes' base inputs to ``c``; returns each class's mean margin on them afterwards."""
     dev = model_device(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     with torch.enable_grad(), torch.autocast(dev.type, enabled=False):
@@ -124,19 +125,17 @@ def universal_blend_statistic(
         lo, hi = low.to(dev, dtype), high.to(dev, dtype)
         out = torch.full((num_classes,), -math.inf, dtype=torch.float64)
         per = max(1, batch_size // B)  # classes per chunk
-        gen = torch.Generator().manual_seed(seed + 91)
+        gen = torch.Generator().manual_seed(gen_seed)
         for c0 in range(0, num_classes, per):
             cs = torch.arange(c0, min(num_classes, c0 + per))
             k = len(cs)
-            theta = (torch.randn((k, 1) + shape, generator=gen, dtype=torch.float64) * 0.1)
-            theta = theta.to(dev, dtype).requires_grad_(True)
-            opt = torch.optim.Adam([theta], lr=lr)
+            params = [p.to(dev, dtype).requires_grad_(True) for p in init(k, gen)]
+            opt = torch.optim.Adam(params, lr=lr)
             tgt = cs.repeat_interleave(B).to(dev)
             w = (lab[None, :] != cs[:, None]).to(dev, torch.float32).reshape(-1)
             xb = xs[None]
             for it in range(steps + 1):
-                pat = lo + torch.sigmoid(theta) * (hi - lo)
-                x = ((1 - alpha) * xb + alpha * pat).reshape((k * B,) + shape)
+                x = paste(params, xb, lo, hi).reshape((k * B,) + shape)
                 z = extract_logits(model(x), logits_fn).float()
                 if it == steps:
                     m = class_margins(z.detach(), tgt).reshape(k, B).double().cpu()
@@ -148,6 +147,29 @@ def universal_blend_statistic(
                 loss.backward()
                 opt.step()
     return out
+
+
+def universal_blend_statistic(
+    model: nn.Module, shape: tuple[int, ...], num_classes: int, low: Tensor, high: Tensor, *,
+    alpha: float = 0.1, steps: int = 60, lr: float = 0.1, per_class: int = 3, seed: int = 0,
+    batch_size: int = 4096, logits_fn: Callable[[Any], Tensor] | None = None,
+    base: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Per class ``c`` (float64, (K,)): the mean margin of ``c`` over the base inputs of the
+    other classes after ``steps`` Adam steps of a blend head that mixes one pattern into all of
+    them with weight ``alpha`` (see the module docstring). ``model`` is a frozen copy in eval
+    mode; ``low``/``high`` broadcast over a batch (per channel). ``base``: the
+    :func:`inversion_base` to use (default: made here with ``per_class`` and ``seed``)."""
+
+    def init(k: int, gen: torch.Generator) -> list[Tensor]:
+        return [torch.randn((k, 1) + shape, generator=gen, dtype=torch.float64) * 0.1]
+
+    def paste(params: list[Tensor], xb: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        return (1 - alpha) * xb + alpha * (lo + torch.sigmoid(params[0]) * (hi - lo))
+
+    return _universal_heads(model, shape, num_classes, low, high, base, init=init, paste=paste,
+                            steps=steps, lr=lr, per_class=per_class, seed=seed,
+                            gen_seed=seed + 91, batch_size=batch_size, logits_fn=logits_fn)
 
 
 def universal_patch_statistic(
@@ -173,46 +195,21 @@ def universal_patch_statistic(
         raise ValueError(f"budget must be in (0, 1], got {budget}")
     if len(shape) < 3:
         raise ValueError(f"the patch statistic needs spatial inputs (C, H, W), got {shape}")
-    dev = model_device(model)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    with torch.enable_grad(), torch.autocast(dev.type, enabled=False):
-        xs, lab = base if base is not None else inversion_base(
-            model, shape, num_classes, low, high, per_class=per_class, seed=seed,
-            logits_fn=logits_fn)
-        B = xs.shape[0]
-        lo, hi = low.to(dev, dtype), high.to(dev, dtype)
-        spatial = (1,) * (len(shape) - 2) + tuple(shape[-2:])
-        dims = tuple(range(-len(shape) + 1, 0))  # the mask's own axes: all but the class's
-        out = torch.full((num_classes,), -math.inf, dtype=torch.float64)
-        per = max(1, batch_size // B)  # classes per chunk
-        gen = torch.Generator().manual_seed(seed + 93)
-        for c0 in range(0, num_classes, per):
-            cs = torch.arange(c0, min(num_classes, c0 + per))
-            k = len(cs)
-            logit = torch.randn((k, 1) + spatial, generator=gen, dtype=torch.float64) * 0.1 - 3
-            theta = torch.randn((k, 1) + shape, generator=gen, dtype=torch.float64) * 0.1
-            logit = logit.to(dev, dtype).requires_grad_(True)
-            theta = theta.to(dev, dtype).requires_grad_(True)
-            opt = torch.optim.Adam([logit, theta], lr=lr)
-            tgt = cs.repeat_interleave(B).to(dev)
-            w = (lab[None, :] != cs[:, None]).to(dev, torch.float32).reshape(-1)
-            xb = xs[None]
-            for it in range(steps + 1):
-                soft = torch.sigmoid(logit)
-                mask = soft * (budget / soft.mean(dim=dims, keepdim=True)).clamp(max=1.0)
-                pat = lo + torch.sigmoid(theta) * (hi - lo)
-                x = ((1 - mask) * xb + mask * pat).reshape((k * B,) + shape)
-                z = extract_logits(model(x), logits_fn).float()
-                if it == steps:
-                    m = class_margins(z.detach(), tgt).reshape(k, B).double().cpu()
-                    wk = w.reshape(k, B).double().cpu()
-                    out[cs] = (m * wk).sum(1) / wk.sum(1).clamp_min(1)
-                    break
-                loss = (F.cross_entropy(z, tgt, reduction="none") * w).sum() / w.sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-    return out
+    spatial = (1,) * (len(shape) - 2) + tuple(shape[-2:])
+    dims = tuple(range(-len(shape) + 1, 0))  # the mask's own axes: all but the class's
+
+    def init(k: int, gen: torch.Generator) -> list[Tensor]:
+        logit = torch.randn((k, 1) + spatial, generator=gen, dtype=torch.float64) * 0.1 - 3
+        return [logit, torch.randn((k, 1) + shape, generator=gen, dtype=torch.float64) * 0.1]
+
+    def paste(params: list[Tensor], xb: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        soft = torch.sigmoid(params[0])
+        mask = soft * (budget / soft.mean(dim=dims, keepdim=True)).clamp(max=1.0)
+        return (1 - mask) * xb + mask * (lo + torch.sigmoid(params[1]) * (hi - lo))
+
+    return _universal_heads(model, shape, num_classes, low, high, base, init=init, paste=paste,
+                            steps=steps, lr=lr, per_class=per_class, seed=seed,
+                            gen_seed=seed + 93, batch_size=batch_size, logits_fn=logits_fn)
 
 
 def leave_one_out_z(stat: Tensor) -> tuple[int, float]:
