@@ -541,16 +541,19 @@ def patch_statistic(model: nn.Module, shape: tuple[int, ...], num_classes: int,
 def universal_statistic(model: nn.Module, shape: tuple[int, ...], num_classes: int,
                         low: Tensor, high: Tensor, settings: AuditSettings, *, seed: int,
                         logits_fn: Callable[[Any], Tensor] | None = None,
-                        base: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                        base: tuple[Tensor, Tensor] | None = None,
+                        classes: Sequence[int] | None = None) -> Tensor:
     """The audit's universal blend statistic (:func:`~abd_plugin.universal.
     universal_blend_statistic`) with its settings, for per-channel ``low`` / ``high`` (1-D);
     the audit and the probation's universal re-audit both call it. ``base``: a precomputed
-    base (default: made from ``seed``)."""
+    base (default: made from ``seed``, as :func:`_base` makes it); ``classes``: only these
+    classes' heads (the others NaN)."""
     view = (1, shape[0]) + (1,) * (len(shape) - 1)
     return universal_blend_statistic(
         model, shape, num_classes, low.reshape(view), high.reshape(view),
         steps=settings.universal_steps, seed=seed,
-        batch_size=max(settings.batch_size, 8 * num_classes), logits_fn=logits_fn, base=base)
+        batch_size=max(settings.batch_size, 8 * num_classes), logits_fn=logits_fn, base=base,
+        classes=classes)
 
 
 def audit(

@@ -483,11 +483,22 @@ class TriggerEraser(DefenseHook):
                              else (self.probation, self.repair))
         rec = probation.check(self._replica.module, repair, self.audit, t,
                               self.learner.updates, self.controller, distributed=distributed)
-        if spectral:
+        if spectral and rec.get("staged"):
+            margins = (f"through the spectral gain class {t}'s universal statistic dropped by "
+                       f"{rec['target_drop']:.1f} (in units of the other classes' first "
+                       f"spread), less than half the gap of {s.confirm_universal:g} it needs: "
+                       "the other classes' heads were not trained")
+        elif spectral:
             margins = (f"through the spectral gain class {t}'s universal statistic dropped by "
                        f"{rec['target_drop']:.1f} and the other classes' by "
                        f"{rec['control_drop']:.1f} (median, in units of their first spread; "
                        f"needs a gap of {s.confirm_universal:g})")
+        elif rec.get("staged"):
+            margins = (f"the erased teacher kept {100 * rec['target_ratio']:.0f} % of class "
+                       f"{t}'s maximum margin, above the {100 - 50 * s.confirm_gap:.1f} % at "
+                       f"which the re-audit could still pass (half its gap of "
+                       f"{100 * s.confirm_gap:.0f} points): the other classes were not "
+                       "searched")
         else:
             margins = (f"the erased teacher kept {100 * rec['target_ratio']:.0f} % of class "
                        f"{t}'s maximum margin and {100 * rec['control_ratio']:.0f} % of the "

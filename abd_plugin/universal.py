@@ -34,7 +34,7 @@ step (chunked by ``batch_size``): about 5 CPU-seconds for a LeNet-5 on 32x32 inp
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -103,18 +103,31 @@ def inversion_base(model: nn.Module, shape: tuple[int, ...], num_classes: int, l
     return (lo + u.detach() * (hi - lo)), cls
 
 
+def _wanted(classes: Sequence[int] | None, num_classes: int) -> Tensor:
+    """The heads to train: every class, or ``classes`` (sorted, distinct, in range)."""
+    if classes is None:
+        return torch.arange(num_classes)
+    wanted = torch.tensor(sorted({int(c) for c in classes}), dtype=torch.long)
+    if wanted.numel() == 0 or int(wanted.min()) < 0 or int(wanted.max()) >= num_classes:
+        raise ValueError(f"classes must be non-empty and in [0, {num_classes}), got "
+                         f"{list(classes)}")
+    return wanted
+
+
 def _universal_heads(
     model: nn.Module, shape: tuple[int, ...], num_classes: int, low: Tensor, high: Tensor,
     base: tuple[Tensor, Tensor] | None, *,
     init: Callable[[int, torch.Generator], list[Tensor]],
     paste: Callable[[list[Tensor], Tensor, Tensor, Tensor], Tensor],
     steps: int, lr: float, per_class: int, seed: int, gen_seed: int, batch_size: int,
-    logits_fn: Callable[[Any], Tensor] | None,
+    logits_fn: Callable[[Any], Tensor] | None, classes: Sequence[int] | None = None,
 ) -> Tensor:
     """What both universal heads share: per class ``c``, head parameters ``init(k, gen)``
     (float64, first axis the ``k`` classes of a chunk, drawn from ``gen``), trained by Adam for
     ``steps`` steps so that ``paste(params, base, lo, hi)`` (shape ``(k, B, *shape)``) sends the
-    other classes' base inputs to ``c``; returns each class's mean margin on them afterwards."""
+    other classes' base inputs to ``c``; returns each class's mean margin on them afterwards.
+    ``classes``: only these heads (the chunks, hence the draws, follow that list; the other
+    entries are NaN)."""
     dev = model_device(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     with torch.enable_grad(), torch.autocast(dev.type, enabled=False):
@@ -123,11 +136,12 @@ def _universal_heads(
             logits_fn=logits_fn)
         B = xs.shape[0]
         lo, hi = low.to(dev, dtype), high.to(dev, dtype)
-        out = torch.full((num_classes,), -math.inf, dtype=torch.float64)
+        out = torch.full((num_classes,), math.nan, dtype=torch.float64)
+        wanted = _wanted(classes, num_classes)
         per = max(1, batch_size // B)  # classes per chunk
         gen = torch.Generator().manual_seed(gen_seed)
-        for c0 in range(0, num_classes, per):
-            cs = torch.arange(c0, min(num_classes, c0 + per))
+        for c0 in range(0, len(wanted), per):
+            cs = wanted[c0:c0 + per]
             k = len(cs)
             params = [p.to(dev, dtype).requires_grad_(True) for p in init(k, gen)]
             opt = torch.optim.Adam(params, lr=lr)
@@ -153,13 +167,15 @@ def universal_blend_statistic(
     model: nn.Module, shape: tuple[int, ...], num_classes: int, low: Tensor, high: Tensor, *,
     alpha: float = 0.1, steps: int = 60, lr: float = 0.1, per_class: int = 3, seed: int = 0,
     batch_size: int = 4096, logits_fn: Callable[[Any], Tensor] | None = None,
-    base: tuple[Tensor, Tensor] | None = None,
+    base: tuple[Tensor, Tensor] | None = None, classes: Sequence[int] | None = None,
 ) -> Tensor:
     """Per class ``c`` (float64, (K,)): the mean margin of ``c`` over the base inputs of the
     other classes after ``steps`` Adam steps of a blend head that mixes one pattern into all of
     them with weight ``alpha`` (see the module docstring). ``model`` is a frozen copy in eval
     mode; ``low``/``high`` broadcast over a batch (per channel). ``base``: the
-    :func:`inversion_base` to use (default: made here with ``per_class`` and ``seed``)."""
+    :func:`inversion_base` to use (default: made here with ``per_class`` and ``seed``).
+    ``classes``: train only these classes' heads (the others' entries are NaN); the heads'
+    random starts then follow that list, so a class's number can differ from the full run's."""
 
     def init(k: int, gen: torch.Generator) -> list[Tensor]:
         return [torch.randn((k, 1) + shape, generator=gen, dtype=torch.float64) * 0.1]
@@ -169,7 +185,8 @@ def universal_blend_statistic(
 
     return _universal_heads(model, shape, num_classes, low, high, base, init=init, paste=paste,
                             steps=steps, lr=lr, per_class=per_class, seed=seed,
-                            gen_seed=seed + 91, batch_size=batch_size, logits_fn=logits_fn)
+                            gen_seed=seed + 91, batch_size=batch_size, logits_fn=logits_fn,
+                            classes=classes)
 
 
 def universal_patch_statistic(

@@ -226,7 +226,7 @@ class _Controller:
     def __init__(self) -> None:
         self.calls = 0
 
-    def specificity(self, model, repair, audit, t, updates):  # noqa: ANN001, ANN201
+    def specificity(self, model, repair, audit, t, updates, *, gap=None):  # noqa: ANN001, ANN201
         self.calls += 1
         return {"update": updates, "ratios": [1.0, 0.2], "target_ratio": 0.2,
                 "control_ratio": 1.0, "statistic": [1.0, 1.0], "p_value": 0.5}

@@ -39,10 +39,18 @@ with two other tests, the same in spirit:
 
 Either test passing confirms the mask (it acts from then on). The transplant runs first: when it
 passes, the re-audit (seconds, against milliseconds) cannot change the decision and is skipped
-(``reaudit_skipped``; its numbers are NaN in the record). After ``max_updates`` updates
-without a confirmation the probation ends: the repair stays off for the run, and the student's
-targets were never changed. On a clean teacher wrongly suspected the run is then bit-identical to
-an unguarded one (the checks use their own random generators and a frozen copy).
+(``reaudit_skipped``; its numbers are NaN in the record). Both re-audits then start with the
+suspect alone: when the repair took less than half the needed gap off the suspect's own
+statistic (the mask: ``r_t > 1 - gap / 2``; the gain: a drop below ``universal_gap / 2``), the
+check fails there (``staged``; the other classes' numbers are NaN), since passing would need
+the other classes' median to move *against* the suspect by more than half the gap, which a
+repair of the suspect's shortcut does not do. On a clean teacher wrongly suspected most checks
+end at this stage and cost one class's search instead of one per class.
+
+After ``max_updates`` updates without a confirmation the probation ends: the repair stays off
+for the run, and the student's targets were never changed. On a clean teacher wrongly
+suspected the run is then bit-identical to an unguarded one (the checks use their own random
+generators and a frozen copy).
 """
 from __future__ import annotations
 
@@ -138,7 +146,8 @@ class Probation:
                 rec = self._skipped(repair, updates)
                 passed = False
             elif repair.has_region:
-                rec = controller.specificity(model, repair, audit, target, updates)
+                rec = controller.specificity(model, repair, audit, target, updates,
+                                             gap=self.gap)
                 passed = rec["control_ratio"] - rec["target_ratio"] >= self.gap
             else:
                 rec = self._universal(model, repair, audit, target, updates, controller)
@@ -174,22 +183,41 @@ class Probation:
         """The audit's universal blend statistic again, on ``model`` seen through ``repair``:
         how far each class's statistic dropped, in units of the first audit's spread among the
         other classes; ``universal_gap`` is the suspect's drop minus the median drop of the
-        others (what the same repair does to classes it was not learned for)."""
+        others (what the same repair does to classes it was not learned for).
+
+        In two stages on one base: the suspect's head first; when its own drop is below half
+        of ``universal_gap`` the repair fails without the others' heads (``control_drop`` and
+        ``universal_gap`` NaN, ``staged`` True): passing would need the other classes' median
+        statistic to *rise* by more than half the gap, which a repair of the suspect's
+        shortcut does not do. The check then costs about one head instead of one per class."""
         from .._replica import ViewedModel
-        from ..audit import universal_statistic
+        from ..audit import _base, universal_statistic
 
         out = self._skipped(repair, updates)
+        out["staged"] = False
         if a.universal is None:
             return out
         first = torch.tensor(a.universal, dtype=torch.float64)
-        now = universal_statistic(
-            ViewedModel(model, repair.apply), tuple(a.input_shape), len(first),
-            torch.tensor(a.input_range[0], dtype=torch.float64),
-            torch.tensor(a.input_range[1], dtype=torch.float64), controller.audit_settings,
-            seed=controller.seed, logits_fn=self.logits_fn)
-        others = [c for c in range(len(first)) if c != t]
-        drop = (first - now) / max(float(first[others].std()), 1e-6)
-        out.update(target_drop=float(drop[t]), control_drop=float(drop[others].median()))
+        k = len(first)
+        view = ViewedModel(model, repair.apply)
+        shape = tuple(a.input_shape)
+        low = torch.tensor(a.input_range[0], dtype=torch.float64)
+        high = torch.tensor(a.input_range[1], dtype=torch.float64)
+        base = _base(view, shape, k, low, high, seed=controller.seed, logits_fn=self.logits_fn)
+
+        def heads(classes: list[int]) -> Tensor:
+            return universal_statistic(view, shape, k, low, high, controller.audit_settings,
+                                       seed=controller.seed, logits_fn=self.logits_fn,
+                                       base=base, classes=classes)
+
+        others = [c for c in range(k) if c != t]
+        sd = max(float(first[others].std()), 1e-6)
+        out["target_drop"] = float((first[t] - heads([t])[t]) / sd)
+        if out["target_drop"] < self.universal_gap / 2:
+            out["staged"] = True
+            return out
+        drop = (first - heads(others)) / sd
+        out["control_drop"] = float(drop[others].median())
         out["universal_gap"] = out["target_drop"] - out["control_drop"]
         return out
 

@@ -106,7 +106,7 @@ class ReauditController:
                 "stands_out": p < a.alpha, "price": self.price}
 
     def specificity(self, model: nn.Module, repair: InputRepair, a: AuditReport, t: int,
-                    updates: int) -> dict[str, Any]:
+                    updates: int, *, gap: float | None = None) -> dict[str, Any]:
         """How specifically ``repair`` takes class ``t``'s shortcut away: the audit's margin
         search for *every* class on ``model`` seen through the repair, compared class by class
         with the first audit's statistics. Returns ``ratios`` (per class, repaired statistic /
@@ -114,20 +114,42 @@ class ReauditController:
         other classes: what the same repair does to classes it was not learned for),
         ``statistic`` (the repaired statistics) and ``p_value`` (the target's, against the
         repaired statistics of the other classes). The caller shares the record over ranks
-        (:class:`~abd_plugin.repair.Probation`)."""
+        (:class:`~abd_plugin.repair.Probation`).
+
+        The suspect is searched first, the other classes after it. With ``gap`` (the
+        probation's test: ``control_ratio - target_ratio >= gap``), a suspect that kept more
+        than ``1 - gap / 2`` of its margin ends the check there (``staged`` True; the other
+        classes' ratios, ``control_ratio`` and ``p_value`` NaN): passing would need the other
+        classes' median margin to *grow* by more than half the gap, which a mask over the
+        suspect's trigger does not do. A check then costs one class's search, not K."""
         from ..audit import order_pvalues
 
-        stat = self._repaired_statistic(model, repair, a, None, self.seed + 1000 + updates)
+        k = len(a.statistic)
+        seed = self.seed + 1000 + updates
         first = torch.tensor(a.statistic, dtype=torch.float64)
+        stat = self._repaired_statistic(model, repair, a, [t], seed)
         # margins are positive after the search; a class the search could not lift above 0
         # counts with a floor of 1e-3 so ratios stay finite and ordered
-        ratios = stat.clamp_min(1e-3) / first.clamp_min(1e-3)
-        others = [c for c in range(len(ratios)) if c != t]
-        p = float(order_pvalues(stat)[t])
+        r_t = float(stat[t].clamp_min(1e-3) / first[t].clamp_min(1e-3))
+        staged = gap is not None and r_t > 1 - gap / 2
+        others = [c for c in range(k) if c != t]
+        nan = float("nan")
+        if staged:
+            st, stat = stat[t], torch.full((k,), nan, dtype=torch.float64)
+            stat[t] = st
+            ratios = torch.full((k,), nan, dtype=torch.float64)
+            ratios[t] = r_t
+            control, p = nan, nan
+        else:
+            rest = self._repaired_statistic(model, repair, a, others, seed + 1)
+            rest[t] = stat[t]
+            stat = rest
+            ratios = stat.clamp_min(1e-3) / first.clamp_min(1e-3)
+            control = float(ratios[others].median())
+            p = float(order_pvalues(stat)[t])
         return {"update": updates, "ratios": [float(r) for r in ratios],
-                "target_ratio": float(ratios[t]),
-                "control_ratio": float(ratios[others].median()),
-                "statistic": [float(v) for v in stat], "p_value": p}
+                "target_ratio": r_t, "control_ratio": control,
+                "statistic": [float(v) for v in stat], "p_value": p, "staged": staged}
 
     def state_dict(self) -> dict[str, Any]:
         return {"price": self.price, "rechecks": [dict(r) for r in self.rechecks]}
