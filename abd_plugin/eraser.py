@@ -168,6 +168,22 @@ class EraseSettings(Section):
         classes minus the suspect's ratio must be at least this. Measured in DFAD loops on
         mnist5k (LeNet-5 / LeNet-5-BN, 80 updates): 0.07-0.13 on four clean teachers the audit
         flagged, 0.20-0.31 on poisoned ones whose mask covered the trigger.""")
+    confirm_others_kept: float = spec(
+        0.94, Num(0, 10),
+        """Re-audit test, second half: when the mask also lowers the other classes' maximum
+        margins (their median ratio below this), its larger cut on the suspect counts only when
+        the masked region also carries the suspect (the transplant's share over its control at
+        least ``confirm_others_carry``). Set on the probation's records (LeNet-5 / LeNet-5-BN on
+        mnist5k, DFAD and ZSKT, every check; ``benchmarks/results/probes-cpu-2026-12-06.md``):
+        the masks confirmed over patch triggers kept the others' median at 0.950-1.015; the
+        watermark's wide masks lowered it to 0.914-0.923 and carried 18-24 points; the two
+        masks confirmed on a clean LeNet-5 before this rule (one cost 2.8 ACC points under
+        ZSKT) lowered it to 0.906 and 0.926 and carried 1 and 5 points. Thin margins on both
+        sides (0.926 / 0.950). 0: off.""")
+    confirm_others_carry: float = spec(
+        0.1, Num(0, 1),
+        """See ``confirm_others_kept``: the transplant's share over its control that a mask
+        lowering every class needs (5 points on the clean teacher, 18 on the watermark).""")
     confirm_transplant: float = spec(
         0.5, Num(0, 1),
         """Transplant test: the share of other samples the suspect's masked region sends to the
@@ -363,7 +379,8 @@ class TriggerEraser(DefenseHook):
             audit_settings=audit_settings or AuditSettings(), seed=seed, logits_fn=logits_fn)
         self.probation = Probation(every=s.confirm, max_updates=s.confirm_max, gap=s.confirm_gap,
                                    transplant=s.confirm_transplant, seed=seed,
-                                   logits_fn=logits_fn)
+                                   logits_fn=logits_fn, others_kept=s.confirm_others_kept,
+                                   others_carry=s.confirm_others_carry)
         # the second family, for triggers spread over the input: learned beside the mask while
         # on probation (see EraseSettings.spectral); ``family`` is the one that acts
         self.spectral = SpectralGain(seed=seed)
@@ -514,6 +531,10 @@ class TriggerEraser(DefenseHook):
                        f"{t}'s maximum margin and {100 * rec['control_ratio']:.0f} % of the "
                        f"other classes' (median; needs a gap of {100 * s.confirm_gap:.0f} "
                        "points)")
+            if rec.get("others_lowered"):
+                margins += (f", and since the mask also lowered the other classes (below "
+                            f"{100 * s.confirm_others_kept:.0f} %), its region must carry class "
+                            f"{t} by {100 * s.confirm_others_carry:.0f} points over the control")
         if spectral:
             carry = (f"what the gain removes from its class-{t} samples sent "
                      f"{100 * rec['carried']:.0f} % of other samples to class {t}, what it "

@@ -260,3 +260,75 @@ def test_a_check_the_transplant_passes_skips_the_costly_re_audit():
             assert rec["passed"] is (carries or region)
             key = "target_ratio" if region else "universal_gap"
             assert (rec[key] != rec[key]) is (carries or not region)  # NaN: not measured
+
+
+class _Lowering:
+    """A stand-in controller whose mask takes the suspect's margin to ``target`` of its first
+    value and the other classes' (median) to ``control``."""
+
+    def __init__(self, target: float, control: float) -> None:
+        self.target, self.control = target, control
+
+    def specificity(self, model, repair, audit, t, updates, *, gap=None):  # noqa: ANN001, ANN201
+        return {"update": updates, "ratios": [self.control, self.target],
+                "target_ratio": self.target, "control_ratio": self.control,
+                "statistic": [1.0, 1.0], "p_value": 0.5}
+
+
+def test_a_mask_that_lowers_every_class_must_also_carry_the_suspect():
+    """The re-audit's gap counts on its own only while the other classes keep their margins
+    (median ratio >= ``others_kept``); a mask that lowers them too (a digit's strokes on a clean
+    teacher) passes only when its region carries the suspect by ``others_carry`` over the
+    control (a watermark's wide mask); the defaults of ``Probation`` (0) keep the old test."""
+    from abd_plugin.repair import Probation
+
+    audit = type("A", (), {"universal": None})()
+    x = torch.ones(4, 1, 4, 4)
+    cases = [  # control ratio, transplant (carried, control), the eraser's rule: passes?
+        (0.99, (0.03, 0.02), True),    # a patch's mask: the others kept, nothing carried
+        (0.91, (0.03, 0.02), False),   # a clean teacher's stroke mask: gap 0.21 alone
+        (0.91, (0.25, 0.07), True),    # a watermark's wide mask: carries 18 points
+        (0.91, (0.09, 0.02), False),   # carries 7 points: not enough
+    ]
+    for control, (carried, ctl), expected in cases:
+        for kept, carry, want in ((0.94, 0.1, expected), (0.0, 0.0, True)):
+            pr = Probation(every=1, max_updates=10, gap=0.17, transplant=0.5,
+                           others_kept=kept, others_carry=carry)
+            pr.remember(x)
+            pr._transplant = lambda *a, c=carried, k=ctl: {  # type: ignore[method-assign]
+                "carried": c, "carried_control": k, "n_target": 4, "n_other": 4}
+            rec = pr.check(nn.Identity(), _Carrier(region=True, carries=False), audit, 1, 1,
+                           _Lowering(0.7, control))  # type: ignore[arg-type]
+            assert rec["passed"] is want, (control, carried, ctl, kept)
+            assert rec["others_lowered"] is (control < kept)
+    # a gap that fails stays failed whatever the region carries (under the transplant's own
+    # threshold)
+    pr = Probation(every=1, max_updates=10, gap=0.17, transplant=0.5, others_kept=0.94,
+                   others_carry=0.1)
+    pr._transplant = lambda *a: {"carried": 0.4, "carried_control": 0.0,  # type: ignore
+                                 "n_target": 4, "n_other": 4}
+    rec = pr.check(nn.Identity(), _Carrier(region=True, carries=False), audit, 1, 1,
+                   _Lowering(0.85, 0.91))  # type: ignore[arg-type]
+    assert rec["passed"] is False
+
+
+def test_the_eraser_reason_says_when_the_mask_lowered_every_class():
+    """The eraser's settings reach its mask's probation (not the gain's, which has no region),
+    and the reason text says why a gap that would have passed did not."""
+    from abd_plugin.eraser import EraseSettings, TriggerEraser
+
+    teacher = nn.Linear(2, 2)
+    er = TriggerEraser(teacher, EraseSettings())
+    assert (er.probation.others_kept, er.probation.others_carry) == (0.94, 0.1)
+    assert er.spectral_probation.others_kept == 0.0
+    assert TriggerEraser(teacher, EraseSettings(confirm_others_kept=0.0)).probation.others_kept == 0
+    er.audit = type("A", (), {"verdict": "unsure"})()  # type: ignore[assignment]
+    er.target = 1
+    rec = {"update": 40, "target_ratio": 0.73, "control_ratio": 0.91, "others_lowered": True,
+           "staged": False, "reaudit_skipped": False, "carried": 0.03, "carried_control": 0.02,
+           "passed": False, "streak": 0, "confirmed": False, "ended": True}
+    er.probation.check = lambda *a, **k: rec  # type: ignore[method-assign]
+    er.confirm_now()
+    assert er.status.value == "off-unconfirmed"
+    assert "also lowered the other classes (below 94 %)" in er.reason
+    assert "carry class 1 by 10 points" in er.reason

@@ -16,7 +16,13 @@ the mask does for the suspect ``t`` with a control:
   its first value while the other classes keep theirs. The control is the median ratio among
   the other classes; the test passes when ``median_{c != t} r_c - r_t >= gap``. A
   natural-feature mask lowers ``t`` about as much as it lowers the classes it was not learned
-  for.
+  for. A mask that also lowers the other classes (their median ratio below ``others_kept``)
+  erases generic content, a digit's strokes, and its larger cut on ``t`` then counts only when
+  its region also carries ``t`` a little (the transplant below, by at least ``others_carry``
+  over its control): a trigger's mask leaves the other classes' margins about where they were
+  (median ratio 0.95-1.01 measured on patch triggers), a watermark's wide mask lowers them but
+  carries the class (18-24 points over the control), and the masks a clean teacher got
+  confirmed with before this rule did neither (0.91-0.93, 1-5 points).
 * **Transplant** (:meth:`~abd_plugin.repair.MaskErasure.transplant`): the masked region of the
   recent samples the teacher calls ``t``, copied onto samples it calls something else. A trigger
   region *carries* the class: the pasted samples go to ``t``; the same region moved elsewhere
@@ -77,6 +83,9 @@ class Probation:
         every: updates between checks (0: no probation; the repair acts at once).
         max_updates: the probation ends unconfirmed after this many updates.
         gap, transplant: the two tests' thresholds.
+        others_kept, others_carry: the re-audit's second half (module docstring): below an
+            other-class median ratio of ``others_kept`` the gap counts only with a transplant
+            difference of at least ``others_carry`` (the defaults, 0: no second half).
         repeat: consecutive checks that must pass before the repair is confirmed (the
             eraser asks 2 of the spectral gain: the mask keeps one more check to win the race,
             and one passing check on a clean teacher is not enough).
@@ -93,10 +102,12 @@ class Probation:
 
     def __init__(self, *, every: int, max_updates: int, gap: float, transplant: float,
                  universal_gap: float = 4.5, repeat: int = 1, controls: int = 8, keep: int = 4,
-                 seed: int = 0, logits_fn: Callable[[Any], Tensor] | None = None) -> None:
+                 seed: int = 0, logits_fn: Callable[[Any], Tensor] | None = None,
+                 others_kept: float = 0.0, others_carry: float = 0.0) -> None:
         self.repeat = max(1, int(repeat))
         self.every, self.max_updates = int(every), int(max_updates)
         self.gap, self.transplant_margin = float(gap), float(transplant)
+        self.others_kept, self.others_carry = float(others_kept), float(others_carry)
         self.universal_gap = float(universal_gap)
         self.controls, self.keep, self.seed = int(controls), int(keep), int(seed)
         self.logits_fn = logits_fn
@@ -149,6 +160,11 @@ class Probation:
                 rec = controller.specificity(model, repair, audit, target, updates,
                                              gap=self.gap)
                 passed = rec["control_ratio"] - rec["target_ratio"] >= self.gap
+                # a mask that lowers every class must also carry the suspect a little
+                rec["others_lowered"] = bool(rec["control_ratio"] < self.others_kept)
+                if passed and rec["others_lowered"]:
+                    passed = (moved["carried"] - moved["carried_control"]
+                              >= self.others_carry)
             else:
                 rec = self._universal(model, repair, audit, target, updates, controller)
                 passed = rec["universal_gap"] >= self.universal_gap
