@@ -531,10 +531,12 @@ class TriggerEraser(DefenseHook):
                        f"{t}'s maximum margin and {100 * rec['control_ratio']:.0f} % of the "
                        f"other classes' (median; needs a gap of {100 * s.confirm_gap:.0f} "
                        "points)")
-            if rec.get("others_lowered"):
-                margins += (f", and since the mask also lowered the other classes (below "
-                            f"{100 * s.confirm_others_kept:.0f} %), its region must carry class "
-                            f"{t} by {100 * s.confirm_others_carry:.0f} points over the control")
+            if rec.get("others_lowered") and (
+                    rec["control_ratio"] - rec["target_ratio"] >= s.confirm_gap):
+                margins += (f"; the gap was met, but the mask also lowered the other classes "
+                            f"(below {100 * s.confirm_others_kept:.0f} % of their margins), so "
+                            f"its region had to carry class {t} by "
+                            f"{100 * s.confirm_others_carry:.0f} points over the control")
         if spectral:
             carry = (f"what the gain removes from its class-{t} samples sent "
                      f"{100 * rec['carried']:.0f} % of other samples to class {t}, what it "
