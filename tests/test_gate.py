@@ -283,7 +283,6 @@ def test_a_mask_that_lowers_every_class_must_also_carry_the_suspect():
     from abd_plugin.repair import Probation
 
     audit = type("A", (), {"universal": None})()
-    x = torch.ones(4, 1, 4, 4)
     cases = [  # control ratio, transplant (carried, control), the eraser's rule: passes?
         (0.99, (0.03, 0.02), True),    # a patch's mask: the others kept, nothing carried
         (0.91, (0.03, 0.02), False),   # a clean teacher's stroke mask: gap 0.21 alone
@@ -294,7 +293,6 @@ def test_a_mask_that_lowers_every_class_must_also_carry_the_suspect():
         for kept, carry, want in ((0.94, 0.1, expected), (0.0, 0.0, True)):
             pr = Probation(every=1, max_updates=10, gap=0.17, transplant=0.5,
                            others_kept=kept, others_carry=carry)
-            pr.remember(x)
             pr._transplant = lambda *a, c=carried, k=ctl: {  # type: ignore[method-assign]
                 "carried": c, "carried_control": k, "n_target": 4, "n_other": 4}
             rec = pr.check(nn.Identity(), _Carrier(region=True, carries=False), audit, 1, 1,
