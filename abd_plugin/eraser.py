@@ -186,6 +186,18 @@ class EraseSettings(Section):
         0.1, Num(0, 1),
         """See ``confirm_others_kept``: the transplant's share over its control that a mask
         lowering every class needs (5 points on the clean teacher, 18 on the watermark).""")
+    confirm_unsure: int = spec(
+        2, Int(1, 100),
+        """Passing checks in a row that confirm the mask after an ``unsure`` verdict (after
+        ``poisoned``: one), unless the passing check's region also carries the suspect by
+        ``confirm_others_carry`` over the control (then one). The weaker the audit's evidence,
+        the more the repair must show: a mask confirmed on a clean teacher the audit was unsure
+        about costs the student accuracy for the rest of the run. A streak in progress at
+        ``confirm_max`` runs on until it confirms or a check fails. Measured on the probation's
+        records (LeNet-5 on mnist5k, ZSKT and DFAD, 400 iterations;
+        ``benchmarks/results/probes-cpu-2026-12-06.md`` §5): the masks confirmed on two clean
+        teachers passed once (carrying 1-5 points) and failed the next check; the masks over
+        triggers after an ``unsure`` verdict carried 12-23 points. 1: one check, as before.""")
     confirm_transplant: float = spec(
         0.5, Num(0, 1),
         """Transplant test: the share of other samples the suspect's masked region sends to the
@@ -382,7 +394,8 @@ class TriggerEraser(DefenseHook):
         self.probation = Probation(every=s.confirm, max_updates=s.confirm_max, gap=s.confirm_gap,
                                    transplant=s.confirm_transplant, seed=seed,
                                    logits_fn=logits_fn, others_kept=s.confirm_others_kept,
-                                   others_carry=s.confirm_others_carry)
+                                   others_carry=s.confirm_others_carry,
+                                   repeat_unsure=s.confirm_unsure)
         # the second family, for triggers spread over the input: learned beside the mask while
         # on probation (see EraseSettings.spectral); ``family`` is the one that acts
         self.spectral = SpectralGain(seed=seed)
@@ -555,8 +568,13 @@ class TriggerEraser(DefenseHook):
                    "check passes on this test alone)")
         else:
             why = f"after {rec['update']} update(s) {margins}; {carry}"
-        if spectral and rec["confirmed"]:
+        if rec["confirmed"] and rec["streak"] > 1:
             why += f" ({rec['streak']} passing checks in a row)"
+        elif (rec["confirmed"] and not spectral and self.audit.verdict == "unsure"
+              and rec.get("corroborated") and self.probation.repeat_unsure > 1):
+            why += (f" (one passing check suffices after an unsure verdict when the region "
+                    f"also carries class {t} by {100 * s.confirm_others_carry:.0f} points over "
+                    "the control)")
         verdict = self.audit.verdict
         others_over = not self.spectral_racing or (
             self.spectral_probation.ended if not spectral else self.probation.ended)

@@ -244,7 +244,7 @@ def test_a_check_the_transplant_passes_skips_the_costly_re_audit():
             return torch.cat([-m, m], 1)
 
     x = torch.cat([torch.ones(8, 1, 4, 4), -torch.ones(8, 1, 4, 4)])
-    audit = type("A", (), {"universal": None})()
+    audit = _verdict("poisoned")
     for region in (True, False):
         for carries in (True, False):
             ctl, pr = _Controller(), Probation(every=1, max_updates=10, gap=0.17,
@@ -282,7 +282,7 @@ def test_a_mask_that_lowers_every_class_must_also_carry_the_suspect():
     control (a watermark's wide mask); the defaults of ``Probation`` (0) keep the old test."""
     from abd_plugin.repair import Probation
 
-    audit = type("A", (), {"universal": None})()
+    audit = _verdict("poisoned")
     cases = [  # control ratio, transplant (carried, control), the eraser's rule: passes?
         (0.99, (0.03, 0.02), True),    # a patch's mask: the others kept, nothing carried
         (0.91, (0.03, 0.02), False),   # a clean teacher's stroke mask: gap 0.21 alone
@@ -333,3 +333,87 @@ def test_the_eraser_reason_says_when_the_mask_lowered_every_class():
     rec.update(target_ratio=0.85)  # the gap itself failed: nothing to say about the others
     er.confirm_now()
     assert "also lowered" not in er.reason
+
+
+def _verdict(v: str):  # noqa: ANN202
+    return type("A", (), {"universal": None, "verdict": v})()
+
+
+def test_an_unsure_verdict_needs_two_passing_checks_in_a_row():
+    """After ``unsure`` the mask is confirmed only by ``repeat_unsure`` passing checks in a row
+    (after ``poisoned``: ``repeat``), unless the passing check's region also carries the
+    suspect (``others_carry``); a failing check resets the streak; a streak in progress at
+    ``max_updates`` runs on, one check every ``every`` updates, until it confirms or fails."""
+    from abd_plugin.repair import Probation
+
+    def run(verdict: str, gaps: list[bool], every: int = 10, end: int = 30,
+            carried: float = 0.08) -> list[dict]:
+        pr = Probation(every=every, max_updates=end, gap=0.17, transplant=0.5,
+                       repeat_unsure=2, others_carry=0.1)
+        pr._transplant = lambda *a: {"carried": carried, "carried_control": 0.0,  # type: ignore
+                                     "n_target": 4, "n_other": 4}
+        rep, audit, out = _Carrier(region=True, carries=False), _verdict(verdict), []
+        for u in range(1, 100):
+            if not pr.due(u, rep):  # type: ignore[arg-type]
+                continue
+            ok = gaps[len(out)]
+            out.append(pr.check(nn.Identity(), rep, audit, 1, u,  # type: ignore[arg-type]
+                                _Lowering(0.7 if ok else 0.95, 1.0)))
+            if out[-1]["ended"]:
+                break
+        return out
+
+    # poisoned: the first passing check confirms
+    recs = run("poisoned", [False, True])
+    assert [r["update"] for r in recs] == [10, 20] and recs[-1]["confirmed"]
+    assert recs[-1]["needed"] == 1
+    # unsure: a pass, a fail (streak reset), then two passes
+    recs = run("unsure", [True, False, True, True, True])
+    assert [(r["update"], r["streak"], r["confirmed"]) for r in recs] == [
+        (10, 1, False), (20, 0, False), (30, 1, False), (40, 2, True)]
+    assert all(r["needed"] == 2 for r in recs)
+    # the pass at max_updates (30) runs on to update 40, not to the next update
+    assert not recs[2]["ended"]
+    # ... and a failing check there ends the probation unconfirmed
+    recs = run("unsure", [False, False, True, False])
+    assert [(r["update"], r["confirmed"], r["ended"]) for r in recs] == [
+        (10, False, False), (20, False, False), (30, False, False), (40, False, True)]
+    # a failing check at max_updates ends it at once
+    recs = run("unsure", [False, False, False])
+    assert recs[-1]["update"] == 30 and recs[-1]["ended"]
+    # unsure, but the passing check's region also carries the suspect (12 points over the
+    # control, against others_carry = 0.1): one check suffices, as after poisoned
+    recs = run("unsure", [False, True], carried=0.12)
+    assert [(r["update"], r["corroborated"], r["confirmed"]) for r in recs] == [
+        (10, True, False), (20, True, True)]
+    assert recs[-1]["needed"] == 1
+    # repeat_unsure below repeat: repeat wins (the spectral gain's 2 stays 2)
+    assert Probation(every=1, max_updates=1, gap=0.1, transplant=0.5, repeat=2,
+                     repeat_unsure=1).needed(_verdict("unsure")) == 2
+
+
+def test_the_eraser_asks_an_unsure_mask_for_two_checks_and_says_so():
+    from abd_plugin.eraser import EraseSettings, TriggerEraser
+
+    teacher = nn.Linear(2, 2)
+    er = TriggerEraser(teacher, EraseSettings())
+    assert er.probation.needed(_verdict("unsure")) == 2
+    assert er.probation.needed(_verdict("poisoned")) == 1
+    assert er.spectral_probation.needed(_verdict("poisoned")) == 2
+    one = TriggerEraser(teacher, EraseSettings(confirm_unsure=1))
+    assert one.probation.needed(_verdict("unsure")) == 1
+    assert ABDConfig(erase_confirm_unsure=3).erase.confirm_unsure == 3
+    er.audit = _verdict("unsure")  # type: ignore[assignment]
+    er.target = 1
+    rec = {"update": 60, "target_ratio": 0.7, "control_ratio": 0.99, "others_lowered": False,
+           "staged": False, "reaudit_skipped": False, "carried": 0.03, "carried_control": 0.02,
+           "passed": True, "streak": 2, "needed": 2, "confirmed": True, "ended": True}
+    er.probation.check = lambda *a, **k: rec  # type: ignore[method-assign]
+    er.confirm_now()
+    assert er.status.value == "on" and "(2 passing checks in a row)" in er.reason
+    rec.update(streak=1, needed=1, corroborated=True, carried=0.25, carried_control=0.05)
+    er.status = er.status.__class__("probation")
+    er.confirm_now()
+    assert er.status.value == "on"
+    assert "one passing check suffices after an unsure verdict" in er.reason
+    assert "carries class 1 by 10 points" in er.reason

@@ -43,7 +43,15 @@ with two other tests, the same in spirit:
   other samples, sends them to ``t`` at least ``transplant`` more often than what it removes
   from other-class samples does.
 
-Either test passing confirms the mask (it acts from then on). The transplant runs first: when it
+Either test passing confirms the mask (it acts from then on), after a ``poisoned`` verdict. After
+an ``unsure`` one the audit's own evidence is weak, so the repair must show more: two passing
+checks in a row (``repeat_unsure``), or one whose region also carries the suspect (the
+transplant's share over its control at least ``others_carry``, below the transplant test's own
+threshold). The masks confirmed on clean LeNet-5 teachers the audit was unsure about passed the
+re-audit once, carried 1-5 points, and failed the next check (gaps 0.09-0.11); the masks over
+poisoned teachers' triggers after an ``unsure`` verdict (a watermark, a square, a ResNet-8 corner
+grid) carried 12-23 points. A streak in progress when the probation ends runs on until it
+confirms or a check fails. The transplant runs first: when it
 passes, the re-audit (seconds, against milliseconds) cannot change the decision and is skipped
 (``reaudit_skipped``; its numbers are NaN in the record). Both re-audits then start with the
 suspect alone: when the repair took less than half the needed gap off the suspect's own
@@ -89,6 +97,11 @@ class Probation:
         repeat: consecutive checks that must pass before the repair is confirmed (the
             eraser asks 2 of the spectral gain: the mask keeps one more check to win the race,
             and one passing check on a clean teacher is not enough).
+        repeat_unsure: the same after an ``unsure`` verdict, when larger than ``repeat`` (0:
+            as ``repeat``), unless the passing check's region also carries the suspect (the
+            transplant's share over its control at least ``others_carry``, when that is
+            above 0): then ``repeat`` suffices. A streak in progress at ``max_updates`` runs
+            on, one check every ``every`` updates, until it confirms or a check fails.
         controls: random offsets of the transplant's control regions.
         keep: recent teacher batches kept for the transplant test.
         seed: the controls' offsets are drawn from ``seed + update``.
@@ -103,8 +116,10 @@ class Probation:
     def __init__(self, *, every: int, max_updates: int, gap: float, transplant: float,
                  universal_gap: float = 4.5, repeat: int = 1, controls: int = 8, keep: int = 4,
                  seed: int = 0, logits_fn: Callable[[Any], Tensor] | None = None,
-                 others_kept: float = 0.0, others_carry: float = 0.0) -> None:
+                 others_kept: float = 0.0, others_carry: float = 0.0,
+                 repeat_unsure: int = 0) -> None:
         self.repeat = max(1, int(repeat))
+        self.repeat_unsure = max(self.repeat, int(repeat_unsure))
         self.every, self.max_updates = int(every), int(max_updates)
         self.gap, self.transplant_margin = float(gap), float(transplant)
         self.others_kept, self.others_carry = float(others_kept), float(others_carry)
@@ -137,9 +152,18 @@ class Probation:
         if (not self.enabled or self.ended
                 or (self.checks and self.checks[-1]["update"] == updates)):
             return False
+        if self.checks and self.checks[-1]["update"] >= self.max_updates:  # a streak runs on
+            return updates >= self.checks[-1]["update"] + self.every
         if updates >= self.max_updates:
             return True
         return updates % self.every == 0 and repair.changed() > 0
+
+    def needed(self, audit: AuditReport, corroborated: bool = False) -> int:
+        """Passing checks in a row that confirm the repair after ``audit``'s verdict;
+        ``corroborated``: the passing check's region also carries the suspect."""
+        if audit.verdict == "unsure" and not corroborated:
+            return self.repeat_unsure
+        return self.repeat
 
     def check(self, model: nn.Module, repair: InputRepair, audit: AuditReport, target: int,
               updates: int, controller: ReauditController, *, distributed: bool = False
@@ -175,8 +199,13 @@ class Probation:
             last = self.checks[-1].get("streak", int(self.checks[-1]["confirmed"])) if (
                 self.checks) else 0
             rec["streak"] = last + 1 if rec["passed"] else 0
-            rec["confirmed"] = rec["streak"] >= self.repeat
-            rec["ended"] = rec["confirmed"] or updates >= self.max_updates
+            rec["corroborated"] = bool(
+                repair.has_region and self.others_carry > 0
+                and moved["carried"] - moved["carried_control"] >= self.others_carry)
+            rec["needed"] = self.needed(audit, rec["corroborated"])
+            rec["confirmed"] = rec["streak"] >= rec["needed"]
+            rec["ended"] = rec["confirmed"] or (updates >= self.max_updates
+                                                and not rec["passed"])
         if distributed:
             rec = _dist.broadcast(rec)
         assert rec is not None
