@@ -197,7 +197,7 @@ class EraseSettings(Section):
         records (LeNet-5 on mnist5k, ZSKT and DFAD, 400 iterations;
         ``benchmarks/results/probes-cpu-2026-12-06.md`` §5): the masks confirmed on two clean
         teachers passed once (carrying 1-5 points) and failed the next check; the masks over
-        triggers after an ``unsure`` verdict carried 12-23 points. 1: one check, as before.""")
+        triggers after an ``unsure`` verdict carried 11-24 points. 1: one check, as before.""")
     confirm_transplant: float = spec(
         0.5, Num(0, 1),
         """Transplant test: the share of other samples the suspect's masked region sends to the

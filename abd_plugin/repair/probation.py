@@ -48,9 +48,9 @@ an ``unsure`` one the audit's own evidence is weak, so the repair must show more
 checks in a row (``repeat_unsure``), or one whose region also carries the suspect (the
 transplant's share over its control at least ``others_carry``, below the transplant test's own
 threshold). The masks confirmed on clean LeNet-5 teachers the audit was unsure about passed the
-re-audit once, carried 1-5 points, and failed the next check (gaps 0.09-0.11); the masks over
+re-audit once, carried 1-5 points, and failed the next check (gaps 0.112, 0.114); the masks over
 poisoned teachers' triggers after an ``unsure`` verdict (a watermark, a square, a ResNet-8 corner
-grid) carried 12-23 points. A streak in progress when the probation ends runs on until it
+grid) carried 11-24 points. A streak in progress when the probation ends runs on until it
 confirms or a check fails. The transplant runs first: when it
 passes, the re-audit (seconds, against milliseconds) cannot change the decision and is skipped
 (``reaudit_skipped``; its numbers are NaN in the record). Both re-audits then start with the
