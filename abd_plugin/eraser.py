@@ -198,6 +198,13 @@ class EraseSettings(Section):
         ``benchmarks/results/probes-cpu-2026-12-06.md`` §5): the masks confirmed on two clean
         teachers passed once (carrying 1-5 points) and failed the next check; the masks over
         triggers after an ``unsure`` verdict carried 11-24 points. 1: one check, as before.""")
+    confirm_searches: int = spec(
+        1, Int(1, 99),
+        """The mask's every-class re-audit searches the suspect this many times (other random
+        starts) and uses its median statistic. The gap's spread over the search's random starts
+        is mostly the suspect's own (sd 0.01-0.06 against the threshold 0.17;
+        ``benchmarks/results/probes-cpu-2026-12-06.md`` §7). Each more search costs one class's
+        search per check.""")
     confirm_transplant: float = spec(
         0.5, Num(0, 1),
         """Transplant test: the share of other samples the suspect's masked region sends to the
@@ -395,7 +402,8 @@ class TriggerEraser(DefenseHook):
                                    transplant=s.confirm_transplant, seed=seed,
                                    logits_fn=logits_fn, others_kept=s.confirm_others_kept,
                                    others_carry=s.confirm_others_carry,
-                                   repeat_unsure=s.confirm_unsure)
+                                   repeat_unsure=s.confirm_unsure,
+                                   searches=s.confirm_searches)
         # the second family, for triggers spread over the input: learned beside the mask while
         # on probation (see EraseSettings.spectral); ``family`` is the one that acts
         self.spectral = SpectralGain(seed=seed)

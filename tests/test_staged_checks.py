@@ -120,3 +120,48 @@ def test_the_universal_re_audit_trains_one_head_when_the_suspects_drop_is_small(
     assert not rec["staged"] and asked == [[t], [c for c in range(10) if c != t]]
     assert rec["target_drop"] >= 1.0 / 2 and math.isfinite(rec["control_drop"])
     assert rec["universal_gap"] == pytest.approx(rec["target_drop"] - rec["control_drop"])
+
+
+def test_the_suspect_can_be_searched_several_times_and_its_median_counts(monkeypatch):
+    """``searches``: the suspect's repaired statistic is the median of that many searches from
+    other random starts (the gap's noise is mostly the suspect's own search); 1: one search,
+    the check's own seed."""
+    k, t = 4, 2
+    a = type("A", (), {"statistic": [1.0] * k, "input_shape": SHAPE, "input_range": (0.0, 1.0),
+                       "alpha": 0.05})()
+    ctl = ReauditController(every=0, price=2.5, price_low=1.0, audit_settings=SETTINGS, seed=3)
+    base = 3 + 1000 + 20  # the check's own seed at update 20
+    values = {base: 0.5, base + 7919: 0.9, base + 2 * 7919: 0.7, base + 3 * 7919: 0.2,
+              base + 4 * 7919: 0.8}
+    asked: list[int] = []
+
+    def fake(model, repair, a_, classes, seed):  # noqa: ANN001, ANN202
+        asked.append(seed)
+        out = torch.ones(k, dtype=torch.float64)
+        if classes == [t]:
+            out[t] = values[seed]
+        return out
+
+    monkeypatch.setattr(ctl, "_repaired_statistic", fake)
+    view = _View(lambda x: x)
+    for searches, ratio in ((1, 0.5), (3, 0.7), (5, 0.7)):
+        asked.clear()
+        rec = ctl.specificity(None, view, a, t, 20, gap=0.17, searches=searches)  # type: ignore
+        assert rec["target_ratio"] == pytest.approx(ratio)
+        assert asked[:searches] == [base + 7919 * j for j in range(searches)]
+        assert rec["control_ratio"] == pytest.approx(1.0)  # the others: one search, as before
+    # the probation passes its setting on, and the eraser its own
+    seen: dict = {}
+
+    class Spy:
+        def specificity(self, *args, **kw):  # noqa: ANN002, ANN003, ANN202
+            seen.update(kw)
+            return {"update": 20, "ratios": [], "target_ratio": 0.7, "control_ratio": 1.0,
+                    "statistic": [], "p_value": 0.5}
+
+    pr = Probation(every=1, max_updates=10, gap=0.17, transplant=0.5, searches=5)
+    pr.check(None, view, type("V", (), {"verdict": "poisoned"})(), t, 20, Spy())  # type: ignore
+    assert seen["searches"] == 5
+    from abd_plugin.eraser import EraseSettings, TriggerEraser
+    assert TriggerEraser(torch.nn.Linear(2, 2), EraseSettings(confirm_searches=3)
+                         ).probation.searches == 3

@@ -102,6 +102,8 @@ class Probation:
             transplant's share over its control at least ``others_carry``, when that is
             above 0): then ``repeat`` suffices. A streak in progress at ``max_updates`` runs
             on, one check every ``every`` updates, until it confirms or a check fails.
+        searches: the mask's re-audit searches the suspect that many times and uses the
+            median (:meth:`~abd_plugin.repair.ReauditController.specificity`).
         controls: random offsets of the transplant's control regions.
         keep: recent teacher batches kept for the transplant test.
         seed: the controls' offsets are drawn from ``seed + update``.
@@ -117,7 +119,8 @@ class Probation:
                  universal_gap: float = 4.5, repeat: int = 1, controls: int = 8, keep: int = 4,
                  seed: int = 0, logits_fn: Callable[[Any], Tensor] | None = None,
                  others_kept: float = 0.0, others_carry: float = 0.0,
-                 repeat_unsure: int = 0) -> None:
+                 repeat_unsure: int = 0, searches: int = 1) -> None:
+        self.searches = max(1, int(searches))
         self.repeat = max(1, int(repeat))
         self.repeat_unsure = max(self.repeat, int(repeat_unsure))
         self.every, self.max_updates = int(every), int(max_updates)
@@ -182,7 +185,7 @@ class Probation:
                 passed = False
             elif repair.has_region:
                 rec = controller.specificity(model, repair, audit, target, updates,
-                                             gap=self.gap)
+                                             gap=self.gap, searches=self.searches)
                 passed = rec["control_ratio"] - rec["target_ratio"] >= self.gap
                 # a mask that lowers every class must also carry the suspect a little
                 rec["others_lowered"] = bool(rec["control_ratio"] < self.others_kept)

@@ -106,7 +106,8 @@ class ReauditController:
                 "stands_out": p < a.alpha, "price": self.price}
 
     def specificity(self, model: nn.Module, repair: InputRepair, a: AuditReport, t: int,
-                    updates: int, *, gap: float | None = None) -> dict[str, Any]:
+                    updates: int, *, gap: float | None = None, searches: int = 1
+                    ) -> dict[str, Any]:
         """How specifically ``repair`` takes class ``t``'s shortcut away: the audit's margin
         search for *every* class on ``model`` seen through the repair, compared class by class
         with the first audit's statistics. Returns ``ratios`` (per class, repaired statistic /
@@ -121,13 +122,21 @@ class ReauditController:
         than ``1 - gap / 2`` of its margin ends the check there (``staged`` True; the other
         classes' ratios, ``control_ratio`` and ``p_value`` NaN): passing would need the other
         classes' median margin to *grow* by more than half the gap, which a mask over the
-        suspect's trigger does not do. A check then costs one class's search, not K."""
+        suspect's trigger does not do. A check then costs one class's search, not K.
+
+        ``searches``: the suspect is searched that many times, from other random starts, and
+        its median statistic counts (the gap's noise is mostly the suspect's own search: the
+        other classes' ratios enter through their median already). 1: one search."""
         from ..audit import order_pvalues
 
         k = len(a.statistic)
         seed = self.seed + 1000 + updates
         first = torch.tensor(a.statistic, dtype=torch.float64)
         stat = self._repaired_statistic(model, repair, a, [t], seed)
+        if searches > 1:
+            more = [self._repaired_statistic(model, repair, a, [t], seed + 7919 * j)[t]
+                    for j in range(1, searches)]
+            stat[t] = torch.stack([stat[t], *more]).median()
         # margins are positive after the search; a class the search could not lift above 0
         # counts with a floor of 1e-3 so ratios stay finite and ordered
         r_t = float(stat[t].clamp_min(1e-3) / first[t].clamp_min(1e-3))
