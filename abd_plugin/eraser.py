@@ -649,11 +649,12 @@ class TriggerEraser(DefenseHook):
             ctx.domain is None or ctx.domain.is_image)
         if self.spectral_racing and not racing:
             self.spectral_racing = False  # not images: the mask alone
-        if racing:
+        if racing and not self.spectral_probation.ended:  # its probation may end first
             self._ensure_range(x, ctx.domain)
             self.learn_spectral(x, distributed=dist)
             self.spectral_probation.remember(kept, copy=False)
-        # one clock for both: the mask's updates (both probations end at the same update)
+        # one clock for both: the mask's updates (both probations end at the same update,
+        # unless one has a streak of passing checks in progress then: it runs on alone)
         clock = self.learner.updates
         if self.probation.due(clock, self.repair):
             self.confirm_now(distributed=dist)

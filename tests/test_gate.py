@@ -226,7 +226,8 @@ class _Controller:
     def __init__(self) -> None:
         self.calls = 0
 
-    def specificity(self, model, repair, audit, t, updates, *, gap=None):  # noqa: ANN001, ANN201
+    def specificity(self, model, repair, audit, t, updates, *, gap=None,  # noqa: ANN001
+                    searches=1):  # noqa: ANN201
         self.calls += 1
         return {"update": updates, "ratios": [1.0, 0.2], "target_ratio": 0.2,
                 "control_ratio": 1.0, "statistic": [1.0, 1.0], "p_value": 0.5}
@@ -269,7 +270,8 @@ class _Lowering:
     def __init__(self, target: float, control: float) -> None:
         self.target, self.control = target, control
 
-    def specificity(self, model, repair, audit, t, updates, *, gap=None):  # noqa: ANN001, ANN201
+    def specificity(self, model, repair, audit, t, updates, *, gap=None,  # noqa: ANN001
+                    searches=1):  # noqa: ANN201
         return {"update": updates, "ratios": [self.control, self.target],
                 "target_ratio": self.target, "control_ratio": self.control,
                 "statistic": [1.0, 1.0], "p_value": 0.5}
