@@ -112,7 +112,9 @@ class Probation:
     Attributes:
         checks: one record per check (``update``, the re-audit's ``target_ratio`` and
             ``control_ratio``, the transplant's ``carried`` and ``carried_control``,
-            ``passed``, ``streak`` (passing checks in a row), ``confirmed``).
+            ``passed``, ``streak`` (passing checks in a row), ``corroborated`` (the mask's
+            region also carries the suspect by ``others_carry``), ``needed`` (the streak that
+            confirms after this verdict), ``confirmed``, ``ended``).
     """
 
     def __init__(self, *, every: int, max_updates: int, gap: float, transplant: float,
