@@ -181,7 +181,8 @@ class Probation:
             # the transplant first: when it passes, the check passes whatever the re-audit
             # says, so the re-audit (the costly test, seconds) is skipped (NaN fields)
             moved = self._transplant(model, repair, target, updates)
-            carries = moved["carried"] - moved["carried_control"] >= self.transplant_margin
+            share = moved["carried"] - moved["carried_control"]  # over the control regions
+            carries = share >= self.transplant_margin
             if carries:
                 rec = self._skipped(repair, updates)
                 passed = False
@@ -192,8 +193,7 @@ class Probation:
                 # a mask that lowers every class must also carry the suspect a little
                 rec["others_lowered"] = bool(rec["control_ratio"] < self.others_kept)
                 if passed and rec["others_lowered"]:
-                    passed = (moved["carried"] - moved["carried_control"]
-                              >= self.others_carry)
+                    passed = share >= self.others_carry
             else:
                 rec = self._universal(model, repair, audit, target, updates, controller)
                 passed = rec["universal_gap"] >= self.universal_gap
@@ -204,9 +204,8 @@ class Probation:
             last = self.checks[-1].get("streak", int(self.checks[-1]["confirmed"])) if (
                 self.checks) else 0
             rec["streak"] = last + 1 if rec["passed"] else 0
-            rec["corroborated"] = bool(
-                repair.has_region and self.others_carry > 0
-                and moved["carried"] - moved["carried_control"] >= self.others_carry)
+            rec["corroborated"] = bool(repair.has_region and self.others_carry > 0
+                                       and share >= self.others_carry)
             rec["needed"] = self.needed(audit, rec["corroborated"])
             rec["confirmed"] = rec["streak"] >= rec["needed"]
             rec["ended"] = rec["confirmed"] or (updates >= self.max_updates
