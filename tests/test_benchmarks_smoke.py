@@ -1,6 +1,7 @@
 """The benchmark suite runs and writes its files (timings are never asserted)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -139,3 +140,33 @@ def test_the_new_user_loop_runs_the_bare_guard_and_writes_its_table(tmp_path):
     assert rows[0]["report"] is None and "Teacher audit" in rows[1]["report"]
     assert all(0 <= r["acc"] <= 100 and 0 <= r["asr"] <= 100 for r in rows)
     assert "| l0_inv | default | 1 |" in (tmp_path / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_new_user_loop_has_a_colour_setting_normalised_outside_the_model(tmp_path,
+                                                                             monkeypatch):
+    """``--setting tinted32``: the bare ResNet-8 teacher takes the loop's normalised tensor (the
+    user normalises outside the model), the student takes the same; the guarded row's report
+    says where the input range came from (the teacher's BatchNorm, not a guess), and ACC / ASR
+    are measured on normalised test images (a one-epoch teacher keeps the test short)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import new_user_loop
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("ABD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(new_user_loop, "TeacherSpec",
+                        functools.partial(new_user_loop.TeacherSpec, epochs=1))
+    torch_threads = torch.get_num_threads()
+    try:
+        new_user_loop.main(["--setting", "tinted32", "--trigger", "none", "--seeds", "0",
+                            "--iterations", "2", "--batch", "16", "--out", str(tmp_path / "o")])
+    finally:
+        torch.set_num_threads(torch_threads)
+    rows = [json.loads(x) for x in (tmp_path / "o" / "rows.jsonl").read_text().splitlines()]
+    assert [r["guard"] for r in rows] == [False, True]
+    assert all(r["setting"] == "tinted32" for r in rows)
+    assert rows[0]["teacher_acc"] > 50  # the normalised test images reach the teacher right
+    domain = next(line for line in rows[1]["report"].splitlines() if "Input domain" in line)
+    assert "first BatchNorm" in domain, domain
+    assert all(0 <= r["acc"] <= 100 and 0 <= r["asr"] <= 100 for r in rows)
