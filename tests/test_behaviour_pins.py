@@ -29,11 +29,20 @@ Re-recorded for issue 17's universal patch statistic (the audit's look before ``
 student sum is bit-identical; the two clean-teacher reports' "How:" line now ends with the patch
 statistic's vote (below its threshold, so the verdict stays ``clean``).
 
+Machines: the pins are exact only on the CPU they were recorded on (a 24-iteration run turns
+another CPU's last bits into different audit margins and, in ``classic``, a different vaccine
+decision). ``PINS`` is the first recording machine's; ``PINS_BY_MACHINE`` holds more, keyed by a
+fingerprint of the machine's arithmetic (:func:`_machine`: plain torch code, nothing of
+abd_plugin). Relations between the runs (a resumed run equals an uninterrupted one, a forced mask
+on a clean teacher changes nothing, the verdicts) are checked on every machine.
+
 Re-record (only when a behaviour change is intended, and say so in the commit):
-``python tests/test_behaviour_pins.py`` prints the ``PINS`` literal.
+``python tests/test_behaviour_pins.py`` prints this machine's fingerprint and pins; a behaviour
+change re-records every machine's pins, or drops the ones it cannot re-record.
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -329,18 +338,255 @@ PINS: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard repor
              'wsum': -6.383434932725678}}
 
 
+#: pins recorded on other machines, keyed by :func:`_machine` (an AMD EPYC CPU, 2026-12-06:
+#: the code of ``PINS``, every run and report re-recorded there, nothing else changed)
+_PINS_EPYC: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard report\n'
+                       '  Input domain: inputs in [0, 1] (read off the first batch: values '
+                       'in [0, 1]).\n'
+                       '  Teacher audit: not run (audit=False)\n'
+                       '  Trigger eraser: off (erase=False).\n'
+                       "  SV: on, 1 shuffled layer(s) ['17'], coef 0.1, 20 batch(es) seen; "
+                       'suspicious fraction 0.117 over 20 synthesis batches, <t>s\n'
+                       '  Self-Retrospection: 18 step(s) (window starts at step 30), '
+                       '<t>s.\n'
+                       '  Student optimizer steps seen: 48.',
+             'sum': 7.186422297614627,
+             'wsum': -5.443131967632243},
+ 'default_clean': {'report': 'abd-plugin guard report\n'
+                             '  Input domain: inputs in [0, 1] (read off the first batch: '
+                             'values in [0, 1]).\n'
+                             "  Teacher audit: no backdoor found (class 7's maximum margin "
+                             '0.0927, p = 0.91, robust z = 5.8; <t>s).\n'
+                             '    How: the margin statistic favours class 7 (p = 0.91); '
+                             'the universal blend statistic favours class 7 (z = 2.7, p = '
+                             '0.21); class 7 is the suspect (both favour it); its evidence '
+                             '2 x p = 0.43; the margin p reaches clean_alpha (0.5) and the '
+                             'universal z is below flag_z (4): clean; the universal patch '
+                             'statistic favours class 7 (z = 2.7), below patch_flag_z '
+                             '(7).\n'
+                             '    The shuffled-teacher ensemble favours class 7 on the '
+                             'inputs seen (agrees).\n'
+                             '  Trigger eraser: off (audit verdict clean '
+                             "(erase_on='flagged')).\n"
+                             '  Shuffling Vaccine: off.\n'
+                             '  Self-Retrospection: did not run.\n'
+                             '  Student optimizer steps seen: 48.',
+                   'sum': -3.827233434189111,
+                   'wsum': -6.646459138325622},
+ 'default_iga': {'report': 'abd-plugin guard report\n'
+                           '  Input domain: inputs in [0, 1] (read off the first batch: '
+                           'values in [0, 1]).\n'
+                           '  Teacher audit: the teacher looks BACKDOORED towards class 0 '
+                           "(class 0's maximum margin 74.9, p = 0.0015, robust z = 13.6; "
+                           '<t>s).\n'
+                           '    How: the margin statistic favours class 0 (p = 0.0015); '
+                           'the universal blend statistic favours class 0 (z = 3.1, p = '
+                           '0.12); class 0 is the suspect (both favour it); its evidence 2 '
+                           'x p = 0.003 is below alpha (0.05): poisoned.\n'
+                           '    The shuffled-teacher ensemble favours class 0 on the '
+                           'inputs seen (agrees).\n'
+                           '  Trigger eraser: off, on probation (audit verdict poisoned '
+                           "for class 0 (erase_on='flagged'): on probation, the mask must "
+                           'be confirmed before it acts; 10 update(s) so far).\n'
+                           '  Shuffling Vaccine: off.\n'
+                           '  Self-Retrospection: did not run.\n'
+                           '  Input-gradient alignment (KDIGA): 48 step(s), last term '
+                           '2.17, <t>s.\n'
+                           '  Student optimizer steps seen: 48.',
+                 'sum': 13.526626623119228,
+                 'wsum': -6.929571689888867},
+ 'default_poisoned': {'report': 'abd-plugin guard report\n'
+                                '  Input domain: inputs in [0, 1] (read off the first '
+                                'batch: values in [0, 1]).\n'
+                                '  Teacher audit: the teacher looks BACKDOORED towards '
+                                "class 0 (class 0's maximum margin 74.9, p = 0.0015, "
+                                'robust z = 13.6; <t>s).\n'
+                                '    How: the margin statistic favours class 0 (p = '
+                                '0.0015); the universal blend statistic favours class 0 (z '
+                                '= 3.1, p = 0.12); class 0 is the suspect (both favour '
+                                'it); its evidence 2 x p = 0.003 is below alpha (0.05): '
+                                'poisoned.\n'
+                                '    The shuffled-teacher ensemble favours class 0 on the '
+                                'inputs seen (agrees).\n'
+                                '  Trigger eraser: off, on probation (audit verdict '
+                                "poisoned for class 0 (erase_on='flagged'): on probation, "
+                                'the mask must be confirmed before it acts; 10 update(s) '
+                                'so far).\n'
+                                '  Shuffling Vaccine: off.\n'
+                                '  Self-Retrospection: did not run.\n'
+                                '  Student optimizer steps seen: 48.',
+                      'sum': 11.561219758237712,
+                      'wsum': -6.095330362887053},
+ 'default_poisoned_no_probation': {'report': 'abd-plugin guard report\n'
+                                             '  Input domain: inputs in [0, 1] (read off '
+                                             'the first batch: values in [0, 1]).\n'
+                                             '  Teacher audit: the teacher looks '
+                                             "BACKDOORED towards class 0 (class 0's "
+                                             'maximum margin 74.9, p = 0.0015, robust z = '
+                                             '13.6; <t>s).\n'
+                                             '    How: the margin statistic favours class '
+                                             '0 (p = 0.0015); the universal blend '
+                                             'statistic favours class 0 (z = 3.1, p = '
+                                             '0.12); class 0 is the suspect (both favour '
+                                             'it); its evidence 2 x p = 0.003 is below '
+                                             'alpha (0.05): poisoned.\n'
+                                             '    The shuffled-teacher ensemble favours '
+                                             'class 0 on the inputs seen (agrees).\n'
+                                             '  Trigger eraser: ON for class 0 (audit '
+                                             "verdict poisoned (erase_on='flagged')). The "
+                                             'teacher saw every input with 0 position(s) '
+                                             'erased (mask 3.0 % of the input), learned in '
+                                             '9 update(s), <t>s.\n'
+                                             '    At the last update the erasure moved 100 '
+                                             '% of the samples the teacher called class 0 '
+                                             '(0 % of the batch) to other classes and kept '
+                                             "100 % of the others' classes.\n"
+                                             '  Shuffling Vaccine: off.\n'
+                                             '  Self-Retrospection: did not run.\n'
+                                             '  Student optimizer steps seen: 48.',
+                                   'sum': 7.486777883663308,
+                                   'wsum': -5.447047219702872},
+ 'default_poisoned_recheck': {'report': 'abd-plugin guard report\n'
+                                        '  Input domain: inputs in [0, 1] (read off the '
+                                        'first batch: values in [0, 1]).\n'
+                                        '  Teacher audit: the teacher looks BACKDOORED '
+                                        "towards class 0 (class 0's maximum margin 74.9, p "
+                                        '= 0.0015, robust z = 13.6; <t>s).\n'
+                                        '    How: the margin statistic favours class 0 (p '
+                                        '= 0.0015); the universal blend statistic favours '
+                                        'class 0 (z = 3.1, p = 0.12); class 0 is the '
+                                        'suspect (both favour it); its evidence 2 x p = '
+                                        '0.003 is below alpha (0.05): poisoned.\n'
+                                        '    The shuffled-teacher ensemble favours class 0 '
+                                        'on the inputs seen (agrees).\n'
+                                        '  Trigger eraser: off, on probation (audit '
+                                        'verdict poisoned for class 0 '
+                                        "(erase_on='flagged'): on probation, the mask must "
+                                        'be confirmed before it acts; 22 update(s) so '
+                                        'far).\n'
+                                        '  Shuffling Vaccine: off.\n'
+                                        '  Self-Retrospection: did not run.\n'
+                                        '  Student optimizer steps seen: 48.',
+                              'sum': 11.561219758237712,
+                              'wsum': -6.095330362887053},
+ 'forced_clean': {'report': 'abd-plugin guard report\n'
+                            '  Input domain: inputs in [0, 1] (read off the first batch: '
+                            'values in [0, 1]).\n'
+                            "  Teacher audit: no backdoor found (class 7's maximum margin "
+                            '0.0927, p = 0.91, robust z = 5.8; <t>s).\n'
+                            '    How: the margin statistic favours class 7 (p = 0.91); the '
+                            'universal blend statistic favours class 7 (z = 2.7, p = '
+                            '0.21); class 7 is the suspect (both favour it); its evidence '
+                            '2 x p = 0.43; the margin p reaches clean_alpha (0.5) and the '
+                            'universal z is below flag_z (4): clean; the universal patch '
+                            'statistic favours class 7 (z = 2.7), below patch_flag_z (7).\n'
+                            '    The shuffled-teacher ensemble favours class 7 on the '
+                            'inputs seen (agrees).\n'
+                            '  Trigger eraser: off, on probation (audit verdict clean for '
+                            "class 7 (erase_on='always'): on probation, the mask must be "
+                            'confirmed before it acts; 12 update(s) so far).\n'
+                            '  Shuffling Vaccine: off.\n'
+                            '  Self-Retrospection: did not run.\n'
+                            '  Student optimizer steps seen: 48.',
+                  'sum': -3.827233434189111,
+                  'wsum': -6.646459138325622},
+ 'paper': {'report': 'abd-plugin guard report\n'
+                     '  Input domain: inputs in [0, 1] (read off the first batch: values '
+                     'in [0, 1]).\n'
+                     '  Teacher audit: not run (audit=False)\n'
+                     '  Trigger eraser: off (erase=False).\n'
+                     "  SV: on, 4 shuffled layer(s) ['3', '6', '9', '12'], coef 0.1, 24 "
+                     'batch(es) seen; suspicious fraction 0.000 over 24 synthesis batches, '
+                     '<t>s\n'
+                     '  Self-Retrospection: 12 step(s) (window starts at step 36), <t>s.\n'
+                     '  Student optimizer steps seen: 48.',
+           'sum': 11.671341564273462,
+           'wsum': -6.164161027297287},
+ 'resumed': {'report': 'abd-plugin guard report\n'
+                       '  Input domain: inputs in [0, 1] (read off the first batch: values '
+                       'in [0, 1]).\n'
+                       '  Teacher audit: the teacher looks BACKDOORED towards class 0 '
+                       "(class 0's maximum margin 74.9, p = 0.0015, robust z = 13.6; "
+                       '<t>s).\n'
+                       '    How: the margin statistic favours class 0 (p = 0.0015); the '
+                       'universal blend statistic favours class 0 (z = 3.1, p = 0.12); '
+                       'class 0 is the suspect (both favour it); its evidence 2 x p = '
+                       '0.003 is below alpha (0.05): poisoned.\n'
+                       '    The shuffled-teacher ensemble favours class 0 on the inputs '
+                       'seen (agrees).\n'
+                       '  Trigger eraser: off, on probation (audit verdict poisoned for '
+                       "class 0 (erase_on='flagged'): on probation, the mask must be "
+                       'confirmed before it acts; 22 update(s) so far).\n'
+                       '  Shuffling Vaccine: off.\n'
+                       '  Self-Retrospection: did not run.\n'
+                       '  Student optimizer steps seen: 48.',
+             'sum': 11.561219758237712,
+             'wsum': -6.095330362887053}}
+
+PINS_BY_MACHINE: dict[str, dict[str, dict[str, Any]]] = {'93.83131691552853': _PINS_EPYC}
+
+
+def _machine() -> str:
+    """The floating-point machine, as the pins see it: the float64 sum of the poisoned fixture
+    teacher's parameters (trained single-threaded by plain torch code, nothing of abd_plugin),
+    printed exactly. Another CPU (vector units, libm) changes it, and with it every pin: a
+    24-iteration run amplifies the last bits into different audit margins and, for ``classic``,
+    into a different vaccine decision."""
+    teacher = _poisoned_digits_cnn()[0]
+    return repr(float(sum(p.detach().double().sum() for p in teacher.parameters())))
+
+
+@functools.cache
+def _result(name: str) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    return SCENARIOS[name]()
+
+
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_pinned_behaviour(name: str) -> None:
-    torch.set_num_threads(1)
-    got = SCENARIOS[name]()
-    want = PINS[name]
+    """Exact on a machine the pins were recorded on: ``PINS_BY_MACHINE`` when this machine's
+    fingerprint is there, else ``PINS`` (the first recording machine, whose fingerprint was not
+    kept)."""
+    got = _result(name)
+    want = PINS_BY_MACHINE.get(_machine(), PINS)[name]
     assert got["report"] == want["report"]
-    # exact on the recording machine; another CPU's vector units may change the last bits
+    # exact on the recording machine; the tolerance only absorbs a last bit here and there
     assert got["sum"] == pytest.approx(want["sum"], rel=1e-4, abs=1e-5)
     assert got["wsum"] == pytest.approx(want["wsum"], rel=1e-4, abs=1e-5)
 
 
-if __name__ == "__main__":  # print the PINS literal from the current code
+#: scenario pairs whose students must be bit-identical on any machine
+SAME_STUDENT = [
+    ("resumed", "default_poisoned_recheck", "a run saved and resumed halfway equals one run"),
+    ("forced_clean", "default_clean",
+     "a mask forced on a clean teacher waits on probation, unconfirmed: the run is unchanged"),
+    ("default_poisoned_recheck", "default_poisoned",
+     "re-audits on probation read the teacher, they never change the student"),
+]
+
+
+@pytest.mark.parametrize("a,b,why", SAME_STUDENT)
+def test_pinned_scenarios_agree_on_any_machine(a: str, b: str, why: str) -> None:
+    """Relations between the pinned runs that hold whatever the CPU (the pins themselves hold
+    only where they were recorded)."""
+    ra, rb = _result(a), _result(b)
+    assert (ra["sum"], ra["wsum"]) == (rb["sum"], rb["wsum"]), why
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_pinned_verdicts_on_any_machine(name: str) -> None:
+    """The audit's verdict in every pinned report, whatever the CPU."""
+    report = _result(name)["report"]
+    if name in ("classic", "paper"):  # the paper's configurations: no audit
+        assert "Teacher audit: not run" in report
+    elif "clean" in name:
+        assert "Teacher audit: no backdoor found" in report
+    else:
+        assert "Teacher audit: the teacher looks BACKDOORED towards class 0" in report
+
+
+if __name__ == "__main__":  # print this machine's fingerprint and pins from the current code
     torch.set_num_threads(1)
     out = {name: SCENARIOS[name]() for name in sorted(SCENARIOS)}
-    print("PINS: dict[str, dict[str, Any]] = " + repr(out))
+    print(f"machine {_machine()}")
+    print("pins = " + repr(out))
