@@ -205,7 +205,10 @@ def test_the_bare_default_un_blends_a_blend_teacher_with_the_spectral_gain():
     # NaN-aware: a check the residual test passed skips the universal re-audit (NaN fields)
     assert json.dumps(er1.spectral_confirmation, sort_keys=True) == json.dumps(conf,
                                                                                sort_keys=True)
-    assert er1.updates == conf["update"] + after
+    # every batch after the confirming one, less those the learner skips (no class-3 sample, or
+    # under 5 % others: how many depends on the machine's last bits; 1 of 28 on one CPU)
+    assert conf["update"] + after - 3 <= er1.updates <= conf["update"] + after
+    assert er1.updates > er.updates
 
 
 class _Carrier:
