@@ -12,7 +12,13 @@ that applies wins:
    on its first-child chain with ``mean`` and ``std`` of one value per channel): the teacher
    takes raw images, so the domain is [0, 1] per channel ([-1, 1] or [0, 255] when the batch
    clearly is in that scale, or [0, 255] when the Normalize's means are in that scale).
-3. A batch inside a known scale: values all in [0, 1] -> [0, 1], all in [-1, 1] -> [-1, 1].
+3. A batch inside a known scale: values all in [0, 1] -> [0, 1], all in [-1, 1] -> [-1, 1] -
+   unless the teacher's first BatchNorm (rule 4) says its inputs spread wider than values in
+   that box can: a channel's estimated standard deviation above :data:`KNOWN_SCALE_STD` of the
+   box's half-width (the most any values inside it can have; image data sit far below it:
+   MNIST 0.62 of it, CIFAR-10 about 0.5). Normalised data (standard deviation about 1, valid
+   inputs about [-2, 2]) whose first batch happens to lie inside [-1, 1] is then taken as rule
+   4 says, not as [-1, 1], which would keep the audit from values the trigger may need.
 4. The teacher's first BatchNorm (:func:`teacher_domain_hint`): either the very first layer (its
    running mean and variance are the inputs' per-channel mean and variance) or directly after
    the first convolution (the inputs' per-channel mean and covariance estimated from the
@@ -45,6 +51,14 @@ from ._replica import unwrap_model
 #: (1 - 0.1307) / 0.3081); 3 covers both, and a value the range admits but no image takes only
 #: widens the audit's search box a little.
 K_SIGMA = 3.0
+
+#: a batch inside [0, 1] or [-1, 1] keeps that box unless the teacher's BatchNorm estimates a
+#: channel's standard deviation above this share of the box's half-width (0.5 or 1: the largest
+#: standard deviation values inside the box can have, reached only by values at both ends).
+#: Estimated on the kit's teachers (mnist5k LeNet-5-BN, [0, 1] inputs: 0.31, i.e. 0.62 of the
+#: half-width; tinted32 ResNet-8, inputs normalised to about [-2, 2]: 0.93-1.04 against a
+#: [-1, 1] box); the estimate's error on a bright channel is a few per cent.
+KNOWN_SCALE_STD = 0.85
 
 #: sources of a range read off the batch of unknown scale (the only guessed kind)
 _GUESSED = "read off the first batch (unknown scale: its range widened by a quarter)"
@@ -435,14 +449,20 @@ def resolve_domain(x: Tensor, input_range: Sequence[float] | None = None,
                            f"{hint.source} {why}")
     low, high = infer_input_range(x)
     known = max(high) <= 1.0 and min(low) >= -1.0  # read as [0, 1] or [-1, 1]
+    hint = None if teacher is None else teacher_domain_hint(teacher, shape)
+    wider = ""
     if known:
-        return InputDomain(shape, low, high, low,
-                           f"read off the first batch: values in [{low[0]:g}, {high[0]:g}]")
+        half = (high[0] - low[0]) / 2
+        spread = max(hint.std) if hint is not None else 0.0
+        if hint is None or spread <= KNOWN_SCALE_STD * half:
+            return InputDomain(shape, low, high, low,
+                               f"read off the first batch: values in [{low[0]:g}, {high[0]:g}]")
+        wider = (f"; the first batch lay in [{low[0]:g}, {high[0]:g}], but a standard deviation "
+                 f"of {spread:.2g} is more than values there can have")
     if x.dim() < 3:  # feature vectors of unknown scale: no channel to take a floor from
         floor: tuple[float, ...] = (0.0,) * len(low)
     else:  # each channel's minimum over this batch (black, for normalised images)
         floor = _batch_extremes(x, c)[0]
-    hint = None if teacher is None else teacher_domain_hint(teacher, shape)
     if hint is not None:  # the teacher's BatchNorm: mean +- K_SIGMA std, and the batch's range
         blo, bhi = _batch_extremes(x, c)
         elo, ehi = hint.box()
@@ -450,9 +470,9 @@ def resolve_domain(x: Tensor, input_range: Sequence[float] | None = None,
         high = tuple(max(a, b) for a, b in zip(ehi, bhi, strict=True))
         return InputDomain(shape, low, high, floor,
                            f"{hint.source}: mean +- {K_SIGMA:g} std per channel, widened to "
-                           "cover the first batch")
+                           f"cover the first batch{wider}")
     return InputDomain(shape, low, high, floor, _GUESSED, guessed=True)
 
 
-__all__ = ["InputDomain", "DomainHint", "K_SIGMA", "infer_input_range", "resolve_domain",
-           "teacher_domain_hint"]
+__all__ = ["InputDomain", "DomainHint", "K_SIGMA", "KNOWN_SCALE_STD", "infer_input_range",
+           "resolve_domain", "teacher_domain_hint"]

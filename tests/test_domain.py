@@ -15,6 +15,7 @@ from torch import nn
 from abd_plugin import ABDConfig, ABDGuard, ABDWarning
 from abd_plugin.domain import (
     K_SIGMA,
+    KNOWN_SCALE_STD,
     InputDomain,
     infer_input_range,
     resolve_domain,
@@ -73,6 +74,16 @@ def _conv_bn_teacher(seed: int, sgd_steps: int = 0, width: int = 16) -> nn.Seque
     with torch.no_grad():
         _set_running_stats(net[1], net[0](x))
     return net.eval()
+
+
+def _raw_conv_bn_teacher() -> nn.Sequential:
+    """:func:`_conv_bn_teacher` (seed 0) as if trained on the raw [0, 1] images: its first
+    BatchNorm holds their statistics."""
+    x, _ = _tinted_digits()
+    teacher = _conv_bn_teacher(0)
+    with torch.no_grad():
+        _set_running_stats(teacher[1], teacher[0](x * 0.25 + 0.5))
+    return teacher
 
 
 def _dark(x: torch.Tensor) -> torch.Tensor:
@@ -240,11 +251,35 @@ def test_a_dark_first_batch_gets_the_real_range_from_a_conv_bn_teacher():
     assert "estimated from the teacher's first BatchNorm, through its first convolution" in line
 
 
-def test_a_known_scale_batch_keeps_its_range_over_the_batchnorm_estimate():
-    teacher = _conv_bn_teacher(0)
-    x01 = torch.rand(8, 3, 32, 32)
-    d = resolve_domain(x01, teacher=teacher)
+def test_a_known_scale_batch_keeps_its_range_when_the_batchnorm_agrees():
+    """A teacher trained on [0, 1] images (the same net, its first BatchNorm's statistics those
+    of the raw digits): a [0, 1] batch keeps [0, 1], and so does a [-1, 1] batch (the
+    estimate's spread fits in either box)."""
+    teacher = _raw_conv_bn_teacher()
+    hint = teacher_domain_hint(teacher, (3, 32, 32))
+    assert hint is not None and max(hint.std) < KNOWN_SCALE_STD * 0.5
+    d = resolve_domain(torch.rand(8, 3, 32, 32), teacher=teacher)
     assert d.range == ((0.0,) * 3, (1.0,) * 3) and d.source.startswith("read off the first batch")
+    d = resolve_domain(torch.rand(8, 3, 32, 32) * 2 - 1, teacher=teacher)
+    assert d.range == ((-1.0,) * 3, (1.0,) * 3)
+
+
+@pytest.mark.parametrize("scale", ["[0, 1]", "[-1, 1]"])
+def test_a_known_scale_batch_of_a_normalised_teacher_gets_the_batchnorm_range(scale):
+    """The teacher saw normalised inputs (red in [-2, 2], standard deviation above 1); a first
+    batch that happens to lie inside [-1, 1] (a quiet generator: the real images at 45 %
+    amplitude) or [0, 1] (the same, shifted) must not cap the domain there: the audit could
+    never make the trigger's values. The BatchNorm's range is used, and the report says why."""
+    x, _ = _tinted_digits()
+    quiet = x[:64] * 0.45
+    if scale == "[0, 1]":
+        quiet = (quiet - quiet.min()) / (quiet.max() - quiet.min())
+    assert infer_input_range(quiet)[1][0] == 1.0  # the batch alone: a known scale
+    teacher = _conv_bn_teacher(1, sgd_steps=30)
+    d = resolve_domain(quiet, teacher=teacher)
+    assert d.high[0] >= 2.0 and d.low[0] <= -2.0 and not d.guessed
+    assert "first BatchNorm" in d.source
+    assert f"the first batch lay in {scale}, but a standard deviation of" in d.source
 
 
 # ---------------------------------------------------------------------- report, warning, state
@@ -259,7 +294,7 @@ def test_describe_says_the_range_per_channel_with_its_floor_and_source():
 
 
 def test_the_report_has_a_domain_line_and_the_record():
-    teacher = _conv_bn_teacher(0)
+    teacher = _raw_conv_bn_teacher()
     guard = _guard(teacher)
     assert str(guard.report()).split("\n")[1] == (
         "  Input domain: not resolved (no floating-point teacher batch seen).")
