@@ -458,7 +458,8 @@ def resolve_domain(x: Tensor, input_range: Sequence[float] | None = None,
             return InputDomain(shape, low, high, low,
                                f"read off the first batch: values in [{low[0]:g}, {high[0]:g}]")
         wider = (f"; the first batch lay in [{low[0]:g}, {high[0]:g}], but a standard deviation "
-                 f"of {spread:.2g} is more than values there can have")
+                 f"of {spread:.2g} is more than {KNOWN_SCALE_STD:g} of the most values there can "
+                 f"have ({half:g})")
     if x.dim() < 3:  # feature vectors of unknown scale: no channel to take a floor from
         floor: tuple[float, ...] = (0.0,) * len(low)
     else:  # each channel's minimum over this batch (black, for normalised images)
