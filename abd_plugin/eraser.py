@@ -68,7 +68,14 @@ from .audit import AuditReport, AuditSettings, audit_report_from_dict
 from .domain import InputDomain, resolve_domain
 from .hooks import DefenseHook, GuardContext, HookReport
 from .outputs import extract_logits
-from .repair import MaskErasure, Probation, ReauditController, RepairLearner, SpectralGain
+from .repair import (
+    MaskErasure,
+    Probation,
+    ReauditController,
+    RepairLearner,
+    SpectralGain,
+    rescale_logits,
+)
 from .validation import Bool, Choice, Int, Num, Optional, Section, section_or_default, spec
 
 
@@ -247,6 +254,25 @@ class EraseSettings(Section):
         batches it learned on during the probation (1: as often). Its updates (an inversion
         step and the gain's own steps) are the guard's largest per-batch cost after the
         probation.""")
+    spectral_rescale: bool = spec(
+        True, Bool(),
+        """While the spectral gain acts, and the loop's loss reads the student's logit values
+        (an L1 or MSE on logits; told apart from a softmax loss by the gradients of the
+        student's first training forwards, :attr:`~abd_plugin.hooks.GuardContext.
+        student_loss_kind`), the logits the loop receives keep the raw teacher's scale: the
+        view's logits, centred per row, times the batch's ratio of the raw to the view's spread
+        (mean per-row standard deviation), plus the raw row mean (one extra teacher forward
+        per batch, no gradient). Every label and ranking is the view's; only the scale is the
+        raw teacher's. Why: the gain makes the teacher 2-4x less confident on generator
+        samples; under an L1 logit loss the student's targets shrank that much at the batch
+        where the gain began to act, the student switched off its last ReLU layer (0 % of its
+        units active) and gave one class to every input for the rest of the run. Measured
+        (``benchmarks/results/logit-scale-cpu-2026-12-07.md``, 3 seeds, ACC / ASR means):
+        the held-out L1 loop's blend 36.2 / 0.0 -> 72.1 / 0.0 and sinusoid 72.6 / 1.5 -> 77.8
+        / 0.2, the kit's DFAD sinusoid 65.5 / 28.1 -> 72.8 / 28.9 (one seed unconfirmed). Not
+        under a softmax loss: the kit's ZSKT blend fell from 71.3 / 0.9 to 47.0 / 7.3 with
+        the raw scale (the view's softer targets are what a KL student learns the digits
+        from).""")
     confirm_residual: float = spec(
         0.5, Num(0, 1),
         """Residual test (the spectral repair): what the repair removes from recent
@@ -319,6 +345,8 @@ class EraserReport(HookReport):
     family: str = "mask"
     coefficients: int = 0
     spectral_confirmation: dict[str, Any] | None = None
+    rescaled: int = 0
+    scale: float = float("nan")
 
     def lines(self) -> list[str]:
         if self.status == EraserStatus.PROBATION.value:
@@ -333,6 +361,10 @@ class EraserReport(HookReport):
                    f"saw every input through a spectral gain that changes {self.coefficients} "
                    f"frequency coefficient(s) ({100 * self.fraction:.1f} % of the spectrum), "
                    f"learned in {self.updates} update(s), {self.seconds:.1f}s."]
+            if self.rescaled:
+                out.append(f"    Its logits were handed on at the raw teacher's scale (x "
+                           f"{self.scale:.2g} on average over {self.rescaled} batch(es)), so "
+                           "that the student's targets kept their size when the gain began.")
         else:
             out = [f"  Trigger eraser: ON for class {self.target} ({self.reason}). The teacher "
                    f"saw every input with {self.pixels} position(s) erased (mask "
@@ -418,6 +450,9 @@ class TriggerEraser(DefenseHook):
         self.spectral_racing = False  # the spectral repair learns beside the mask
         self.skipped_on = 0  # learning batches the acting family was not updated on
         self.erased_batches = 0
+        self._raw_logits: Tensor | None = None  # this forward's raw teacher logits (rescale)
+        self._scale_sum: Tensor | None = None  # the rescale's factors, summed (see scale_sum)
+        self.scale_batches = 0
         self.audit: AuditReport | None = None  # the audit that armed the eraser (for re-audits)
 
     # ------------------------------------------------------------------ read-only views
@@ -607,6 +642,7 @@ class TriggerEraser(DefenseHook):
 
     # ------------------------------------------------------------------ DefenseHook
     def on_teacher_input(self, ctx: GuardContext, x: Tensor) -> Tensor | None:
+        self._raw_logits = None
         if self.status is EraserStatus.WAITING:
             self.decide(ctx.audit)
         if self.status not in _ACTIVE:
@@ -623,15 +659,38 @@ class TriggerEraser(DefenseHook):
         learner, repair = self._acting()
         learner.prepare(x)
         self.erased_batches += 1
+        rescale = (self.family == "spectral" and self.settings.spectral_rescale
+                   and ctx.student_loss_kind == "values")
+        if not (self.settings.only_target or rescale):
+            return repair.apply(x)
+        with ctx.suspended(), torch.no_grad():
+            model = self._replica.to_device_of(x)
+            raw = extract_logits(model(_amp.as_input_of(model, x.detach())), self.logits_fn)
+        if rescale:
+            self._raw_logits = raw
         if not self.settings.only_target:
             return repair.apply(x)
         assert self.target is not None
-        with ctx.suspended(), torch.no_grad():
-            model = self._replica.to_device_of(x)
-            pred = extract_logits(model(_amp.as_input_of(model, x.detach())),
-                                  self.logits_fn).argmax(1)
-        rows = pred.eq(self.target).view((-1,) + (1,) * (x.dim() - 1))
+        rows = raw.argmax(1).eq(self.target).view((-1,) + (1,) * (x.dim() - 1))
         return torch.where(rows, repair.apply(x), x)
+
+    def on_teacher_output(self, ctx: GuardContext, x: Tensor, teacher_logits: Tensor
+                          ) -> Tensor | None:
+        """The acting spectral gain's logits at the raw teacher's scale
+        (``spectral_rescale``)."""
+        raw, self._raw_logits = self._raw_logits, None
+        if raw is None or raw.shape != teacher_logits.shape or teacher_logits.dim() != 2:
+            return None
+        out, factor = rescale_logits(teacher_logits, raw)
+        self._scale_sum = (factor if self._scale_sum is None
+                           else self._scale_sum.to(factor.device) + factor)
+        self.scale_batches += 1
+        return out
+
+    @property
+    def scale_sum(self) -> float:
+        """The rescale's factors summed over the batches it rescaled (read once: a sync)."""
+        return 0.0 if self._scale_sum is None else float(self._scale_sum)
 
     def _acting(self) -> tuple[RepairLearner, MaskErasure | SpectralGain]:
         """The family that acts (or would): its learner and repair."""
@@ -720,7 +779,9 @@ class TriggerEraser(DefenseHook):
             rechecks=[dict(r) for r in self.controller.rechecks],
             confirmation=None if self.confirmation is None else dict(self.confirmation),
             probation_checks=len(self.probation.checks), family=self.family,
-            spectral_confirmation=None if spec_last is None else dict(spec_last))
+            spectral_confirmation=None if spec_last is None else dict(spec_last),
+            rescaled=self.scale_batches,
+            scale=self.scale_sum / self.scale_batches if self.scale_batches else float("nan"))
 
     def state_dict(self) -> dict[str, Any]:
         learner = self.learner.state_dict()
@@ -730,6 +791,7 @@ class TriggerEraser(DefenseHook):
                 "audit": None if self.audit is None else asdict(self.audit),
                 **self.probation.state_dict(), "family": self.family,
                 "spectral_racing": self.spectral_racing, "skipped_on": self.skipped_on,
+                "scale": [self.scale_sum, self.scale_batches],
                 "spectral": {"repair": self.spectral.state_dict(),
                              "learner": self.spectral_learner.state_dict(),
                              **self.spectral_probation.state_dict()}}
@@ -748,6 +810,9 @@ class TriggerEraser(DefenseHook):
         self.family = state.get("family", "mask")
         self.spectral_racing = bool(state.get("spectral_racing", False))
         self.skipped_on = int(state.get("skipped_on", 0))
+        scale_sum, scale_batches = state.get("scale", (0.0, 0))  # absent before the rescale
+        self._scale_sum = torch.tensor(float(scale_sum)) if scale_batches else None
+        self.scale_batches = int(scale_batches)
         sp = state.get("spectral")  # absent in states saved before the spectral family
         if sp is not None:
             self.spectral.load_state_dict(sp["repair"])

@@ -239,8 +239,17 @@ class _HookContext:
     def distributed(self) -> bool:
         return self._guard.distributed
 
+    @property
+    def student_loss_kind(self) -> str | None:
+        return self._guard.student_loss_kind
+
     def teacher_view(self, x: Tensor) -> Tensor:
         return self._guard.teacher_view(x)
+
+
+#: student training forwards whose logits' gradients say what the loss reads (a few: each
+#: costs one reduction and, on a GPU, a sync)
+_LOSS_PROBES = 8
 
 
 def _state_keys(hooks: Sequence[DefenseHook]) -> list[str]:
@@ -331,6 +340,9 @@ class ABDGuard:
         self._plain_teacher_forwards = 0  # grad-enabled teacher forwards on a no-grad input
         self._handles: list[Any] = []
         self._first_batch_checked = False
+        self._output_due = False  # the teacher forward under way had its input dispatched
+        self._loss_probes = 0  # student logits whose gradient is watched (_LOSS_PROBES)
+        self._loss_votes = [0, 0]  # of the gradients seen: rows summing to zero, the others
         self._teacher_classes: int | None = None  # the teacher's logits width (first batch)
         self._student_classes_checked = False
         self._notes: dict[str, str] = {}  # what the guard noticed about the loop (report)
@@ -535,6 +547,7 @@ class ABDGuard:
         if self.domain is None:  # where inputs live: resolved once, read by every hook
             self._resolve_domain(x)
         new = x
+        self._output_due = True
         for key, h in zip(self._state_keys, self.hooks, strict=True):
             out = self._call(key, h, "on_teacher_input", new)
             if out is not None:
@@ -604,13 +617,18 @@ class ABDGuard:
             "ABDGuard(teacher, student, logits_fn=lambda out: out[1])")
 
     def _teacher_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if self._suspended or self._terms_suspended or not torch.is_grad_enabled():
+        if self._suspended:
             return None
+        replaced = self._teacher_output(args, output)
+        if replaced is not None:
+            output = replaced
+        if self._terms_suspended or not torch.is_grad_enabled():
+            return replaced
         x = args[0] if args and isinstance(args[0], Tensor) else None
         if x is None or not x.requires_grad:
             if x is not None and torch.is_floating_point(x):
                 self._plain_teacher_forwards += 1
-            return None
+            return replaced
         check_input(x, "teacher input")
         logits = extract_logits(output, self.config.logits_fn)
         check_logits(logits, x.shape[0], "teacher logits")
@@ -619,9 +637,31 @@ class ABDGuard:
             if term is not None:
                 total = term if total is None else total + term
         if total is None:
-            return None
+            return replaced
         scale = float(self.loss_scale()) if self.loss_scale is not None else 1.0
         return replace_logits(output, _AddLossTerm.apply(logits, total, scale, self._terms))
+
+    def _teacher_output(self, args: Any, output: Any) -> Any:
+        """``on_teacher_output`` for a forward whose input the hooks saw: the output with the
+        hooks' logits, or None when none replaced them."""
+        if not self._output_due:
+            return None
+        self._output_due = False
+        x = args[0] if args and isinstance(args[0], Tensor) else None
+        if x is None:
+            return None
+        logits = extract_logits(output, self.config.logits_fn)
+        new = logits
+        for key, h in zip(self._state_keys, self.hooks, strict=True):
+            out = self._call(key, h, "on_teacher_output", x, new)
+            if out is not None:
+                if not isinstance(out, Tensor) or out.shape != new.shape:
+                    raise RuntimeError(
+                        f"{type(h).__name__}.on_teacher_output returned "
+                        f"{getattr(out, 'shape', type(out).__name__)} for logits of shape "
+                        f"{tuple(new.shape)}; return a tensor of the same shape or None")
+                new = out
+        return None if new is logits else replace_logits(output, new)
 
     def _student_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._suspended:
@@ -632,11 +672,37 @@ class ABDGuard:
         if module.training and torch.is_floating_point(x):
             self.last_student_batch = x.detach()
             self._student_amp = _amp.capture(x.device.type)
+        if (module.training and self._loss_probes < _LOSS_PROBES
+                and torch.is_grad_enabled() and torch.is_floating_point(x)):
+            logits = extract_logits(output, self.config.logits_fn)
+            if logits.requires_grad and logits.dim() == 2 and logits.shape[1] > 1:
+                self._loss_probes += 1
+                logits.register_hook(self._watch_loss)
         if not self._student_classes_checked and self._teacher_classes is not None:
             self._student_classes_checked = True
             self._check_classes(extract_logits(output, self.config.logits_fn).shape[-1])
         if self._student_forward_seen:  # only then are the logits worth extracting
             self._dispatch("on_student_forward", x, extract_logits(output, self.config.logits_fn))
+
+    def _watch_loss(self, grad: Tensor) -> None:
+        """A gradient of the student's logits: whether its rows sum to zero (a softmax loss,
+        shift-invariant) or not (a loss on the logits' values)."""
+        g = grad.detach().float()
+        size = g.abs().sum(1)
+        rows = size > 0
+        if not bool(rows.any()):
+            return
+        off = (g.sum(1).abs()[rows] > 1e-3 * size[rows]).float().mean()
+        self._loss_votes[int(float(off) > 0.5)] += 1
+
+    @property
+    def student_loss_kind(self) -> str | None:
+        """See :attr:`~abd_plugin.hooks.GuardContext.student_loss_kind`: the majority of the
+        gradients seen (a tie reads as ``"values"``)."""
+        shift_free, values = self._loss_votes
+        if shift_free + values == 0:
+            return None
+        return "values" if values >= shift_free else "softmax"
 
     def updates_student(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether ``optimizer`` holds any of the student's parameters."""
@@ -767,6 +833,7 @@ class ABDGuard:
             "sv_terms": [self._terms.attached, self._terms.fired],
             "plain_teacher_forwards": self._plain_teacher_forwards,
             "domain": None if self.domain is None else self.domain.as_dict(),
+            "loss_votes": list(self._loss_votes), "loss_probes": self._loss_probes,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -783,6 +850,8 @@ class ABDGuard:
         self._plain_teacher_forwards = int(state.get("plain_teacher_forwards", 0))
         domain = state.get("domain")
         self.domain = None if domain is None else InputDomain.from_dict(domain)
+        self._loss_votes = [int(v) for v in state.get("loss_votes", (0, 0))]
+        self._loss_probes = int(state.get("loss_probes", 0))
         for key, h in zip(self._state_keys, self.hooks, strict=True):
             if key in state["hooks"]:
                 h.load_state_dict(state["hooks"][key])

@@ -9,15 +9,18 @@ class's ``on_*`` members, so a callback the guard never calls fails there):
 2. ``on_teacher_input`` runs before every teacher forward inside the guard (the guard's data-free
    audit has run by then, ``ctx.audit``); a returned tensor replaces the teacher's input (the
    trigger eraser's repair).
-3. ``on_teacher_forward`` runs inside the teacher's forward on a *synthesis* batch (the input
+3. ``on_teacher_output`` runs after every teacher forward whose input went through
+   ``on_teacher_input``; a returned tensor replaces the teacher's logits in what the loop
+   receives (the trigger eraser's spectral gain keeps the raw teacher's logit scale).
+4. ``on_teacher_forward`` runs inside the teacher's forward on a *synthesis* batch (the input
    carries gradient back to a generator or to optimised pixels). A returned scalar is a **loss
    term**: its gradient is added, once, to whatever loss the user back-propagates through the
    teacher's output. Nothing else about the user's objective changes.
-4. ``on_student_forward`` sees every student forward (the guard keeps the last training batch).
-5. ``on_before_student_step`` runs between the user's ``backward()`` and the optimizer's
+5. ``on_student_forward`` sees every student forward (the guard keeps the last training batch).
+6. ``on_before_student_step`` runs between the user's ``backward()`` and the optimizer's
    ``step()`` for optimizers that update the student; a hook adds **gradient terms** to ``.grad``.
-6. ``on_after_student_step`` runs after that step.
-7. ``on_guard_exit`` when the block ends, normally or by an exception.
+7. ``on_after_student_step`` runs after that step.
+8. ``on_guard_exit`` when the block ends, normally or by an exception.
 
 The guard calls every callback through one dispatcher (``ABDGuard._dispatch``), which also
 times each hook (the ``seconds`` of its report record): a new event is one method here and one
@@ -108,6 +111,14 @@ class GuardContext(Protocol):
         agree across ranks takes them collectively (:mod:`abd_plugin._dist`; every rank reaches
         the same hook calls in lockstep)."""
 
+    @property
+    def student_loss_kind(self) -> str | None:
+        """What the loop's losses do with the student's logits, read off the gradients of its
+        first training forwards: ``"softmax"`` when every gradient row sums to zero (a loss
+        that only sees the logits' differences: KL, cross-entropy, at any temperature),
+        ``"values"`` when they do not (an L1 or MSE on the logits themselves), ``None`` before
+        a student backward was seen."""
+
     def teacher_view(self, x: Tensor) -> Tensor:
         """``x`` as the guard's teacher sees it: every hook's :meth:`DefenseHook.view_input`
         in registration order (the trigger eraser's current mask when it is on; differentiable
@@ -195,6 +206,16 @@ class DefenseHook:
         """The teacher is about to run on ``x`` (B, ...), any forward inside the guard (with or
         without gradients). Return a tensor of the same shape to make the teacher run on it
         instead (the trigger eraser's repair), or ``None``. Hooks chain in registration order."""
+        return None
+
+    def on_teacher_output(
+        self, ctx: GuardContext, x: Tensor, teacher_logits: Tensor
+    ) -> Tensor | None:
+        """The teacher ran on ``x`` (the input after every hook's :meth:`on_teacher_input`) and
+        gave ``teacher_logits`` (B, C), any forward inside the guard (with or without
+        gradients). Return logits of the same shape to hand the loop instead (they replace the
+        logits inside the teacher's output container), or ``None``. Hooks chain in
+        registration order; loss terms (:meth:`on_teacher_forward`) see the replaced logits."""
         return None
 
     def on_teacher_forward(

@@ -216,7 +216,7 @@ def _tiny_run(cfg: ABDConfig) -> dict:
             "last_suspicious_fraction": True,
             "flip": d.get("updates") == 0, "kept": d.get("updates") == 0,
             "target_fraction": d.get("status") != "on", "price": d.get("status") != "on",
-            "last_loss": d.get("steps") == 0,
+            "last_loss": d.get("steps") == 0, "scale": d.get("rescaled") == 0,
         }
         for k, v in d.items():
             if not no_data.get(k):

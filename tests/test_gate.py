@@ -28,9 +28,10 @@ STEPS = 48
 
 
 def _distill(teacher: nn.Module, xs: torch.Tensor, guard_cfg: ABDConfig | None,
-             stamped: bool, steps: int = STEPS, trigger=stamp):
-    """A small KD loop on fixed batches (half stamped when ``stamped``); returns the student
-    and the guard's report (None without a guard)."""
+             stamped: bool, steps: int = STEPS, trigger=stamp, at_end=None, l1: bool = False):
+    """A small KD loop on fixed batches (half stamped when ``stamped``), KL on the logits (an
+    L1 with ``l1``); returns the student and the guard's report (None without a guard).
+    ``at_end(guard)`` runs inside the guard after the last step."""
     torch.manual_seed(0)
     student = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
                             nn.Flatten(), nn.Linear(128, 10))
@@ -44,8 +45,9 @@ def _distill(teacher: nn.Module, xs: torch.Tensor, guard_cfg: ABDConfig | None,
                 x[:16] = trigger(x[:16])
             with torch.no_grad():
                 t = teacher(x)
-            loss = F.kl_div(F.log_softmax(student(x), 1), F.log_softmax(t, 1),
-                            log_target=True, reduction="batchmean")
+            loss = (F.l1_loss(student(x), t) if l1 else
+                    F.kl_div(F.log_softmax(student(x), 1), F.log_softmax(t, 1),
+                             log_target=True, reduction="batchmean"))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -55,6 +57,8 @@ def _distill(teacher: nn.Module, xs: torch.Tensor, guard_cfg: ABDConfig | None,
         return student, None
     with ABDGuard(teacher, student, config=guard_cfg) as guard:
         run()
+        if at_end is not None:
+            at_end(guard)
     return student, guard.report()
 
 
@@ -196,6 +200,8 @@ def test_the_bare_default_un_blends_a_blend_teacher_with_the_spectral_gain():
     # spectral_every_on = 2): the batches after the confirming one, halved
     after = STEPS - conf["update"]
     assert er.updates == conf["update"] + (after + 1) // 2
+    # a KL loss: the loop gets the view's own logits (the raw scale is for value losses)
+    assert er.rescaled == 0 and "raw teacher's scale" not in str(rep)
     plain, guarded = _asr(s_plain, xte, yte, trig, 3), _asr(s_guard, xte, yte, trig, 3)
     print(f"student ASR unguarded {plain:.3f} guarded {guarded:.3f}")
     assert plain >= 0.5 and guarded <= plain - 0.3
@@ -209,6 +215,40 @@ def test_the_bare_default_un_blends_a_blend_teacher_with_the_spectral_gain():
     # under 5 % others: how many depends on the machine's last bits; 1 of 28 on one CPU)
     assert conf["update"] + after - 3 <= er1.updates <= conf["update"] + after
     assert er1.updates > er.updates
+
+
+def test_under_an_l1_loss_the_acting_gain_hands_the_loop_its_labels_at_the_raw_scale():
+    """What an L1 loop receives from the teacher while the spectral gain acts: the view's
+    logits (its labels, its ranking) rescaled to the raw teacher's spread and row means; with
+    ``erase_spectral_rescale=False`` the view's logits as they are."""
+    from abd_plugin.repair import rescale_logits
+
+    teacher, xte, _, trig = _blend_digits_cnn()
+    x = xte[:32].clone()
+    x[:16] = trig(x[:16])
+    got = {}
+
+    def probe(key):
+        def at_end(guard):
+            with torch.no_grad():
+                got[key] = teacher(x)
+                with guard.suspended():
+                    got[key + "_view"] = teacher(guard.teacher_view(x))
+                    got[key + "_raw"] = teacher(x)
+        return at_end
+
+    for key, on in (("on", True), ("off", False)):
+        _, rep = _distill(teacher, xte, ABDConfig(**FAST, erase_spectral_rescale=on),
+                          stamped=True, trigger=trig, at_end=probe(key), l1=True)
+        er = record_of(rep, EraserReport)
+        assert er.status == "on" and er.family == "spectral", er.reason
+        assert er.rescaled == (er.batches if on else 0), (er.rescaled, er.batches)
+        assert ("raw teacher's scale" in str(rep)) is on
+    expected, factor = rescale_logits(got["on_view"], got["on_raw"])
+    assert torch.allclose(got["on"], expected, atol=1e-5)
+    assert torch.equal(got["on"].argmax(1), got["on_view"].argmax(1))
+    assert float(factor) > 1.1  # the view is the flatter teacher here (1.23 measured)
+    assert torch.equal(got["off"], got["off_view"])
 
 
 class _Carrier:

@@ -400,3 +400,39 @@ def test_one_schedule_object_answers_guard_and_sr():
     assert not guard.in_sr_window()
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         guard.set_schedule(sr_start_fraction=1.5)
+
+
+def _trained_in_guard(loss_fn, *, steps: int = 2) -> ABDGuard:
+    """A student trained ``steps`` steps inside a guard with ``loss_fn(student_logits,
+    teacher_logits)``; returns the guard (closed)."""
+    teacher, student = make_pair()
+    opt = torch.optim.SGD(student.parameters(), 0.01)
+    torch.manual_seed(0)
+    x = TinyGenerator()(torch.randn(8, TinyGenerator().z_dim)).detach()
+    with ABDGuard(teacher, student, audit=False, erase=False, sv=False, sr=False) as guard:
+        for _ in range(steps):
+            with torch.no_grad():
+                t = teacher(x)
+            loss = loss_fn(student(x), t)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return guard
+
+
+def test_the_guard_tells_a_softmax_loss_from_a_loss_on_logit_values():
+    def kl(s, t):
+        return F.kl_div(F.log_softmax(s / 4, 1), F.log_softmax(t / 4, 1), log_target=True,
+                        reduction="batchmean")
+
+    def ce(s, t):
+        return F.cross_entropy(s, t.argmax(1))
+
+    assert _trained_in_guard(kl).student_loss_kind == "softmax"
+    assert _trained_in_guard(ce).student_loss_kind == "softmax"
+    assert _trained_in_guard(F.l1_loss).student_loss_kind == "values"
+    assert _trained_in_guard(F.mse_loss).student_loss_kind == "values"
+    assert _trained_in_guard(kl, steps=0).student_loss_kind is None  # no backward seen yet
+    g, g2 = _trained_in_guard(F.l1_loss), _trained_in_guard(kl, steps=0)
+    g2.load_state_dict(g.state_dict())  # it survives a save and resume
+    assert g2.student_loss_kind == "values"

@@ -132,7 +132,7 @@ def _teacher_forward(log: Log) -> None:
     assert names.count("term_backward") == len(starts)  # exactly once per forward
     for i in starts:
         after = names[i:]
-        assert after[1:3] == ["on_teacher_input", "on_teacher_forward"]
+        assert after[1:4] == ["on_teacher_input", "on_teacher_output", "on_teacher_forward"]
         assert after.index("term_backward") < after.index("backward_g")
 
 
@@ -146,6 +146,15 @@ def _teacher_input(log: Log) -> None:
     assert grads == [True, False, False] * 2
     # the guard's audit ran before the first teacher batch reached any hook
     assert all(seen for e, seen in log if e == "audit_seen")
+
+
+def _teacher_output(log: Log) -> None:
+    # after every teacher forward whose input the hooks saw (with gradients or not), right
+    # after on_teacher_input and before any loss term
+    names = _names(log)
+    calls = [i for i, e in enumerate(names) if e in ("call_teacher", "call_teacher_nograd")]
+    assert names.count("on_teacher_output") == len(calls) == 6
+    assert all(names[i + 1:i + 3] == ["on_teacher_input", "on_teacher_output"] for i in calls)
 
 
 def _student_forward(log: Log) -> None:
@@ -175,6 +184,7 @@ def _student_step(log: Log) -> None:
 CONTRACT: dict[str, Callable[[Log], None]] = {
     "on_guard_enter": _enter,
     "on_teacher_input": _teacher_input,
+    "on_teacher_output": _teacher_output,
     "on_teacher_forward": _teacher_forward,
     "on_student_forward": _student_forward,
     "on_before_student_step": _student_step,
@@ -221,3 +231,44 @@ def test_dispatch_times_every_hook():
     sv, sr = record_of(rep, VaccineReport), record_of(rep, RetrospectionReport)
     assert sv.seconds > 0 and sr.seconds > 0
     assert sv.calls == 2 and sr.steps == 4
+
+
+class _Doubler(DefenseHook):
+    """Hands the loop twice the teacher's logits; records what the loss term saw."""
+
+    def __init__(self, shape_error: bool = False) -> None:
+        self.shape_error = shape_error
+        self.term_logits: list[torch.Tensor] = []
+
+    def on_teacher_output(self, ctx: Any, x: torch.Tensor, teacher_logits: torch.Tensor) -> Any:
+        return teacher_logits[:, :3] if self.shape_error else teacher_logits * 2
+
+    def on_teacher_forward(self, ctx: Any, x: torch.Tensor, teacher_logits: torch.Tensor) -> Any:
+        self.term_logits.append(teacher_logits.detach().clone())
+        return None
+
+
+def test_logits_a_hook_returns_from_on_teacher_output_reach_the_loop_and_the_loss_terms():
+    teacher, student = make_pair()
+    x = TinyGenerator()(torch.randn(4, TinyGenerator().z_dim))
+    with torch.no_grad():
+        plain = teacher(x)
+    hook = _Doubler()
+    with ABDGuard(teacher, student, hooks=[hook], sv=False, sr=False, erase=False,
+                  audit=False):
+        with torch.no_grad():
+            assert torch.equal(teacher(x), plain * 2)  # without gradients too
+        out = teacher(x)  # a synthesis forward: the loss term sees the replaced logits
+        assert torch.allclose(out, plain * 2)
+    assert len(hook.term_logits) == 1 and torch.allclose(hook.term_logits[0], plain * 2)
+    with torch.no_grad():
+        assert torch.equal(teacher(x), plain)  # hooks removed
+
+
+def test_on_teacher_output_of_another_shape_is_a_clear_error():
+    teacher, student = make_pair()
+    x = torch.rand(4, *TinyGenerator()(torch.randn(1, TinyGenerator().z_dim)).shape[1:])
+    with ABDGuard(teacher, student, hooks=[_Doubler(shape_error=True)], sv=False, sr=False,
+                  erase=False, audit=False):
+        with pytest.raises(RuntimeError, match="on_teacher_output returned .* same shape"):
+            teacher(x)

@@ -131,3 +131,45 @@ def test_a_larger_keep_weight_keeps_more_clean_accuracy_and_still_un_blends():
             acc[kw] = float((teacher(sg.apply(xte)).argmax(1) == yte).float().mean())
         assert asr < 0.1, (kw, asr)
     assert acc[2.0] > acc[1.0] + 0.02, acc
+
+
+def test_rescaled_logits_keep_the_views_order_and_take_the_raw_teachers_scale():
+    from abd_plugin.repair import rescale_logits
+
+    g = torch.Generator().manual_seed(0)
+    view = (torch.randn(16, 10, generator=g) * 0.7).requires_grad_(True)
+    raw = torch.randn(16, 10, generator=g) * 3 + 1
+    out, factor = rescale_logits(view, raw)
+    assert torch.equal(out.argsort(1), view.argsort(1))  # every row's ranking is the view's
+    assert torch.allclose(out.std(1).mean(), raw.std(1).mean(), rtol=1e-5)
+    assert torch.allclose(out.mean(1), raw.mean(1), atol=1e-5)
+    assert float(factor) > 1  # the view was the flatter one
+    out.sum().backward()  # gradients reach the view; the factor is a constant
+    assert view.grad is not None and torch.isfinite(view.grad).all()
+    flat = torch.zeros(4, 10)
+    same, one = rescale_logits(flat, raw[:4])
+    assert torch.equal(same, flat) and float(one) == 1.0  # no spread: nothing to scale
+    single = torch.randn(4, 1)
+    assert rescale_logits(single, raw[:4, :1])[0] is single
+
+
+def test_the_rescales_count_and_mean_factor_survive_a_save_and_resume():
+    from abd_plugin.eraser import TriggerEraser
+    from abd_plugin.repair import rescale_logits
+
+    teacher, *_ = _blend_digits_cnn()
+    er = TriggerEraser(teacher)
+    _, factor = rescale_logits(torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
+                               torch.tensor([[0.0, 3.0], [3.0, 0.0]]))
+    for _ in range(2):  # what on_teacher_output accumulates
+        er._scale_sum = factor if er._scale_sum is None else er._scale_sum + factor
+        er.scale_batches += 1
+    state = er.state_dict()
+    er2 = TriggerEraser(teacher)
+    er2.load_state_dict(state)
+    assert er2.scale_batches == 2 and er2.scale_sum == pytest.approx(6.0)
+    assert er2.report().rescaled == 2 and er2.report().scale == pytest.approx(3.0)
+    del state["scale"]  # a state saved before the rescale existed
+    er3 = TriggerEraser(teacher)
+    er3.load_state_dict(state)
+    assert er3.scale_batches == 0 and er3.scale_sum == 0.0

@@ -62,6 +62,25 @@ def _radius(h: int, w: int) -> Tensor:
     return torch.sqrt(u ** 2 + v ** 2).view(1, 1, h, w)
 
 
+def rescale_logits(view: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
+    """``view``'s logits (B, C) at ``raw``'s scale: centred per row, times the batch's ratio of
+    the mean per-row standard deviations (raw over view), plus ``raw``'s row mean. Each row's
+    order of classes (its label, its ranking) is ``view``'s; gradients flow through ``view``
+    (the factor is a constant). Flat logits (no spread) are returned as they are. Returns the
+    logits and the factor (a 0-d tensor: no device sync here)."""
+    if view.shape[1] < 2:
+        return view, view.new_ones((), dtype=torch.float32)
+    v = view.detach().float()
+    spread = v.std(1).mean()
+    ok = torch.isfinite(spread) & (spread > 1e-6)
+    factor = torch.where(ok, raw.detach().float().std(1).mean() / spread.clamp_min(1e-6),
+                         torch.ones_like(spread))
+    shift = torch.where(ok, raw.detach().float().mean(1, keepdim=True),
+                        v.mean(1, keepdim=True))
+    out = (view - view.mean(1, keepdim=True)) * factor.to(view.dtype) + shift.to(view.dtype)
+    return out, factor
+
+
 class SpectralGain(InputRepair):
     """See the module docstring.
 
