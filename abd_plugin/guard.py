@@ -546,20 +546,26 @@ class ABDGuard:
             self._check_first_batch(x)
         if self.domain is None:  # where inputs live: resolved once, read by every hook
             self._resolve_domain(x)
-        new = x
         self._output_due = True
-        for key, h in zip(self._state_keys, self.hooks, strict=True):
-            out = self._call(key, h, "on_teacher_input", new)
-            if out is not None:
-                if not isinstance(out, Tensor) or out.shape != new.shape:
-                    raise RuntimeError(
-                        f"{type(h).__name__}.on_teacher_input returned "
-                        f"{getattr(out, 'shape', type(out).__name__)} for an input of shape "
-                        f"{tuple(new.shape)}; return a tensor of the same shape or None")
-                new = out
+        new = self._chain("on_teacher_input", "an input", x)
         if new is x:
             return None
         return (new,) + tuple(args[1:])
+
+    def _chain(self, event: str, what: str, value: Tensor, *lead: Tensor) -> Tensor:
+        """Every hook's ``event(*lead, value)`` in registration order, each one's tensor (of
+        ``value``'s shape) replacing ``value`` for the next; ``value`` itself when none did."""
+        new = value
+        for key, h in zip(self._state_keys, self.hooks, strict=True):
+            out = self._call(key, h, event, *lead, new)
+            if out is not None:
+                if not isinstance(out, Tensor) or out.shape != new.shape:
+                    raise RuntimeError(
+                        f"{type(h).__name__}.{event} returned "
+                        f"{getattr(out, 'shape', type(out).__name__)} for {what} of shape "
+                        f"{tuple(new.shape)}; return a tensor of the same shape or None")
+                new = out
+        return new
 
     def _resolve_domain(self, x: Tensor) -> None:
         """Where the teacher's inputs live (:func:`~abd_plugin.domain.resolve_domain`: the
@@ -651,16 +657,7 @@ class ABDGuard:
         if x is None:
             return None
         logits = extract_logits(output, self.config.logits_fn)
-        new = logits
-        for key, h in zip(self._state_keys, self.hooks, strict=True):
-            out = self._call(key, h, "on_teacher_output", x, new)
-            if out is not None:
-                if not isinstance(out, Tensor) or out.shape != new.shape:
-                    raise RuntimeError(
-                        f"{type(h).__name__}.on_teacher_output returned "
-                        f"{getattr(out, 'shape', type(out).__name__)} for logits of shape "
-                        f"{tuple(new.shape)}; return a tensor of the same shape or None")
-                new = out
+        new = self._chain("on_teacher_output", "logits", logits, x)
         return None if new is logits else replace_logits(output, new)
 
     def _student_hook(self, module: nn.Module, args: Any, output: Any) -> None:
