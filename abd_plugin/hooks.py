@@ -11,7 +11,8 @@ class's ``on_*`` members, so a callback the guard never calls fails there):
    trigger eraser's repair).
 3. ``on_teacher_output`` runs after every teacher forward whose input went through
    ``on_teacher_input``; a returned tensor replaces the teacher's logits in what the loop
-   receives (the trigger eraser's spectral gain keeps the raw teacher's logit scale).
+   receives (the trigger eraser's acting spectral gain, under a loss on logit values, hands
+   its labels on at the raw teacher's scale).
 4. ``on_teacher_forward`` runs inside the teacher's forward on a *synthesis* batch (the input
    carries gradient back to a generator or to optimised pixels). A returned scalar is a **loss
    term**: its gradient is added, once, to whatever loss the user back-propagates through the
