@@ -523,7 +523,224 @@ _PINS_EPYC: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard
              'sum': 11.561219758237712,
              'wsum': -6.095330362887053}}
 
-PINS_BY_MACHINE: dict[str, dict[str, dict[str, Any]]] = {'93.83131691552853': _PINS_EPYC}
+#: a second AMD EPYC CPU (2026-12-07, another model: other last bits): the code of ``PINS`` at
+#: this release (same scenarios, same reports' wording), every run re-recorded there
+_PINS_EPYC_2: dict[str, dict[str, Any]] = {'classic': {'report': 'abd-plugin guard report\n'
+                       '  Input domain: inputs in [0, 1] (read off the first '
+                       'batch: values in [0, 1]).\n'
+                       '  Teacher audit: not run (audit=False)\n'
+                       '  Trigger eraser: off (erase=False).\n'
+                       '  SV: no vaccine found after 8 shuffle(s) at depth 1, '
+                       '5 depth(s) scored first (best tail ratio 0.0000 <= '
+                       '0.02) - SV is off; SR is still available; suspicious '
+                       'fraction nan over 0 synthesis batches, <t>s\n'
+                       '  Self-Retrospection: 18 step(s) (window starts at '
+                       'step 30), <t>s.\n'
+                       '  Student optimizer steps seen: 48.',
+             'sum': 16.682127980311634,
+             'wsum': -7.0681184156903125},
+ 'default_clean': {'report': 'abd-plugin guard report\n'
+                             '  Input domain: inputs in [0, 1] (read off the '
+                             'first batch: values in [0, 1]).\n'
+                             "  Teacher audit: no backdoor found (class 7's "
+                             'maximum margin 0.0927, p = 0.91, robust z = 5.8; '
+                             '<t>s).\n'
+                             '    How: the margin statistic favours class 7 (p '
+                             '= 0.91); the universal blend statistic favours '
+                             'class 7 (z = 2.7, p = 0.21); class 7 is the '
+                             'suspect (both favour it); its evidence 2 x p = '
+                             '0.43; the margin p reaches clean_alpha (0.5) and '
+                             'the universal z is below flag_z (4): clean; the '
+                             'universal patch statistic favours class 7 (z = '
+                             '2.7), below patch_flag_z (7).\n'
+                             '    The shuffled-teacher ensemble favours class '
+                             '7 on the inputs seen (agrees).\n'
+                             '  Trigger eraser: off (audit verdict clean '
+                             "(erase_on='flagged')).\n"
+                             '  Shuffling Vaccine: off.\n'
+                             '  Self-Retrospection: did not run.\n'
+                             '  Student optimizer steps seen: 48.',
+                   'sum': -3.8211911789840087,
+                   'wsum': -6.607796630571186},
+ 'default_iga': {'report': 'abd-plugin guard report\n'
+                           '  Input domain: inputs in [0, 1] (read off the '
+                           'first batch: values in [0, 1]).\n'
+                           '  Teacher audit: the teacher looks BACKDOORED '
+                           "towards class 0 (class 0's maximum margin 72.3, p "
+                           '= 0.0025, robust z = 15.9; <t>s).\n'
+                           '    How: the margin statistic favours class 0 (p = '
+                           '0.0025); the universal blend statistic favours '
+                           'class 0 (z = 3.0, p = 0.14); class 0 is the '
+                           'suspect (both favour it); its evidence 2 x p = '
+                           '0.005 is below alpha (0.05): poisoned.\n'
+                           '    The shuffled-teacher ensemble favours class 0 '
+                           'on the inputs seen (agrees).\n'
+                           '  Trigger eraser: off, on probation (audit verdict '
+                           "poisoned for class 0 (erase_on='flagged'): on "
+                           'probation, the mask must be confirmed before it '
+                           'acts; 12 update(s) so far).\n'
+                           '  Shuffling Vaccine: off.\n'
+                           '  Self-Retrospection: did not run.\n'
+                           '  Input-gradient alignment (KDIGA): 48 step(s), '
+                           'last term 2.2, <t>s.\n'
+                           '  Student optimizer steps seen: 48.',
+                 'sum': 7.611639883805765,
+                 'wsum': -7.4757940341148625},
+ 'default_poisoned': {'report': 'abd-plugin guard report\n'
+                                '  Input domain: inputs in [0, 1] (read off '
+                                'the first batch: values in [0, 1]).\n'
+                                '  Teacher audit: the teacher looks BACKDOORED '
+                                "towards class 0 (class 0's maximum margin "
+                                '72.3, p = 0.0025, robust z = 15.9; <t>s).\n'
+                                '    How: the margin statistic favours class 0 '
+                                '(p = 0.0025); the universal blend statistic '
+                                'favours class 0 (z = 3.0, p = 0.14); class 0 '
+                                'is the suspect (both favour it); its evidence '
+                                '2 x p = 0.005 is below alpha (0.05): '
+                                'poisoned.\n'
+                                '    The shuffled-teacher ensemble favours '
+                                'class 0 on the inputs seen (agrees).\n'
+                                '  Trigger eraser: off, on probation (audit '
+                                'verdict poisoned for class 0 '
+                                "(erase_on='flagged'): on probation, the mask "
+                                'must be confirmed before it acts; 12 '
+                                'update(s) so far).\n'
+                                '  Shuffling Vaccine: off.\n'
+                                '  Self-Retrospection: did not run.\n'
+                                '  Student optimizer steps seen: 48.',
+                      'sum': 20.469722443522187,
+                      'wsum': -7.079477965950749},
+ 'default_poisoned_no_probation': {'report': 'abd-plugin guard report\n'
+                                             '  Input domain: inputs in [0, 1] '
+                                             '(read off the first batch: '
+                                             'values in [0, 1]).\n'
+                                             '  Teacher audit: the teacher '
+                                             'looks BACKDOORED towards class 0 '
+                                             "(class 0's maximum margin 72.3, "
+                                             'p = 0.0025, robust z = 15.9; '
+                                             '<t>s).\n'
+                                             '    How: the margin statistic '
+                                             'favours class 0 (p = 0.0025); '
+                                             'the universal blend statistic '
+                                             'favours class 0 (z = 3.0, p = '
+                                             '0.14); class 0 is the suspect '
+                                             '(both favour it); its evidence 2 '
+                                             'x p = 0.005 is below alpha '
+                                             '(0.05): poisoned.\n'
+                                             '    The shuffled-teacher '
+                                             'ensemble favours class 0 on the '
+                                             'inputs seen (agrees).\n'
+                                             '  Trigger eraser: ON for class 0 '
+                                             '(audit verdict poisoned '
+                                             "(erase_on='flagged')). The "
+                                             'teacher saw every input with 0 '
+                                             'position(s) erased (mask 3.7 % '
+                                             'of the input), learned in 12 '
+                                             'update(s), <t>s.\n'
+                                             '    At the last update the '
+                                             'erasure moved 100 % of the '
+                                             'samples the teacher called class '
+                                             '0 (25 % of the batch) to other '
+                                             'classes and kept 100 % of the '
+                                             "others' classes.\n"
+                                             '  Shuffling Vaccine: off.\n'
+                                             '  Self-Retrospection: did not '
+                                             'run.\n'
+                                             '  Student optimizer steps seen: '
+                                             '48.',
+                                   'sum': 17.322618508711457,
+                                   'wsum': -7.217250447100147},
+ 'default_poisoned_recheck': {'report': 'abd-plugin guard report\n'
+                                        '  Input domain: inputs in [0, 1] '
+                                        '(read off the first batch: values in '
+                                        '[0, 1]).\n'
+                                        '  Teacher audit: the teacher looks '
+                                        "BACKDOORED towards class 0 (class 0's "
+                                        'maximum margin 72.3, p = 0.0025, '
+                                        'robust z = 15.9; <t>s).\n'
+                                        '    How: the margin statistic favours '
+                                        'class 0 (p = 0.0025); the universal '
+                                        'blend statistic favours class 0 (z = '
+                                        '3.0, p = 0.14); class 0 is the '
+                                        'suspect (both favour it); its '
+                                        'evidence 2 x p = 0.005 is below alpha '
+                                        '(0.05): poisoned.\n'
+                                        '    The shuffled-teacher ensemble '
+                                        'favours class 0 on the inputs seen '
+                                        '(agrees).\n'
+                                        '  Trigger eraser: off, on probation '
+                                        '(audit verdict poisoned for class 0 '
+                                        "(erase_on='flagged'): on probation, "
+                                        'the mask must be confirmed before it '
+                                        'acts; 24 update(s) so far).\n'
+                                        '  Shuffling Vaccine: off.\n'
+                                        '  Self-Retrospection: did not run.\n'
+                                        '  Student optimizer steps seen: 48.',
+                              'sum': 20.469722443522187,
+                              'wsum': -7.079477965950749},
+ 'forced_clean': {'report': 'abd-plugin guard report\n'
+                            '  Input domain: inputs in [0, 1] (read off the '
+                            'first batch: values in [0, 1]).\n'
+                            "  Teacher audit: no backdoor found (class 7's "
+                            'maximum margin 0.0927, p = 0.91, robust z = 5.8; '
+                            '<t>s).\n'
+                            '    How: the margin statistic favours class 7 (p '
+                            '= 0.91); the universal blend statistic favours '
+                            'class 7 (z = 2.7, p = 0.21); class 7 is the '
+                            'suspect (both favour it); its evidence 2 x p = '
+                            '0.43; the margin p reaches clean_alpha (0.5) and '
+                            'the universal z is below flag_z (4): clean; the '
+                            'universal patch statistic favours class 7 (z = '
+                            '2.7), below patch_flag_z (7).\n'
+                            '    The shuffled-teacher ensemble favours class 7 '
+                            'on the inputs seen (agrees).\n'
+                            '  Trigger eraser: off, on probation (audit '
+                            "verdict clean for class 7 (erase_on='always'): on "
+                            'probation, the mask must be confirmed before it '
+                            'acts; 12 update(s) so far).\n'
+                            '  Shuffling Vaccine: off.\n'
+                            '  Self-Retrospection: did not run.\n'
+                            '  Student optimizer steps seen: 48.',
+                  'sum': -3.8211911789840087,
+                  'wsum': -6.607796630571186},
+ 'paper': {'report': 'abd-plugin guard report\n'
+                     '  Input domain: inputs in [0, 1] (read off the first '
+                     'batch: values in [0, 1]).\n'
+                     '  Teacher audit: not run (audit=False)\n'
+                     '  Trigger eraser: off (erase=False).\n'
+                     "  SV: on, 4 shuffled layer(s) ['3', '6', '9', '12'], "
+                     'coef 0.1, 24 batch(es) seen; suspicious fraction 0.000 '
+                     'over 24 synthesis batches, <t>s\n'
+                     '  Self-Retrospection: 12 step(s) (window starts at step '
+                     '36), <t>s.\n'
+                     '  Student optimizer steps seen: 48.',
+           'sum': 20.40765241572808,
+           'wsum': -7.210000326915848},
+ 'resumed': {'report': 'abd-plugin guard report\n'
+                       '  Input domain: inputs in [0, 1] (read off the first '
+                       'batch: values in [0, 1]).\n'
+                       '  Teacher audit: the teacher looks BACKDOORED towards '
+                       "class 0 (class 0's maximum margin 72.3, p = 0.0025, "
+                       'robust z = 15.9; <t>s).\n'
+                       '    How: the margin statistic favours class 0 (p = '
+                       '0.0025); the universal blend statistic favours class 0 '
+                       '(z = 3.0, p = 0.14); class 0 is the suspect (both '
+                       'favour it); its evidence 2 x p = 0.005 is below alpha '
+                       '(0.05): poisoned.\n'
+                       '    The shuffled-teacher ensemble favours class 0 on '
+                       'the inputs seen (agrees).\n'
+                       '  Trigger eraser: off, on probation (audit verdict '
+                       "poisoned for class 0 (erase_on='flagged'): on "
+                       'probation, the mask must be confirmed before it acts; '
+                       '24 update(s) so far).\n'
+                       '  Shuffling Vaccine: off.\n'
+                       '  Self-Retrospection: did not run.\n'
+                       '  Student optimizer steps seen: 48.',
+             'sum': 20.469722443522187,
+             'wsum': -7.079477965950749}}
+
+PINS_BY_MACHINE: dict[str, dict[str, dict[str, Any]]] = {
+    '93.83131691552853': _PINS_EPYC, '92.045833675219': _PINS_EPYC_2}
 
 
 def _machine() -> str:

@@ -23,15 +23,17 @@ def test_the_audit_names_a_blend_triggers_target_that_the_margin_statistic_misse
     model, xte, yte, trig = _blend_digits_cnn()
     assert float((model(trig(xte[yte != 3])).argmax(1) == 3).float().mean()) > 0.9
     rep = audit(model, (1, 16, 16), **FAST)
-    assert rep.margin_suspect != 3  # the margin statistic alone: a natural class, "clean"
     assert rep.universal_class == 3 and rep.universal_z is not None and rep.universal_z >= 4.0
     # the universal z alone is far beyond its null (calibrated p ~ 1e-4): poisoned, for class 3
     assert rep.suspect == 3 and rep.target == 3 and rep.verdict == "poisoned"
     assert rep.universal_p is not None and 2 * rep.universal_p < rep.alpha
     assert "universal blend statistic favours class 3" in rep.reason
     assert "universal" in str(rep)  # the table's column
+    # the margin statistic alone misses it: "clean" (its favourite is a natural class on the
+    # first recording CPU; on an AMD EPYC, whose fixture teacher differs in its last bits, it
+    # is class 3 at p = 0.63: either way far from a verdict)
     off = audit(model, (1, 16, 16), **FAST, universal=False, patch=False)
-    assert off.universal is None and off.suspect == off.margin_suspect != 3
+    assert off.universal is None and off.suspect == off.margin_suspect
     assert off.verdict == "clean"
     # without the blend statistic, the patch statistic's look before "clean" still finds it
     # (z 4.2 on this tiny model; the default threshold is set for the kit's teachers)
