@@ -70,13 +70,11 @@ def rescale_logits(view: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
     logits and the factor (a 0-d tensor: no device sync here)."""
     if view.shape[1] < 2:
         return view, view.new_ones((), dtype=torch.float32)
-    v = view.detach().float()
+    v, r = view.detach().float(), raw.detach().float()
     spread = v.std(1).mean()
     ok = torch.isfinite(spread) & (spread > 1e-6)
-    factor = torch.where(ok, raw.detach().float().std(1).mean() / spread.clamp_min(1e-6),
-                         torch.ones_like(spread))
-    shift = torch.where(ok, raw.detach().float().mean(1, keepdim=True),
-                        v.mean(1, keepdim=True))
+    factor = torch.where(ok, r.std(1).mean() / spread.clamp_min(1e-6), torch.ones_like(spread))
+    shift = torch.where(ok, r.mean(1, keepdim=True), v.mean(1, keepdim=True))
     out = (view - view.mean(1, keepdim=True)) * factor.to(view.dtype) + shift.to(view.dtype)
     return out, factor
 
