@@ -287,6 +287,16 @@ class EraseSettings(Section):
         universal blend statistic must drop at least this much more than the other classes'
         median drop, in units of the first audit's spread among the other classes. Needs the
         audit's universal statistic (``audit_universal``).""")
+    confirm_joint: float = spec(
+        0.6, Num(0, 1),
+        """The spectral repair's check also passes when both of its tests reach this fraction
+        of their own thresholds (``confirm_residual`` and ``confirm_universal``; 0: off):
+        evidence from two independent tests, each short of its own bar. Set on the kit's ZSKT
+        sinusoid (LeNet-5, seeds 0-1, an AMD EPYC CPU), whose checks reached residual shares of
+        0.25-0.52 and universal gaps of 2.9-4.3 without ever passing twice in a row; none of
+        the 356 spectral checks recorded on clean teachers reached both 0.3 and 2.7 (the clean
+        LeNet-5-BN teachers' universal gaps of up to 3.7 came with shares of at most 0.2, the
+        clean ResNet-8's 5.3 with 0.27).""")
     only_target: bool = spec(
         False, Bool(),
         """Erase only the inputs the teacher calls the target class (one extra teacher forward
@@ -445,6 +455,7 @@ class TriggerEraser(DefenseHook):
         self.spectral_probation = Probation(every=s.confirm, max_updates=s.confirm_max,
                                             gap=s.confirm_gap, transplant=s.confirm_residual,
                                             universal_gap=s.confirm_universal, repeat=2,
+                                            joint=s.confirm_joint,
                                             seed=seed + 1, logits_fn=logits_fn)
         self.family = "mask"
         self.spectral_racing = False  # the spectral repair learns beside the mask
@@ -611,6 +622,12 @@ class TriggerEraser(DefenseHook):
                    "check passes on this test alone)")
         else:
             why = f"after {rec['update']} update(s) {margins}; {carry}"
+        if rec.get("joint"):
+            share = rec["carried"] - rec["carried_control"]
+            why += (f"; both tests reached at least {100 * s.confirm_joint:.0f} % of their "
+                    f"thresholds (a gap of {rec['universal_gap']:.1f} of "
+                    f"{s.confirm_universal:g}, {100 * share:.0f} of "
+                    f"{100 * s.confirm_residual:.0f} points), which passes the check")
         if rec["confirmed"] and rec["streak"] > 1:
             why += f" ({rec['streak']} passing checks in a row)"
         elif (rec["confirmed"] and not spectral and self.audit.verdict == "unsure"

@@ -437,6 +437,36 @@ def test_an_unsure_verdict_needs_two_passing_checks_in_a_row():
                      repeat_unsure=1).needed(_verdict("unsure")) == 2
 
 
+def test_a_spectral_check_passes_when_both_its_tests_reach_the_joint_fraction():
+    """A repair without a region passes a check on either test alone (residual share >=
+    ``transplant``, universal gap >= ``universal_gap``), or, with ``joint`` > 0, when both reach
+    that fraction of their thresholds; one test high and the other low does not pass, and
+    ``joint=0`` keeps the two separate tests."""
+    from abd_plugin.repair import Probation
+
+    def check(share: float, gap: float, joint: float = 0.6) -> dict:
+        pr = Probation(every=1, max_updates=10, gap=0.17, transplant=0.5, universal_gap=4.5,
+                       joint=joint)
+        pr._transplant = lambda *a: {"carried": share, "carried_control": 0.0,  # type: ignore
+                                     "n_target": 4, "n_other": 4}
+        pr._universal = lambda *a: {"update": 1, "universal_gap": gap,  # type: ignore
+                                    "target_drop": gap, "control_drop": 0.0, "staged": False}
+        return pr.check(nn.Identity(), _Carrier(region=False, carries=False),  # type: ignore
+                        _verdict("poisoned"), 1, 1, None)  # type: ignore[arg-type]
+
+    both = check(0.35, 3.0)  # 70 % and 67 % of the thresholds
+    assert both["passed"] and both["joint"] and both["streak"] == 1
+    for share, gap in ((0.35, 2.0), (0.2, 4.0), (0.29, 2.69)):  # one or both short of 60 %
+        rec = check(share, gap)
+        assert not rec["passed"] and not rec["joint"], (share, gap)
+    alone = check(0.1, 4.6)  # the universal test alone, as before
+    assert alone["passed"] and not alone["joint"]
+    carried = check(0.6, float("nan"))  # the residual alone: the re-audit is skipped
+    assert carried["passed"] and carried["reaudit_skipped"] and not carried["joint"]
+    assert not check(0.35, 3.0, joint=0.0)["passed"]
+    assert not check(0.35, float("nan"))["passed"]  # staged re-audit: no universal gap
+
+
 def test_the_eraser_asks_an_unsure_mask_for_two_checks_and_says_so():
     from abd_plugin.eraser import EraseSettings, TriggerEraser
 
@@ -462,3 +492,29 @@ def test_the_eraser_asks_an_unsure_mask_for_two_checks_and_says_so():
     assert er.status.value == "on"
     assert "one passing check suffices after an unsure verdict" in er.reason
     assert "carries class 1 by 10 points" in er.reason
+
+
+def test_the_eraser_says_when_the_spectral_gain_passed_on_both_tests_together():
+    """The eraser's spectral probation gets ``confirm_joint``, and a confirmation through the
+    joint rule says so in the reason, with both tests' numbers."""
+    from abd_plugin.eraser import EraseSettings, TriggerEraser
+
+    teacher = nn.Linear(2, 2)
+    er = TriggerEraser(teacher, EraseSettings())
+    assert er.spectral_probation.joint == 0.6 and er.probation.joint == 0.0
+    assert TriggerEraser(teacher, EraseSettings(confirm_joint=0.0)).spectral_probation.joint == 0
+    assert ABDConfig(erase_confirm_joint=0.8).erase.confirm_joint == 0.8
+    er.audit = _verdict("poisoned")  # type: ignore[assignment]
+    er.target = 0
+    rec = {"update": 80, "universal_gap": 4.3, "target_drop": 2.8, "control_drop": -1.5,
+           "staged": False, "joint": True, "reaudit_skipped": False, "carried": 0.71,
+           "carried_control": 0.29, "passed": True, "streak": 2, "needed": 2,
+           "confirmed": True, "ended": True}
+    er.spectral_probation.check = lambda *a, **k: rec  # type: ignore[method-assign]
+    er.confirm_now(family="spectral")
+    assert er.status.value == "on" and er.family == "spectral"
+    assert "dropped by 2.8 and the other classes' by -1.5" in er.reason
+    assert "sent 71 % of other samples to class 0" in er.reason
+    assert ("both tests reached at least 60 % of their thresholds (a gap of 4.3 of 4.5, 42 of "
+            "50 points)") in er.reason
+    assert "(2 passing checks in a row)" in er.reason

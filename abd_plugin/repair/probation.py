@@ -43,6 +43,13 @@ with two other tests, the same in spirit:
   other samples, sends them to ``t`` at least ``transplant`` more often than what it removes
   from other-class samples does.
 
+A check of the spectral gain also passes when both of its tests reach a fraction ``joint`` of
+their own thresholds (the eraser's ``confirm_joint``, 0.6): two independent tests each part of
+the way. A sinusoid under ZSKT reached residual shares of 0.25-0.52 and universal gaps of
+2.9-4.3 at every check but never one test twice in a row; the spectral checks recorded on clean
+teachers reached one or the other (a clean LeNet-5-BN's gaps of up to 3.7 with shares of at most
+0.2, a clean ResNet-8's 5.3 with 0.27), never both.
+
 Either test passing confirms the mask (it acts from then on), after a ``poisoned`` verdict. After
 an ``unsure`` one the audit's own evidence is weak, so the repair must show more: two passing
 checks in a row (``repeat_unsure``), or one whose region also carries the suspect (the
@@ -102,6 +109,10 @@ class Probation:
             transplant's share over its control at least ``others_carry``, when that is
             above 0): then ``repeat`` suffices. A streak in progress at ``max_updates`` runs
             on, one check every ``every`` updates, until it confirms or a check fails.
+        joint: a repair without a region (the spectral gain) also passes a check when both
+            of its tests reach this fraction of their thresholds (0: off): the residual
+            transplant ``joint * transplant`` and the universal re-audit ``joint *
+            universal_gap`` (after its first stage). The record's ``joint`` says it passed so.
         searches: the mask's re-audit searches the suspect that many times and uses the
             median (:meth:`~abd_plugin.repair.ReauditController.specificity`).
         controls: random offsets of the transplant's control regions.
@@ -121,7 +132,8 @@ class Probation:
                  universal_gap: float = 4.5, repeat: int = 1, controls: int = 8, keep: int = 4,
                  seed: int = 0, logits_fn: Callable[[Any], Tensor] | None = None,
                  others_kept: float = 0.0, others_carry: float = 0.0,
-                 repeat_unsure: int = 0, searches: int = 1) -> None:
+                 repeat_unsure: int = 0, searches: int = 1, joint: float = 0.0) -> None:
+        self.joint = float(joint)
         self.searches = max(1, int(searches))
         self.repeat = max(1, int(repeat))
         self.repeat_unsure = max(self.repeat, int(repeat_unsure))
@@ -197,7 +209,15 @@ class Probation:
             else:
                 rec = self._universal(model, repair, audit, target, updates, controller)
                 passed = rec["universal_gap"] >= self.universal_gap
+                # both tests part of the way: each clean teacher's checks reached one or the
+                # other, never both (module docstring)
+                rec["joint"] = bool(not passed and self.joint > 0
+                                    and share >= self.joint * self.transplant_margin
+                                    and rec["universal_gap"] >= self.joint * self.universal_gap)
+                passed = passed or rec["joint"]
             rec["reaudit_skipped"] = carries
+            if not repair.has_region:
+                rec.setdefault("joint", False)
             rec.update(moved)
             rec["pixels"] = repair.changed()
             rec["passed"] = bool(passed or carries)
