@@ -294,9 +294,13 @@ class EraseSettings(Section):
         evidence from two independent tests, each short of its own bar. Set on the kit's ZSKT
         sinusoid (LeNet-5, seeds 0-1, an AMD EPYC CPU), whose checks reached residual shares of
         0.25-0.52 and universal gaps of 2.9-4.3 without ever passing twice in a row; none of
-        the 356 spectral checks recorded on clean teachers reached both 0.3 and 2.7 (the clean
-        LeNet-5-BN teachers' universal gaps of up to 3.7 came with shares of at most 0.2, the
-        clean ResNet-8's 5.3 with 0.27).""")
+        the 404 spectral checks recorded on clean teachers (LeNet-5, LeNet-5-BN, ResNet-8;
+        ZSKT, DFAD, DeepInversion) reached both 0.3 and 2.7: gaps of up to 3.8 came with shares
+        of at most 0.2, a share of 0.42 (a LeNet-5-BN under DeepInversion) with gaps of at most
+        2.1, a ResNet-8's gap of 5.3 with 0.27
+        (``benchmarks/results/joint-check-cpu-2026-12-07.md``).
+        Like every confirmation of the gain, it acts on a poisoned teacher whose backdoor does
+        not reach the loop's inputs too: on KD over real data it cost about one class.""")
     only_target: bool = spec(
         False, Bool(),
         """Erase only the inputs the teacher calls the target class (one extra teacher forward

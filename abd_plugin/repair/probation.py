@@ -46,9 +46,9 @@ with two other tests, the same in spirit:
 A check of the spectral gain also passes when both of its tests reach a fraction ``joint`` of
 their own thresholds (the eraser's ``confirm_joint``, 0.6): two independent tests each part of
 the way. A sinusoid under ZSKT reached residual shares of 0.25-0.52 and universal gaps of
-2.9-4.3 at every check but never one test twice in a row; the spectral checks recorded on clean
-teachers reached one or the other (a clean LeNet-5-BN's gaps of up to 3.7 with shares of at most
-0.2, a clean ResNet-8's 5.3 with 0.27), never both.
+2.9-4.3 at every check but never one test twice in a row; the 404 spectral checks recorded on
+clean teachers reached one or the other, never both (gaps of up to 3.8 with shares of at most
+0.2; a share of 0.42 with gaps of at most 2.1; a ResNet-8's gap of 5.3 with a share of 0.27).
 
 Either test passing confirms the mask (it acts from then on), after a ``poisoned`` verdict. After
 an ``unsure`` one the audit's own evidence is weak, so the repair must show more: two passing
