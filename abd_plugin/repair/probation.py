@@ -124,7 +124,8 @@ class Probation:
         checks: one record per check (``update``, the re-audit's ``target_ratio`` and
             ``control_ratio``, the transplant's ``carried`` and ``carried_control``,
             ``passed``, ``streak`` (passing checks in a row), ``corroborated`` (the mask's
-            region also carries the suspect by ``others_carry``), ``needed`` (the streak that
+            region also carries the suspect by ``others_carry``), ``joint`` (a repair without a
+            region: the check passed on both tests together), ``needed`` (the streak that
             confirms after this verdict), ``confirmed``, ``ended``).
     """
 
