@@ -217,8 +217,6 @@ class Probation:
                                     and rec["universal_gap"] >= self.joint * self.universal_gap)
                 passed = passed or rec["joint"]
             rec["reaudit_skipped"] = carries
-            if not repair.has_region:
-                rec.setdefault("joint", False)
             rec.update(moved)
             rec["pixels"] = repair.changed()
             rec["passed"] = bool(passed or carries)
@@ -246,7 +244,8 @@ class Probation:
         if repair.has_region:
             return {"update": updates, "ratios": [], "target_ratio": nan, "control_ratio": nan,
                     "statistic": [], "p_value": nan}
-        return {"update": updates, "universal_gap": nan, "target_drop": nan, "control_drop": nan}
+        return {"update": updates, "universal_gap": nan, "target_drop": nan, "control_drop": nan,
+                "joint": False}
 
     def _universal(self, model: nn.Module, repair: InputRepair, a: AuditReport, t: int,
                    updates: int, controller: ReauditController) -> dict[str, Any]:
