@@ -273,6 +273,23 @@ class EraseSettings(Section):
         under a softmax loss: the kit's ZSKT blend fell from 71.3 / 0.9 to 47.0 / 7.3 with
         the raw scale (the view's softer targets are what a KL student learns the digits
         from).""")
+    spectral_raw_others: bool = spec(
+        True, Bool(),
+        """With ``spectral_rescale`` (a loss on the logits' values while the spectral gain
+        acts): on the rows the raw teacher does *not* call the target, the loop receives the
+        raw teacher's logits as values; the gradient (what a generator's step reads) is still
+        the view's. Only the rows the raw teacher calls the target carry the view's labels.
+        Why: the view relabelled 14-34 % of the other rows of the L1 loops' generator batches
+        (samples with little class content), and under DFAD the students learned those
+        guesses. Measured
+        (``benchmarks/results/l1-label-variants-cpu-2026-12-07.md``, section 5, an AMD EPYC,
+        ACC / ASR means): the kit's DFAD sinusoid (5 seeds) 65.7 / 9.5 -> 68.7 / 5.4 (vanilla
+        70.6), the held-out L1 loop's sinusoid (3 seeds) 46.1 / 0.0 -> 68.0 / 3.2 (vanilla
+        52.7); the blends within their seed spread: DFAD LeNet-5 71.0 / 1.1 -> 68.7 / 0.9,
+        DFAD LeNet-5-BN 40.4 / 0.4 -> 40.3 / 0.6, the held-out loop 68.9 / 0.1 -> 69.1 / 2.9.
+        The raw teacher's values on its other rows carry a little of the backdoor back (the
+        held-out loop's ASR above).
+        A loss on softmax outputs is not affected (no rescale there).""")
     confirm_residual: float = spec(
         0.5, Num(0, 1),
         """Residual test (the spectral repair): what the repair removes from recent
@@ -361,6 +378,8 @@ class EraserReport(HookReport):
     spectral_confirmation: dict[str, Any] | None = None
     rescaled: int = 0
     scale: float = float("nan")
+    rescaled_rows: int = 0
+    raw_rows: int = 0
 
     def lines(self) -> list[str]:
         if self.status == EraserStatus.PROBATION.value:
@@ -379,6 +398,11 @@ class EraserReport(HookReport):
                 out.append(f"    Its logits were handed on at the raw teacher's scale (x "
                            f"{self.scale:.2g} on average over {self.rescaled} batch(es)), so "
                            "that the student's targets kept their size when the gain began.")
+            if self.raw_rows:
+                out.append(f"    On the {self.raw_rows} of {self.rescaled_rows} row(s) the raw "
+                           f"teacher did not call class {self.target} the loop got the raw "
+                           "teacher's logits (the view's gradient): only the target's rows "
+                           "carried the view's labels.")
         else:
             out = [f"  Trigger eraser: ON for class {self.target} ({self.reason}). The teacher "
                    f"saw every input with {self.pixels} position(s) erased (mask "
@@ -468,6 +492,8 @@ class TriggerEraser(DefenseHook):
         self._raw_logits: Tensor | None = None  # this forward's raw teacher logits (rescale)
         self._scale_sum: Tensor | None = None  # the rescale's factors, summed (see scale_sum)
         self.scale_batches = 0
+        self.scale_rows = 0  # rows of the rescaled batches
+        self._raw_rows: Tensor | None = None  # of them, handed the raw values (raw_others)
         self.audit: AuditReport | None = None  # the audit that armed the eraser (for re-audits)
 
     # ------------------------------------------------------------------ read-only views
@@ -706,7 +732,20 @@ class TriggerEraser(DefenseHook):
         self._scale_sum = (factor if self._scale_sum is None
                            else self._scale_sum.to(factor.device) + factor)
         self.scale_batches += 1
+        self.scale_rows += out.shape[0]
+        if self.settings.spectral_raw_others and self.target is not None:
+            others = raw.argmax(1).ne(self.target)
+            n = others.sum()
+            self._raw_rows = n if self._raw_rows is None else self._raw_rows.to(n.device) + n
+            # the raw teacher's values on its other rows, the view's gradient on every row
+            value = torch.where(others.unsqueeze(1), raw.to(out.dtype), out.detach())
+            out = out + (value - out.detach())
         return out
+
+    @property
+    def raw_rows(self) -> int:
+        """Rows handed the raw teacher's values (``spectral_raw_others``; read once: a sync)."""
+        return 0 if self._raw_rows is None else int(self._raw_rows)
 
     @property
     def scale_sum(self) -> float:
@@ -802,7 +841,8 @@ class TriggerEraser(DefenseHook):
             probation_checks=len(self.probation.checks), family=self.family,
             spectral_confirmation=None if spec_last is None else dict(spec_last),
             rescaled=self.scale_batches,
-            scale=self.scale_sum / self.scale_batches if self.scale_batches else float("nan"))
+            scale=self.scale_sum / self.scale_batches if self.scale_batches else float("nan"),
+            rescaled_rows=self.scale_rows, raw_rows=self.raw_rows)
 
     def state_dict(self) -> dict[str, Any]:
         learner = self.learner.state_dict()
@@ -813,6 +853,7 @@ class TriggerEraser(DefenseHook):
                 **self.probation.state_dict(), "family": self.family,
                 "spectral_racing": self.spectral_racing, "skipped_on": self.skipped_on,
                 "scale": [self.scale_sum, self.scale_batches],
+                "raw_rows": [self.raw_rows, self.scale_rows],
                 "spectral": {"repair": self.spectral.state_dict(),
                              "learner": self.spectral_learner.state_dict(),
                              **self.spectral_probation.state_dict()}}
@@ -834,6 +875,9 @@ class TriggerEraser(DefenseHook):
         scale_sum, scale_batches = state.get("scale", (0.0, 0))  # absent before the rescale
         self._scale_sum = torch.tensor(float(scale_sum)) if scale_batches else None
         self.scale_batches = int(scale_batches)
+        raw_rows, rows = state.get("raw_rows", (0, 0))  # absent before spectral_raw_others
+        self._raw_rows = torch.tensor(int(raw_rows)) if raw_rows else None
+        self.scale_rows = int(rows)
         sp = state.get("spectral")  # absent in states saved before the spectral family
         if sp is not None:
             self.spectral.load_state_dict(sp["repair"])

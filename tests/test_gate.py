@@ -218,9 +218,12 @@ def test_the_bare_default_un_blends_a_blend_teacher_with_the_spectral_gain():
 
 
 def test_under_an_l1_loss_the_acting_gain_hands_the_loop_its_labels_at_the_raw_scale():
-    """What an L1 loop receives from the teacher while the spectral gain acts: the view's
-    logits (its labels, its ranking) rescaled to the raw teacher's spread and row means; with
-    ``erase_spectral_rescale=False`` the view's logits as they are."""
+    """What an L1 loop receives from the teacher while the spectral gain acts: on the rows the
+    raw teacher calls the target, the view's logits (its labels, its ranking) rescaled to the
+    raw teacher's spread and row means; on the other rows the raw teacher's logits
+    (``erase_spectral_raw_others``), with the view's gradient. With the raw-others setting off,
+    every row is the rescaled view; with ``erase_spectral_rescale=False`` the view's logits as
+    they are."""
     from abd_plugin.repair import rescale_logits
 
     teacher, xte, _, trig = _blend_digits_cnn()
@@ -235,20 +238,44 @@ def test_under_an_l1_loss_the_acting_gain_hands_the_loop_its_labels_at_the_raw_s
                 with guard.suspended():
                     got[key + "_view"] = teacher(guard.teacher_view(x))
                     got[key + "_raw"] = teacher(x)
+            xg = x.clone().requires_grad_(True)
+            teacher(xg).sum().backward()  # the gradient the loop's generator would read
+            with guard.suspended():
+                xv = x.clone().requires_grad_(True)
+                view = teacher(guard.teacher_view(xv))
+                rescale_logits(view, got[key + "_raw"])[0].sum().backward()
+            got[key + "_grad"], got[key + "_view_grad"] = xg.grad, xv.grad
         return at_end
 
-    for key, on in (("on", True), ("off", False)):
-        _, rep = _distill(teacher, xte, ABDConfig(**FAST, erase_spectral_rescale=on),
-                          stamped=True, trigger=trig, at_end=probe(key), l1=True)
+    reports = {}
+    for key, kw in (("on", {}), ("all", dict(erase_spectral_raw_others=False)),
+                    ("off", dict(erase_spectral_rescale=False))):
+        _, rep = _distill(teacher, xte, ABDConfig(**FAST, **kw), stamped=True, trigger=trig,
+                          at_end=probe(key), l1=True)
         er = record_of(rep, EraserReport)
         assert er.status == "on" and er.family == "spectral", er.reason
+        on = key != "off"
         assert er.rescaled == (er.batches if on else 0), (er.rescaled, er.batches)
         assert ("raw teacher's scale" in str(rep)) is on
-    expected, factor = rescale_logits(got["on_view"], got["on_raw"])
-    assert torch.allclose(got["on"], expected, atol=1e-5)
-    assert torch.equal(got["on"].argmax(1), got["on_view"].argmax(1))
+        reports[key] = (er, str(rep))
+    expected, factor = rescale_logits(got["all_view"], got["all_raw"])
+    assert torch.allclose(got["all"], expected, atol=1e-5)
+    assert torch.equal(got["all"].argmax(1), got["all_view"].argmax(1))
     assert float(factor) > 1.1  # the view is the flatter teacher here (1.23 measured)
     assert torch.equal(got["off"], got["off_view"])
+    # the default: the raw teacher's values where it does not call the target (3), the
+    # rescaled view where it does; every row's gradient is the rescaled view's
+    raw, view = got["on_raw"], got["on_view"]
+    others = raw.argmax(1) != 3
+    assert 0 < int(others.sum()) < len(x)
+    assert torch.allclose(got["on"][others], raw[others], atol=1e-5)  # float: v + (r - v)
+    assert torch.allclose(got["on"][~others], rescale_logits(view, raw)[0][~others], atol=1e-5)
+    assert torch.equal(got["on"][~others].argmax(1), view[~others].argmax(1))
+    assert torch.allclose(got["on_grad"], got["on_view_grad"], atol=1e-6)
+    er, text = reports["on"]
+    assert 0 < er.raw_rows < er.rescaled_rows and reports["all"][0].raw_rows == 0
+    assert f"{er.raw_rows} of {er.rescaled_rows} row(s)" in text
+    assert "did not call class" in text and "did not call class" not in reports["all"][1]
 
 
 class _Carrier:

@@ -164,12 +164,18 @@ def test_the_rescales_count_and_mean_factor_survive_a_save_and_resume():
     for _ in range(2):  # what on_teacher_output accumulates
         er._scale_sum = factor if er._scale_sum is None else er._scale_sum + factor
         er.scale_batches += 1
+        er.scale_rows += 2
+        n = torch.tensor(1)  # rows handed the raw teacher's values (spectral_raw_others)
+        er._raw_rows = n if er._raw_rows is None else er._raw_rows + n
     state = er.state_dict()
     er2 = TriggerEraser(teacher)
     er2.load_state_dict(state)
     assert er2.scale_batches == 2 and er2.scale_sum == pytest.approx(6.0)
     assert er2.report().rescaled == 2 and er2.report().scale == pytest.approx(3.0)
-    del state["scale"]  # a state saved before the rescale existed
+    assert (er2.raw_rows, er2.scale_rows) == (2, 4)
+    assert (er2.report().raw_rows, er2.report().rescaled_rows) == (2, 4)
+    del state["scale"], state["raw_rows"]  # a state saved before the rescale existed
     er3 = TriggerEraser(teacher)
     er3.load_state_dict(state)
     assert er3.scale_batches == 0 and er3.scale_sum == 0.0
+    assert er3.raw_rows == 0 and er3.scale_rows == 0
