@@ -21,9 +21,11 @@ Names (``P`` is the prefix, ``abd`` by default):
   ``P/erase/target``, ``P/erase/pixels``, ``P/erase/mass``, ``P/erase/fraction`` (the mask's mean
   over the input), ``P/erase/updates``, ``P/erase/batches``, ``P/erase/flip``, ``P/erase/kept``,
   ``P/erase/target_fraction``, ``P/erase/price``, ``P/erase/coefficients`` (frequency
-  coefficients the spectral gain changes, when it acts), ``P/erase/rechecks`` (re-audits so
-  far) and, after one, ``P/erase/recheck_p_value`` and ``P/erase/recheck_stands_out`` (1/0) of
-  the last.
+  coefficients the spectral gain changes, when it acts), ``P/erase/rescaled`` (batches whose
+  logits went on at the raw teacher's scale), ``P/erase/rescaled_rows`` and ``P/erase/raw_rows``
+  (their rows, and of them those handed the raw teacher's values), ``P/erase/rechecks``
+  (re-audits so far) and, after one, ``P/erase/recheck_p_value`` and
+  ``P/erase/recheck_stands_out`` (1/0) of the last.
 * Shuffling Vaccine (:class:`~abd_plugin.vaccine.VaccineReport`): ``P/sv/enabled`` (1 once the SV
   term is on), ``P/sv/coef``, ``P/sv/depth``, ``P/sv/trials``, ``P/sv/suspicious_fraction``,
   ``P/sv/last_suspicious_fraction``, ``P/sv/last_penalty``, ``P/sv/calls``.

@@ -90,7 +90,8 @@ def test_names_come_from_the_records():
                       "abd/erase/fraction": 0.0, "abd/erase/updates": 0.0,
                       "abd/erase/batches": 0.0, "abd/erase/price": 2.5,
                       "abd/erase/rechecks": 0.0, "abd/erase/coefficients": 0.0,
-                      "abd/erase/rescaled": 0.0, "abd/Counting/batches": 0.0,
+                      "abd/erase/rescaled": 0.0, "abd/erase/rescaled_rows": 0.0,
+                      "abd/erase/raw_rows": 0.0, "abd/Counting/batches": 0.0,
                       "abd/Counting/flag": 1.0, "abd/Plain/loss": 0.25, "abd/Plain/n": 3.0,
                       "abd/Plain/by/a": 1.5}  # the audit has not run: no abd/audit/, no NaN
     m = report_metrics(report)
@@ -141,7 +142,9 @@ def test_names_by_record_type():
         "abd/MyEraser/fraction": 0.0, "abd/MyEraser/updates": 0.0, "abd/MyEraser/batches": 0.0,
         "abd/MyEraser/rechecks": 0.0, "abd/erase/coefficients": 0.0,
         "abd/MyEraser/coefficients": 0.0, "abd/erase/rescaled": 0.0,
-        "abd/MyEraser/rescaled": 0.0}
+        "abd/MyEraser/rescaled": 0.0, "abd/erase/rescaled_rows": 0.0,
+        "abd/erase/raw_rows": 0.0, "abd/MyEraser/rescaled_rows": 0.0,
+        "abd/MyEraser/raw_rows": 0.0}
     # a probation's last check: its two contrasts
     rec = EraserReport(status="probation", probation_checks=2, confirmation={
         "control_ratio": 0.9, "target_ratio": 0.8, "carried": 0.25, "carried_control": 0.05})
