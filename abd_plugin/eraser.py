@@ -204,7 +204,9 @@ class EraseSettings(Section):
         records (LeNet-5 on mnist5k, ZSKT and DFAD, 400 iterations;
         ``benchmarks/results/probes-cpu-2026-12-06.md`` §5): the masks confirmed on two clean
         teachers passed once (carrying 1-5 points) and failed the next check; the masks over
-        triggers after an ``unsure`` verdict carried 11-24 points. 1: one check, as before.""")
+        triggers after an ``unsure`` verdict carried 11-24 points. 1: one check, as before.
+        The spectral gain after ``unsure`` needs as many (it has no region to carry the
+        suspect); after ``poisoned``, ``confirm_spectral``.""")
     confirm_searches: int = spec(
         1, Int(1, 99),
         """The mask's every-class re-audit searches the suspect this many times (other random
@@ -216,6 +218,19 @@ class EraseSettings(Section):
         0.5, Num(0, 1),
         """Transplant test: the share of other samples the suspect's masked region sends to the
         suspect, minus the best of 8 equal-area regions elsewhere, must be at least this.""")
+    confirm_spectral: int = spec(
+        1, Int(1, 100),
+        """Passing checks in a row that confirm the spectral gain after a ``poisoned`` verdict
+        (after ``unsure``: ``confirm_unsure``, as for a mask). While the mask covers positions
+        and is still on probation beside it, the gain needs two whatever the verdict: the mask,
+        checked first at the same update, keeps its chance to win the race. Until this setting
+        the gain always needed two, and on poisoned teachers it acted a check or more late.
+        Measured with one (``benchmarks/results/spectral-one-check-cpu-2026-12-07.md``, an AMD
+        EPYC, ACC / ASR means, before -> now): the kit's ZSKT sinusoid (3 seeds) 87.0 / 6.4 ->
+        86.1 / 4.7, DFAD sinusoid (5) 68.7 / 5.4 -> 69.3 / 3.2, DFAD blend (3) 68.7 / 0.9 ->
+        72.3 / 0.6, the BatchNorm LeNet-5's DFAD blend (5) 40.3 / 0.6 -> 51.1 / 0.4 (vanilla
+        48.6). Clean teachers: none of the spectral checks recorded on them passed after a
+        ``poisoned`` verdict.""")
     spectral: bool = spec(
         True, Bool(),
         """On probation, also learn a second repair beside the mask, for triggers spread over
@@ -223,8 +238,10 @@ class EraseSettings(Section):
         (:class:`~abd_plugin.repair.SpectralGain`; images of at least 4 x 4 only). Both learn
         on the same batches; the first one confirmed acts and the other stops. Its own
         confirmation is a universal re-audit (``confirm_universal``) or a residual test
-        (``confirm_residual``), passed at two checks in a row (the mask, with one, wins a tie:
-        it changes less of the input). Not used
+        (``confirm_residual``), passed at ``confirm_spectral`` checks in a row after a
+        ``poisoned`` verdict (one) and ``confirm_unsure`` after ``unsure`` (two), two while
+        the mask covers positions on probation beside it; the mask wins a tie (it is checked
+        first and changes less of the input). Not used
         when the mask acts without probation (a given ``target``, ``confirm=0``).""")
     spectral_price: float = spec(
         1.0, Num(0, 1e6),
@@ -482,7 +499,9 @@ class TriggerEraser(DefenseHook):
                                               keep_weight=s.spectral_keep, logits_fn=logits_fn)
         self.spectral_probation = Probation(every=s.confirm, max_updates=s.confirm_max,
                                             gap=s.confirm_gap, transplant=s.confirm_residual,
-                                            universal_gap=s.confirm_universal, repeat=2,
+                                            universal_gap=s.confirm_universal,
+                                            repeat=s.confirm_spectral,
+                                            repeat_unsure=s.confirm_unsure, repeat_rival=2,
                                             joint=s.confirm_joint,
                                             seed=seed + 1, logits_fn=logits_fn)
         self.family = "mask"
@@ -607,8 +626,11 @@ class TriggerEraser(DefenseHook):
         spectral = family == "spectral"
         probation, repair = ((self.spectral_probation, self.spectral) if spectral
                              else (self.probation, self.repair))
+        # the spectral gain's rival: a mask that covers positions and is still on probation
+        rival = spectral and not self.probation.ended and self.repair.changed() > 0
         rec = probation.check(self._replica.module, repair, self.audit, t,
-                              self.learner.updates, self.controller, distributed=distributed)
+                              self.learner.updates, self.controller, distributed=distributed,
+                              rival=rival)
         if spectral and rec.get("staged"):
             margins = (f"through the spectral gain class {t}'s universal statistic dropped by "
                        f"{rec['target_drop']:.1f} (in units of the other classes' first "

@@ -198,7 +198,15 @@ def test_the_bare_default_un_blends_a_blend_teacher_with_the_spectral_gain():
     assert er.status == "on" and er.family == "spectral" and er.target == 3, er.reason
     conf = er.spectral_confirmation
     assert conf is not None and conf["confirmed"] and conf["update"] <= 40
-    assert conf["streak"] == 2  # two passing checks in a row: the first one did not act
+    # after a poisoned verdict, with no mask region racing it, one passing check acts
+    # (erase_confirm_spectral = 1); two with the setting at 2, as before it existed
+    assert rep.audit.audit.verdict == "poisoned"
+    assert conf["streak"] == conf["needed"] == 1 and not conf["rival"]
+    _, rep2 = _distill(teacher, xte, ABDConfig(**FAST, erase_confirm_spectral=2),
+                       stamped=True, trigger=trig)
+    conf2 = record_of(rep2, EraserReport).spectral_confirmation
+    assert conf2 is not None and conf2["confirmed"] and conf2["streak"] == conf2["needed"] == 2
+    assert conf2["update"] > conf["update"]
     assert er.batches == STEPS - conf["update"] + 1
     assert "spectral gain" in str(rep)
     # once it acts, the gain learns on every second of its learning batches (the default
@@ -497,9 +505,61 @@ def test_an_unsure_verdict_needs_two_passing_checks_in_a_row():
     assert [(r["update"], r["corroborated"], r["confirmed"]) for r in recs] == [
         (10, True, False), (20, True, True)]
     assert recs[-1]["needed"] == 1
-    # repeat_unsure below repeat: repeat wins (the spectral gain's 2 stays 2)
+    # repeat_unsure below repeat: repeat wins
     assert Probation(every=1, max_updates=1, gap=0.1, transplant=0.5, repeat=2,
                      repeat_unsure=1).needed(_verdict("unsure")) == 2
+
+
+def test_the_spectral_gain_acts_on_one_check_after_poisoned_unless_a_mask_races_it():
+    """After ``poisoned`` one passing check confirms the spectral gain (``repeat``); after
+    ``unsure`` two (``repeat_unsure``); and two whatever the verdict while a rival repair with a
+    region is still on probation (``rival``, ``repeat_rival``). The eraser says ``rival`` while
+    its mask covers positions and its probation has not ended."""
+    from abd_plugin.eraser import EraseSettings, TriggerEraser
+    from abd_plugin.repair import Probation
+
+    def run(verdict: str, rival: bool) -> list[dict]:
+        pr = Probation(every=10, max_updates=30, gap=0.17, transplant=0.5, repeat=1,
+                       repeat_unsure=2, repeat_rival=2)
+        pr._transplant = lambda *a: {"carried": 0.9, "carried_control": 0.0,  # type: ignore
+                                     "n_target": 4, "n_other": 4}
+        out: list[dict] = []
+        for u in (10, 20, 30):
+            out.append(pr.check(nn.Identity(), _Carrier(region=False, carries=False),  # type: ignore
+                                _verdict(verdict), 1, u, None, rival=rival))  # type: ignore
+            if out[-1]["ended"]:
+                break
+        return out
+
+    def summary(recs: list[dict]) -> list[tuple]:
+        return [(r["update"], r["streak"], r["needed"], r["rival"], r["confirmed"])
+                for r in recs]
+
+    assert summary(run("poisoned", False)) == [(10, 1, 1, False, True)]
+    assert summary(run("poisoned", True)) == [(10, 1, 2, True, False), (20, 2, 2, True, True)]
+    assert summary(run("unsure", False)) == [(10, 1, 2, False, False), (20, 2, 2, False, True)]
+
+    er = TriggerEraser(nn.Linear(2, 2), EraseSettings())
+    er.audit = _verdict("poisoned")  # type: ignore[assignment]
+    er.target = 0
+    rec = {"update": 20, "universal_gap": float("nan"), "target_drop": float("nan"),
+           "control_drop": float("nan"), "staged": False, "joint": False,
+           "reaudit_skipped": True, "carried": 0.9, "carried_control": 0.0, "passed": True,
+           "streak": 1, "needed": 2, "rival": True, "confirmed": False, "ended": False}
+    seen: list[bool] = []
+
+    def fake_check(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        seen.append(k["rival"])
+        return rec
+
+    er.spectral_probation.check = fake_check  # type: ignore[method-assign]
+    er.confirm_now(family="spectral")  # the mask covers no position yet
+    er.repair.changed = lambda: 5  # type: ignore[method-assign]
+    er.confirm_now(family="spectral")  # a mask region on probation: a rival
+    er.probation.checks = [{"update": 100, "passed": False, "confirmed": False, "ended": True}]
+    er.confirm_now(family="spectral")  # its probation is over: no rival
+    assert seen == [False, True, False]
+    assert er.status.value != "on"
 
 
 def test_a_spectral_check_passes_when_both_its_tests_reach_the_joint_fraction():
@@ -539,7 +599,16 @@ def test_the_eraser_asks_an_unsure_mask_for_two_checks_and_says_so():
     er = TriggerEraser(teacher, EraseSettings())
     assert er.probation.needed(_verdict("unsure")) == 2
     assert er.probation.needed(_verdict("poisoned")) == 1
-    assert er.spectral_probation.needed(_verdict("poisoned")) == 2
+    # the spectral gain: one check after poisoned, two after unsure, and two whatever the
+    # verdict while a mask with a region is still racing it (the mask keeps its chance)
+    assert er.spectral_probation.needed(_verdict("poisoned")) == 1
+    assert er.spectral_probation.needed(_verdict("unsure")) == 2
+    assert er.spectral_probation.needed(_verdict("poisoned"), rival=True) == 2
+    assert TriggerEraser(teacher, EraseSettings(confirm_spectral=2)).spectral_probation.needed(
+        _verdict("poisoned")) == 2
+    assert ABDConfig(erase_confirm_spectral=3).erase.confirm_spectral == 3
+    assert TriggerEraser(teacher, EraseSettings(confirm_unsure=3)).spectral_probation.needed(
+        _verdict("unsure")) == 3
     one = TriggerEraser(teacher, EraseSettings(confirm_unsure=1))
     assert one.probation.needed(_verdict("unsure")) == 1
     assert ABDConfig(erase_confirm_unsure=3).erase.confirm_unsure == 3

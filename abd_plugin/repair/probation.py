@@ -57,7 +57,11 @@ transplant's share over its control at least ``others_carry``, below the transpl
 threshold). The masks confirmed on clean LeNet-5 teachers the audit was unsure about passed the
 re-audit once, carried 1-5 points, and failed the next check (gaps 0.112, 0.114); the masks over
 poisoned teachers' triggers after an ``unsure`` verdict (a watermark, a square, a ResNet-8 corner
-grid) carried 11-24 points. A streak in progress when the probation ends runs on until it
+grid) carried 11-24 points. The spectral gain follows the same rule (one passing check after
+``poisoned``, two after ``unsure``; it has no region to carry the suspect), except that it needs
+two whatever the verdict while a mask with a region of its own is still on probation beside it
+(``repeat_rival``): the mask, checked first at the same update, keeps its chance to win the
+race. A streak in progress when the probation ends runs on until it
 confirms or a check fails. The transplant runs first: when it
 passes, the re-audit (seconds, against milliseconds) cannot change the decision and is skipped
 (``reaudit_skipped``; its numbers are NaN in the record). Both re-audits then start with the
@@ -109,6 +113,10 @@ class Probation:
             transplant's share over its control at least ``others_carry``, when that is
             above 0): then ``repeat`` suffices. A streak in progress at ``max_updates`` runs
             on, one check every ``every`` updates, until it confirms or a check fails.
+        repeat_rival: passing checks in a row needed at least, whatever the verdict, while a
+            rival repair with a region of its own is still on probation (the spectral gain beside
+            a mask that covers positions: the mask, checked first, keeps its chance to win the
+            race); :meth:`check`'s ``rival`` says so (0: no such floor).
         joint: a repair without a region (the spectral gain) also passes a check when both
             of its tests reach this fraction of their thresholds (0: off): the residual
             transplant ``joint * transplant`` and the universal re-audit ``joint *
@@ -133,8 +141,10 @@ class Probation:
                  universal_gap: float = 4.5, repeat: int = 1, controls: int = 8, keep: int = 4,
                  seed: int = 0, logits_fn: Callable[[Any], Tensor] | None = None,
                  others_kept: float = 0.0, others_carry: float = 0.0,
-                 repeat_unsure: int = 0, searches: int = 1, joint: float = 0.0) -> None:
+                 repeat_unsure: int = 0, searches: int = 1, joint: float = 0.0,
+                 repeat_rival: int = 0) -> None:
         self.joint = float(joint)
+        self.repeat_rival = int(repeat_rival)
         self.searches = max(1, int(searches))
         self.repeat = max(1, int(repeat))
         self.repeat_unsure = max(self.repeat, int(repeat_unsure))
@@ -176,19 +186,21 @@ class Probation:
             return True
         return updates % self.every == 0 and repair.changed() > 0
 
-    def needed(self, audit: AuditReport, corroborated: bool = False) -> int:
+    def needed(self, audit: AuditReport, corroborated: bool = False, rival: bool = False
+               ) -> int:
         """Passing checks in a row that confirm the repair after ``audit``'s verdict;
-        ``corroborated``: the passing check's region also carries the suspect."""
-        if audit.verdict == "unsure" and not corroborated:
-            return self.repeat_unsure
-        return self.repeat
+        ``corroborated``: the passing check's region also carries the suspect; ``rival``: a
+        rival repair with a region is still on probation (``repeat_rival``)."""
+        n = self.repeat_unsure if audit.verdict == "unsure" and not corroborated else self.repeat
+        return max(n, self.repeat_rival) if rival else n
 
     def check(self, model: nn.Module, repair: InputRepair, audit: AuditReport, target: int,
-              updates: int, controller: ReauditController, *, distributed: bool = False
-              ) -> dict[str, Any]:
+              updates: int, controller: ReauditController, *, distributed: bool = False,
+              rival: bool = False) -> dict[str, Any]:
         """Run both tests now; returns the record (``confirmed``, and ``ended``: the probation is
         over, confirmed or not). ``distributed``: rank 0 measures, every rank takes the same
-        decision."""
+        decision. ``rival``: a rival repair with a region is still on probation
+        (``repeat_rival``; the record's ``rival``)."""
         rec = None
         if not distributed or _dist.rank() == 0:
             # the transplant first: when it passes, the check passes whatever the re-audit
@@ -225,7 +237,8 @@ class Probation:
             rec["streak"] = last + 1 if rec["passed"] else 0
             rec["corroborated"] = bool(repair.has_region and self.others_carry > 0
                                        and share >= self.others_carry)
-            rec["needed"] = self.needed(audit, rec["corroborated"])
+            rec["rival"] = bool(rival)
+            rec["needed"] = self.needed(audit, rec["corroborated"], rival)
             rec["confirmed"] = rec["streak"] >= rec["needed"]
             rec["ended"] = rec["confirmed"] or (updates >= self.max_updates
                                                 and not rec["passed"])
