@@ -233,8 +233,9 @@ def test_the_bare_default_un_blends_a_blend_teacher_with_the_spectral_gain():
 def test_under_an_l1_loss_the_acting_gain_hands_the_loop_its_labels_at_the_raw_scale():
     """What an L1 loop receives from the teacher while the spectral gain acts: on the rows the
     raw teacher calls the target, the view's logits (its labels, its ranking) rescaled to the
-    raw teacher's spread and row means; on the other rows the raw teacher's logits
-    (``erase_spectral_raw_others``), with the view's gradient. With the raw-others setting off,
+    raw teacher's spread and row means; on the other rows the raw teacher's logits, the
+    target's capped at the rescaled view's (``erase_spectral_raw_others``), with the view's
+    gradient. With the raw-others setting off,
     every row is the rescaled view; with ``erase_spectral_rescale=False`` the view's logits as
     they are."""
     from abd_plugin.repair import rescale_logits
@@ -276,12 +277,19 @@ def test_under_an_l1_loss_the_acting_gain_hands_the_loop_its_labels_at_the_raw_s
     assert torch.equal(got["all"].argmax(1), got["all_view"].argmax(1))
     assert float(factor) > 1.1  # the view is the flatter teacher here (1.23 measured)
     assert torch.equal(got["off"], got["off_view"])
-    # the default: the raw teacher's values where it does not call the target (3), the
-    # rescaled view where it does; every row's gradient is the rescaled view's
+    # the default: the raw teacher's values where it does not call the target (3), there the
+    # target's value capped at the rescaled view's; the rescaled view where it does; every
+    # row's gradient is the rescaled view's
     raw, view = got["on_raw"], got["on_view"]
     others = raw.argmax(1) != 3
     assert 0 < int(others.sum()) < len(x)
-    assert torch.allclose(got["on"][others], raw[others], atol=1e-5)  # float: v + (r - v)
+    keep = torch.ones(10, dtype=torch.bool)
+    keep[3] = False
+    assert torch.allclose(got["on"][others][:, keep], raw[others][:, keep], atol=1e-5)
+    capped = torch.minimum(raw[:, 3], rescale_logits(view, raw)[0][:, 3])
+    assert torch.allclose(got["on"][others][:, 3], capped[others], atol=1e-5)
+    assert bool((capped[others] < raw[others][:, 3] - 1e-3).any())  # the cap acted on a row
+    assert torch.equal(got["on"][others].argmax(1), raw[others].argmax(1))
     assert torch.allclose(got["on"][~others], rescale_logits(view, raw)[0][~others], atol=1e-5)
     assert torch.equal(got["on"][~others].argmax(1), view[~others].argmax(1))
     assert torch.allclose(got["on_grad"], got["on_view_grad"], atol=1e-6)
