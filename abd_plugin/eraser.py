@@ -233,8 +233,10 @@ class EraseSettings(Section):
         DFAD blend (3) 68.7 / 0.9 -> 74.0 / 0.4, the BatchNorm LeNet-5's DFAD blend (5) 40.3 /
         0.6 -> 48.4 / 0.1 (vanilla 48.6), the held-out L1 loop's sinusoid 68.0 / 3.2 -> 79.3 /
         0.8 and blend 69.1 / 2.9 -> 55.4 / 0.5 (one seed's student collapsed: 25.7 % ACC).
-        No patch-trigger run recorded had a spectral pass, no clean teacher one after
-        ``poisoned``.""")
+        In the kit's 141 probation records no patch-trigger run had a spectral pass and no
+        clean teacher one after ``poisoned``; on a 16x16 toy CNN with a corner patch (the
+        behaviour pins' loop) the gain passed its residual test before the mask had a region,
+        and now acts there.""")
     spectral: bool = spec(
         True, Bool(),
         """On probation, also learn a second repair beside the mask, for triggers spread over
