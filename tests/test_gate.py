@@ -234,10 +234,10 @@ def test_under_an_l1_loss_the_acting_gain_hands_the_loop_its_labels_at_the_raw_s
     """What an L1 loop receives from the teacher while the spectral gain acts: on the rows the
     raw teacher calls the target, the view's logits (its labels, its ranking) rescaled to the
     raw teacher's spread and row means; on the other rows the raw teacher's logits, the
-    target's capped at the rescaled view's (``erase_spectral_raw_others``), with the view's
-    gradient. With the raw-others setting off,
-    every row is the rescaled view; with ``erase_spectral_rescale=False`` the view's logits as
-    they are."""
+    target's capped at the rescaled view's plus the rows' median gap
+    (``erase_spectral_raw_others``, ``erase_spectral_cap_shift``), with the view's gradient.
+    With the raw-others setting off, every row is the rescaled view; with
+    ``erase_spectral_rescale=False`` the view's logits as they are."""
     from abd_plugin.repair import rescale_logits
 
     teacher, xte, _, trig = _blend_digits_cnn()
@@ -278,15 +278,18 @@ def test_under_an_l1_loss_the_acting_gain_hands_the_loop_its_labels_at_the_raw_s
     assert float(factor) > 1.1  # the view is the flatter teacher here (1.23 measured)
     assert torch.equal(got["off"], got["off_view"])
     # the default: the raw teacher's values where it does not call the target (3), there the
-    # target's value capped at the rescaled view's; the rescaled view where it does; every
-    # row's gradient is the rescaled view's
+    # target's value capped at the rescaled view's plus the median gap of those rows; the
+    # rescaled view where it does; every row's gradient is the rescaled view's
     raw, view = got["on_raw"], got["on_view"]
     others = raw.argmax(1) != 3
     assert 0 < int(others.sum()) < len(x)
     keep = torch.ones(10, dtype=torch.bool)
     keep[3] = False
     assert torch.allclose(got["on"][others][:, keep], raw[others][:, keep], atol=1e-5)
-    capped = torch.minimum(raw[:, 3], rescale_logits(view, raw)[0][:, 3])
+    rv = rescale_logits(view, raw)[0][:, 3]
+    gap = (raw[:, 3] - rv)[others].median().clamp_min(0)  # the batch's common gap
+    assert float(gap) > 0
+    capped = torch.minimum(raw[:, 3], rv + gap)
     assert torch.allclose(got["on"][others][:, 3], capped[others], atol=1e-5)
     assert bool((capped[others] < raw[others][:, 3] - 1e-3).any())  # the cap acted on a row
     assert torch.equal(got["on"][others].argmax(1), raw[others].argmax(1))
@@ -296,6 +299,7 @@ def test_under_an_l1_loss_the_acting_gain_hands_the_loop_its_labels_at_the_raw_s
     er, text = reports["on"]
     assert 0 < er.raw_rows < er.rescaled_rows and reports["all"][0].raw_rows == 0
     assert f"{er.raw_rows} of {er.rescaled_rows} row(s)" in text
+    assert "plus the batch's median gap" in text
     assert "did not call class" in text and "did not call class" not in reports["all"][1]
 
 

@@ -153,6 +153,38 @@ def test_rescaled_logits_keep_the_views_order_and_take_the_raw_teachers_scale():
     assert rescale_logits(single, raw[:4, :1])[0] is single
 
 
+
+def test_the_raw_rows_cap_cuts_a_rows_excess_over_the_batchs_gap_not_the_gap():
+    """``cap_target``: the view's target logit sits a common 3 below the raw teacher's on
+    every row; a row whose raw target logit stands 5 higher still (the backdoor's soft signal)
+    is cut back to the common gap, the others keep their raw value. Rows outside ``rows`` and
+    other columns are untouched; no shift gives the view's value itself (the old cap)."""
+    from abd_plugin.repair import cap_target
+
+    g = torch.Generator().manual_seed(0)
+    view = torch.randn(9, 4, generator=g)
+    raw = view.clone()
+    raw[:, 2] += 3.0  # the common gap
+    raw[4, 2] += 5.0  # one row's excess
+    rows = torch.ones(9, dtype=torch.bool)
+    rows[8] = False  # a row the raw teacher calls the target: the view's own value stays
+    value = torch.where(rows.unsqueeze(1), raw, view)
+    out = cap_target(value, raw, view, 2, rows)
+    assert torch.equal(out[:, [0, 1, 3]], value[:, [0, 1, 3]])
+    keep = rows.clone()
+    keep[4] = False
+    assert torch.allclose(out[keep, 2], raw[keep, 2])  # at the common gap: not cut
+    assert out[4, 2].item() == pytest.approx(view[4, 2].item() + 3.0, abs=1e-5)
+    assert out[8, 2] == value[8, 2]
+    assert torch.equal(value[4], torch.where(rows.unsqueeze(1), raw, view)[4])  # not in place
+    plain = cap_target(value, raw, view, 2, rows, shift=False)
+    assert torch.allclose(plain[rows, 2], view[rows, 2])  # every raw row down to the view's
+    low = torch.where(rows.unsqueeze(1), view - 1, view)  # the raw teacher below the view:
+    below = cap_target(low, view - 1, view, 2, rows)  # the gap counts as 0, nothing to cut
+    assert torch.equal(below, low)
+    none = cap_target(value, raw, view, 2, torch.zeros(9, dtype=torch.bool))
+    assert torch.equal(none, value)  # no raw rows: nothing capped (and no NaN)
+
 def test_the_rescales_count_and_mean_factor_survive_a_save_and_resume():
     from abd_plugin.eraser import TriggerEraser
     from abd_plugin.repair import rescale_logits

@@ -21,7 +21,8 @@ Four parts, each usable on its own:
 * :mod:`.spectral` — :class:`SpectralGain`, the second family: a per-frequency gain over the
   image for triggers spread over the whole input (a blend, a sinusoid, a warp). The eraser
   learns it beside the mask while on probation; the first one confirmed acts. While it acts,
-  :func:`rescale_logits` hands the loop its logits at the raw teacher's scale.
+  :func:`rescale_logits` hands the loop its logits at the raw teacher's scale (and
+  :func:`cap_target` caps the raw rows' target value under an L1 loss).
 
 A new repair family is a subclass of :class:`InputRepair` (its parameters, ``apply`` and
 ``cost``); the learner's loop and the controller work with it unchanged.
@@ -31,7 +32,7 @@ from .learner import RepairLearner
 from .mask import MaskErasure
 from .probation import Probation
 from .reaudit import ReauditController
-from .spectral import SpectralGain, rescale_logits
+from .spectral import SpectralGain, cap_target, rescale_logits
 
 __all__ = ["InputRepair", "MaskErasure", "Probation", "RepairLearner", "ReauditController",
-           "SpectralGain", "rescale_logits"]
+           "SpectralGain", "cap_target", "rescale_logits"]

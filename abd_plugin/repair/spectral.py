@@ -79,6 +79,26 @@ def rescale_logits(view: Tensor, raw: Tensor) -> tuple[Tensor, Tensor]:
     return out, factor
 
 
+def cap_target(value: Tensor, raw: Tensor, view: Tensor, target: int, rows: Tensor,
+               *, shift: bool = True) -> Tensor:
+    """``value`` (B, C) with column ``target`` capped, on ``rows`` (a (B,) bool mask), at
+    ``view``'s value there plus the batch's typical gap: the median of ``raw - view`` in that
+    column over ``rows`` (at least 0; 0 when ``rows`` is empty). The view's target logit sits
+    below the raw teacher's on *every* row (the gain is trained to move the target's samples
+    off it): the median gap keeps that common level, and only a row's excess over it (the
+    backdoor's soft signal on a trigger-laden row) is cut. ``shift=False``: the view's value
+    itself. Returns a new tensor; no device sync."""
+    v = view[:, target].detach().float()
+    cap = v
+    if shift:  # in float32 (half-precision logits under autocast)
+        r = raw[:, target].detach().float()
+        gap = torch.where(rows, r - v, torch.full_like(v, float("nan"))).nanmedian()
+        cap = v + torch.nan_to_num(gap, nan=0.0).clamp_min(0)
+    out = value.clone()
+    col = value[:, target]
+    out[:, target] = torch.where(rows, torch.minimum(col, cap.to(col.dtype)), col)
+    return out
+
 class SpectralGain(InputRepair):
     """See the module docstring.
 
