@@ -404,7 +404,8 @@ class EraserReport(HookReport):
         rechecks: the re-audits (update, statistic, p-value, stands_out, price after).
         confirmation: the probation's last check (:class:`~abd_plugin.repair.Probation`), or
             None; ``probation_checks``: how many ran.
-        cap_shift: the setting ``spectral_cap_shift`` the raw rows' cap used.
+        raw_cap: in words, what the raw rows' target value was capped at
+            (``spectral_cap_shift``).
     """
 
     status: str = EraserStatus.WAITING.value
@@ -429,7 +430,7 @@ class EraserReport(HookReport):
     scale: float = float("nan")
     rescaled_rows: int = 0
     raw_rows: int = 0
-    cap_shift: bool = True
+    raw_cap: str = "the view's"
 
     def lines(self) -> list[str]:
         if self.status == EraserStatus.PROBATION.value:
@@ -449,11 +450,9 @@ class EraserReport(HookReport):
                            f"{self.scale:.2g} on average over {self.rescaled} batch(es)), so "
                            "that the student's targets kept their size when the gain began.")
             if self.raw_rows:
-                cap = (" plus the batch's median gap between the raw teacher's and the view's"
-                       if self.cap_shift else "")
                 out.append(f"    On the {self.raw_rows} of {self.rescaled_rows} row(s) the raw "
                            f"teacher did not call class {self.target} the loop got the raw "
-                           f"teacher's logits, class {self.target}'s at most the view's{cap} "
+                           f"teacher's logits, class {self.target}'s at most {self.raw_cap} "
                            "(the view's gradient): only the target's rows carried the view's "
                            "labels.")
         else:
@@ -904,7 +903,8 @@ class TriggerEraser(DefenseHook):
             rescaled=self.scale_batches,
             scale=self.scale_sum / self.scale_batches if self.scale_batches else float("nan"),
             rescaled_rows=self.scale_rows, raw_rows=self.raw_rows,
-            cap_shift=self.settings.spectral_cap_shift)
+            raw_cap=("the view's plus the batch's median gap between the raw teacher's and "
+                     "the view's" if self.settings.spectral_cap_shift else "the view's"))
 
     def state_dict(self) -> dict[str, Any]:
         learner = self.learner.state_dict()
