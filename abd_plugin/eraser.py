@@ -303,9 +303,8 @@ class EraseSettings(Section):
         acts): on the rows the raw teacher does *not* call the target, the loop receives the
         raw teacher's logits as values, the target's value there capped at the view's plus the
         batch's common gap (``spectral_cap_shift``; the raw target logit carries the backdoor's
-        soft signal); the gradient (what a generator's
-        step reads) is still the view's. Only the rows the raw teacher calls the target carry
-        the view's labels.
+        soft signal); the gradient (what a generator's step reads) is still the view's. Only
+        the rows the raw teacher calls the target carry the view's labels.
         Why: the view relabelled 14-34 % of the other rows of the L1 loops' generator batches
         (samples with little class content), and under DFAD the students learned those
         guesses. Measured

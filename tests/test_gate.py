@@ -286,14 +286,15 @@ def test_under_an_l1_loss_the_acting_gain_hands_the_loop_its_labels_at_the_raw_s
     keep = torch.ones(10, dtype=torch.bool)
     keep[3] = False
     assert torch.allclose(got["on"][others][:, keep], raw[others][:, keep], atol=1e-5)
-    rv = rescale_logits(view, raw)[0][:, 3]
+    rescaled = rescale_logits(view, raw)[0]
+    rv = rescaled[:, 3]
     gap = (raw[:, 3] - rv)[others].median().clamp_min(0)  # the batch's common gap
     assert float(gap) > 0
     capped = torch.minimum(raw[:, 3], rv + gap)
     assert torch.allclose(got["on"][others][:, 3], capped[others], atol=1e-5)
     assert bool((capped[others] < raw[others][:, 3] - 1e-3).any())  # the cap acted on a row
     assert torch.equal(got["on"][others].argmax(1), raw[others].argmax(1))
-    assert torch.allclose(got["on"][~others], rescale_logits(view, raw)[0][~others], atol=1e-5)
+    assert torch.allclose(got["on"][~others], rescaled[~others], atol=1e-5)
     assert torch.equal(got["on"][~others].argmax(1), view[~others].argmax(1))
     assert torch.allclose(got["on_grad"], got["on_view_grad"], atol=1e-6)
     er, text = reports["on"]

@@ -153,7 +153,6 @@ def test_rescaled_logits_keep_the_views_order_and_take_the_raw_teachers_scale():
     assert rescale_logits(single, raw[:4, :1])[0] is single
 
 
-
 def test_the_raw_rows_cap_cuts_a_rows_excess_over_the_batchs_gap_not_the_gap():
     """``cap_target``: the view's target logit sits a common 3 below the raw teacher's on
     every row; a row whose raw target logit stands 5 higher still (the backdoor's soft signal)
@@ -184,6 +183,7 @@ def test_the_raw_rows_cap_cuts_a_rows_excess_over_the_batchs_gap_not_the_gap():
     assert torch.equal(below, low)
     none = cap_target(value, raw, view, 2, torch.zeros(9, dtype=torch.bool))
     assert torch.equal(none, value)  # no raw rows: nothing capped (and no NaN)
+
 
 def test_the_rescales_count_and_mean_factor_survive_a_save_and_resume():
     from abd_plugin.eraser import TriggerEraser

@@ -99,6 +99,7 @@ def cap_target(value: Tensor, raw: Tensor, view: Tensor, target: int, rows: Tens
     out[:, target] = torch.where(rows, torch.minimum(col, cap.to(col.dtype)), col)
     return out
 
+
 class SpectralGain(InputRepair):
     """See the module docstring.
 
