@@ -66,7 +66,7 @@ from . import _amp
 from ._replica import TeacherReplica
 from .audit import AuditReport, AuditSettings, audit_report_from_dict
 from .domain import InputDomain, resolve_domain
-from .hooks import DefenseHook, GuardContext, HookReport
+from .hooks import DefenseHook, GuardContext, HookReport, warn_once
 from .outputs import extract_logits
 from .repair import (
     MaskErasure,
@@ -735,7 +735,26 @@ class TriggerEraser(DefenseHook):
             self.spectral_racing = False
             self.reason = (f"audit verdict {verdict} for class {t} not confirmed: {why}; the "
                            "teacher's inputs were never changed")
+            unrepaired = self.unrepaired_warning()
+            if unrepaired is not None:
+                warn_once(self, "poisoned_unrepaired", f"abd-plugin: {unrepaired}")
         return rec
+
+    def unrepaired_warning(self) -> str | None:
+        """The warning for a ``poisoned`` verdict whose repair was never confirmed (None
+        otherwise): the guard found a backdoor and left it in place, so the student may have
+        learned it (measured on sinusoid teachers whose universal statistic favours the target
+        weakly), unless the verdict is wrong (1 of 52 clean teachers measured). After
+        ``unsure`` (the common verdict on clean teachers) an unconfirmed repair is the gate
+        working and says nothing."""
+        if (self.status is not EraserStatus.OFF_UNCONFIRMED or self.audit is None
+                or self.audit.verdict != "poisoned"):
+            return None
+        return (f"the audit called the teacher poisoned towards class {self.target}, but no "
+                "repair was confirmed on probation, so the teacher's inputs were never "
+                "changed: either the verdict is wrong (as on some clean BatchNorm teachers) or "
+                "the student may have learned a backdoor this guard could not remove; do not "
+                "rely on this run to have removed one")
 
     def recheck(self, *, distributed: bool = False) -> dict[str, Any] | None:
         """Re-audit the erased teacher for the target class now (see the module docstring);
@@ -888,6 +907,7 @@ class TriggerEraser(DefenseHook):
         else:
             shape = self.repair.summary()
         spec_last = self.spectral_probation.checks[-1] if self.spectral_probation.checks else None
+        unrepaired = self.unrepaired_warning()
         return EraserReport(
             status=self.status.value, reason=self.reason, target=self.target,
             **shape, updates=learner.updates, batches=self.erased_batches,
@@ -903,7 +923,8 @@ class TriggerEraser(DefenseHook):
             scale=self.scale_sum / self.scale_batches if self.scale_batches else float("nan"),
             rescaled_rows=self.scale_rows, raw_rows=self.raw_rows,
             raw_cap=("the view's plus the batch's median gap between the raw teacher's and "
-                     "the view's" if self.settings.spectral_cap_shift else "the view's"))
+                     "the view's" if self.settings.spectral_cap_shift else "the view's"),
+            warnings=[] if unrepaired is None else [unrepaired])
 
     def state_dict(self) -> dict[str, Any]:
         learner = self.learner.state_dict()

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from abd_plugin import ABDConfig, ABDGuard
+from abd_plugin import ABDConfig, ABDGuard, ABDWarning
 from abd_plugin.eraser import EraserReport
 from abd_testutils import (
     _blend_digits_cnn,
@@ -81,6 +82,10 @@ def test_a_clean_teacher_wrongly_suspected_keeps_a_bit_identical_run():
     assert er.status == "off-unconfirmed", er.reason
     assert er.confirmation is not None and not er.confirmation["confirmed"]
     assert er.confirmation["update"] == 40 and er.batches == 0  # learned, never erased
+    # the default calls this clean teacher poisoned: the unrepaired verdict is said, with
+    # the possibility that the verdict is wrong (an `unsure` one would be quiet)
+    assert rep.audit.audit.verdict == "poisoned" and len(er.warnings) == 1
+    assert "either the verdict is wrong" in er.warnings[0] and er.warnings[0] in str(rep)
     for a, b in zip(s_guard.state_dict().values(), s_plain.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert "not confirmed" in str(rep)
@@ -127,12 +132,16 @@ def test_a_poisoned_verdict_on_a_clean_teacher_waits_too_unless_told_not_to():
     # audit_alpha=0.5: the margin statistic's p for class 8 (about 0.1) counts as significant
     # and the universal statistic agrees: the verdict is "poisoned", wrongly
     cfg = ABDConfig(**FAST, audit_alpha=0.5, audit_clean_alpha=0.5)
-    s_guard, rep = _distill(teacher, xte, cfg, stamped=False)
+    with pytest.warns(ABDWarning, match="no repair was confirmed"):
+        s_guard, rep = _distill(teacher, xte, cfg, stamped=False)
     s_plain, _ = _distill(teacher, xte, None, stamped=False)
     assert rep is not None and rep.audit is not None and rep.audit.audit is not None
     assert rep.audit.audit.verdict == "poisoned"
     er = record_of(rep, EraserReport)
     assert er.status == "off-unconfirmed" and er.batches == 0, er.reason
+    # a poisoned verdict left unrepaired is said loudly: a warning and the report's last lines
+    assert [w for w in rep.warnings if "poisoned towards class 8" in w] == er.warnings
+    assert "WARNING: the audit called the teacher poisoned" in str(rep)
     for a, b in zip(s_guard.state_dict().values(), s_plain.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     # erase_confirm_poisoned="never": the mask acts from the first batch, unchecked
@@ -464,6 +473,42 @@ def test_the_eraser_reason_says_when_the_mask_lowered_every_class():
     rec.update(target_ratio=0.85)  # the gap itself failed: nothing to say about the others
     er.confirm_now()
     assert "also lowered" not in er.reason
+
+
+def test_an_unconfirmed_repair_warns_after_poisoned_and_stays_quiet_after_unsure():
+    """A ``poisoned`` verdict whose repair the probation never confirmed: the guard found a
+    backdoor and left it in place; an ABDWarning (once) and the report's warnings say so, also
+    after a save and resume. After ``unsure`` the same end is the gate working: no warning."""
+    import warnings
+
+    from abd_plugin.eraser import EraseSettings, TriggerEraser
+
+    teacher = nn.Linear(2, 2)
+    rec = {"update": 100, "target_ratio": 0.95, "control_ratio": 0.96, "others_lowered": False,
+           "staged": False, "reaudit_skipped": False, "carried": 0.03, "carried_control": 0.02,
+           "passed": False, "streak": 0, "confirmed": False, "ended": True}
+    for verdict in ("poisoned", "unsure"):
+        er = TriggerEraser(teacher, EraseSettings())
+        er.audit = _verdict(verdict)  # type: ignore[assignment]
+        er.target = 1
+        er.probation.check = lambda *a, **k: rec  # type: ignore[method-assign]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            er.confirm_now()
+            er.confirm_now()  # a second unconfirmed check: no second warning
+        ours = [str(w.message) for w in caught if issubclass(w.category, ABDWarning)]
+        assert er.status.value == "off-unconfirmed"
+        if verdict == "poisoned":
+            assert len(ours) == 1 and "poisoned towards class 1" in ours[0]
+            assert "may have learned a backdoor" in ours[0]
+            assert er.report().warnings == [ours[0].removeprefix("abd-plugin: ")]
+            # the report's warning comes from the saved state (status and verdict), not from
+            # the moment the warning was issued
+            er2 = TriggerEraser(teacher, EraseSettings())
+            er2.status, er2.audit, er2.target = er.status, er.audit, er.target
+            assert er2.report().warnings == er.report().warnings
+        else:
+            assert ours == [] and er.report().warnings == []
 
 
 def _verdict(v: str):  # noqa: ANN202
