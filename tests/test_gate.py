@@ -477,8 +477,9 @@ def test_the_eraser_reason_says_when_the_mask_lowered_every_class():
 
 def test_an_unconfirmed_repair_warns_after_poisoned_and_stays_quiet_after_unsure():
     """A ``poisoned`` verdict whose repair the probation never confirmed: the guard found a
-    backdoor and left it in place; an ABDWarning (once) and the report's warnings say so, also
-    after a save and resume. After ``unsure`` the same end is the gate working: no warning."""
+    backdoor and left it in place; an ABDWarning (once) and the report's warnings say so, the
+    latter from the state a save and resume restores (status and verdict). After ``unsure``
+    the same end is the gate working: no warning."""
     import warnings
 
     from abd_plugin.eraser import EraseSettings, TriggerEraser
