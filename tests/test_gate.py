@@ -371,6 +371,14 @@ class _Controller:
                 "control_ratio": 1.0, "statistic": [1.0, 1.0], "p_value": 0.5}
 
 
+class _Flat(_Controller):
+    """A re-audit under which every class keeps its margin (the gap test never passes)."""
+
+    def specificity(self, model, repair, audit, t, updates, *, gap=None,  # noqa: ANN001
+                    searches=1):  # noqa: ANN201
+        return {**super().specificity(model, repair, audit, t, updates), "target_ratio": 1.0}
+
+
 def test_a_check_the_transplant_passes_skips_the_costly_re_audit():
     """The transplant runs first; when it passes, the check passes whatever the re-audit says,
     so the re-audit is not run (NaN fields, ``reaudit_skipped``); when it fails, the re-audit
@@ -649,6 +657,82 @@ def test_a_spectral_check_passes_when_both_its_tests_reach_the_joint_fraction():
     assert carried["passed"] and carried["reaudit_skipped"] and not carried["joint"]
     assert not check(0.35, 3.0, joint=0.0)["passed"]
     assert not check(0.35, float("nan"))["passed"]  # staged re-audit: no universal gap
+
+
+def test_a_spectral_check_passes_when_its_residual_share_holds_over_several_checks():
+    """With ``sustain`` > 0 a repair without a region also passes a check when, at this check
+    and the ``sustain_checks - 1`` before it, its residual moved at least ``transplant`` of the
+    other samples to the suspect and at least ``sustain`` more than its control (the universal
+    re-audit then is not run); a dip of either breaks the run, an ``unsure`` verdict still
+    needs a second passing check, and a mask (a region) never passes this way."""
+    from abd_plugin.repair import Probation
+
+    def run(shares: list[float], verdict: str = "poisoned", region: bool = False,
+            sustain: float = 0.25, control: float = 0.4) -> list[dict]:
+        pr = Probation(every=1, max_updates=100, gap=0.17, transplant=0.5, universal_gap=4.5,
+                       repeat=1, repeat_unsure=2, sustain=sustain, sustain_checks=3)
+        it = iter(shares)
+        pr._transplant = lambda *a: {"carried": control + next(it),  # type: ignore
+                                     "carried_control": control, "n_target": 4, "n_other": 4}
+        audits: list[int] = []
+
+        def universal(*a):  # noqa: ANN002, ANN202
+            audits.append(a[4])
+            return {"update": a[4], "universal_gap": 1.0, "target_drop": 1.0,
+                    "control_drop": 0.0, "staged": False}
+
+        pr._universal = universal  # type: ignore[method-assign]
+        out: list[dict] = []
+        ctl = _Flat()
+        for u in range(1, len(shares) + 1):
+            out.append(pr.check(nn.Identity(), _Carrier(region=region, carries=False),  # type: ignore
+                                _verdict(verdict), 1, u, ctl))  # type: ignore[arg-type]
+            out[-1]["audited"] = u in audits
+            if out[-1]["confirmed"]:
+                break
+        return out
+
+    recs = run([0.21, 0.46, 0.46, 0.38, 0.33])
+    assert [r["sustained"] for r in recs] == [False, False, False, True]
+    assert recs[-1]["confirmed"] and recs[-1]["reaudit_skipped"] and not recs[-1]["audited"]
+    assert [r["audited"] for r in recs[:3]] == [True, True, True]
+    dipped = run([0.3, 0.3, 0.2, 0.3, 0.3, 0.3])  # the dip at the third check restarts the run
+    assert [r["passed"] for r in dipped] == [False] * 5 + [True]
+    unsure = run([0.3, 0.3, 0.3, 0.3], verdict="unsure")  # two passing checks in a row
+    assert [(r["passed"], r["confirmed"]) for r in unsure] == [
+        (False, False), (False, False), (True, False), (True, True)]
+    assert not any(r["passed"] for r in run([0.3] * 5, sustain=0.0))  # off
+    # the same margins over a control of 0.1: the residual moves only 40 % of the samples
+    assert not any(r["passed"] for r in run([0.3] * 5, control=0.1))
+    lifted = run([0.3, 0.3, 0.3], control=0.25)  # 55 % moved: passes at the third check
+    assert [r["passed"] for r in lifted] == [False, False, True]
+    assert not any(r["passed"] or r["sustained"] for r in run([0.3] * 5, region=True))
+
+
+def test_the_eraser_says_when_the_spectral_gain_passed_on_a_held_share():
+    """``confirm_sustain`` reaches the spectral probation only (the mask has a region), 0 turns
+    it off, and a confirmation through it says so in the reason."""
+    from abd_plugin.eraser import EraseSettings, TriggerEraser
+
+    teacher = nn.Linear(2, 2)
+    er = TriggerEraser(teacher, EraseSettings())
+    assert (er.spectral_probation.sustain, er.spectral_probation.sustain_checks) == (0.25, 3)
+    assert er.probation.sustain == 0.0
+    off = TriggerEraser(teacher, EraseSettings(confirm_sustain=0.0))
+    assert off.spectral_probation.sustain == 0
+    assert ABDConfig(erase_confirm_sustain_checks=4).erase.confirm_sustain_checks == 4
+    er.audit = _verdict("poisoned")  # type: ignore[assignment]
+    er.target = 0
+    rec = {"update": 80, "universal_gap": float("nan"), "target_drop": float("nan"),
+           "control_drop": float("nan"), "staged": False, "joint": False, "sustained": True,
+           "reaudit_skipped": True, "carried": 0.85, "carried_control": 0.47, "passed": True,
+           "streak": 1, "needed": 1, "confirmed": True, "ended": True}
+    er.spectral_probation.check = lambda *a, **k: rec  # type: ignore[method-assign]
+    er.confirm_now(family="spectral")
+    assert er.status.value == "on" and er.family == "spectral"
+    assert "sent 85 % of other samples to class 0" in er.reason
+    assert ("at 3 checks in a row it sent at least 50 % of them, 25 points more than the "
+            "control, which passes the check") in er.reason
 
 
 def test_the_eraser_asks_an_unsure_mask_for_two_checks_and_says_so():

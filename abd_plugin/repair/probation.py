@@ -50,6 +50,17 @@ the way. A sinusoid under ZSKT reached residual shares of 0.25-0.52 and universa
 clean teachers reached one or the other, never both (gaps of up to 3.8 with shares of at most
 0.2; a share of 0.42 with gaps of at most 2.1; a ResNet-8's gap of 5.3 with a share of 0.27).
 
+A check of the spectral gain also passes when, at ``sustain_checks`` (3) checks in a row, this
+one included, the residual moved at least ``transplant`` of the other samples to the suspect
+and at least ``sustain`` (the eraser's ``confirm_sustain``, 0.25) more than its control: a
+transfer that holds. A sinusoid teacher whose universal statistic favours the target only
+weakly (z 3.3; clean teachers reach 4.0) cannot pass the universal re-audit, whose 4.5 spreads
+are more than its whole excess, and its residual stayed 0.26-0.47 over the control (57-98 % of
+the samples moved) from the second check on; no clean teacher's stayed 0.2 over it for three
+checks in a row, and over real images (where a confirmed gain costs a class) the residual moved
+at most 30 %. The universal re-audit is then not run (``reaudit_skipped``; ``sustained`` in the
+record).
+
 Either test passing confirms the mask (it acts from then on), after a ``poisoned`` verdict. After
 an ``unsure`` one the audit's own evidence is weak, so the repair must show more: two passing
 checks in a row (``repeat_unsure``), or one whose region also carries the suspect (the
@@ -121,6 +132,10 @@ class Probation:
             of its tests reach this fraction of their thresholds (0: off): the residual
             transplant ``joint * transplant`` and the universal re-audit ``joint *
             universal_gap`` (after its first stage). The record's ``joint`` says it passed so.
+        sustain, sustain_checks: a repair without a region also passes a check when, at this
+            check and the ``sustain_checks - 1`` before it, the residual moved at least
+            ``transplant`` of the other samples and at least ``sustain`` more than its control
+            (0: off); the record's ``sustained`` says it passed so.
         searches: the mask's re-audit searches the suspect that many times and uses the
             median (:meth:`~abd_plugin.repair.ReauditController.specificity`).
         controls: random offsets of the transplant's control regions.
@@ -133,8 +148,10 @@ class Probation:
             ``control_ratio``, the transplant's ``carried`` and ``carried_control``,
             ``passed``, ``streak`` (passing checks in a row), ``corroborated`` (the mask's
             region also carries the suspect by ``others_carry``), ``joint`` (a repair without a
-            region: the check passed on both tests together), ``needed`` (the streak that
-            confirms after this verdict), ``confirmed``, ``ended``).
+            region: the check passed on both tests together), ``sustained`` (a repair without
+            a region: the check passed on its residual held over ``sustain_checks`` checks),
+            ``needed`` (the streak that confirms after this verdict), ``confirmed``,
+            ``ended``).
     """
 
     def __init__(self, *, every: int, max_updates: int, gap: float, transplant: float,
@@ -142,8 +159,9 @@ class Probation:
                  seed: int = 0, logits_fn: Callable[[Any], Tensor] | None = None,
                  others_kept: float = 0.0, others_carry: float = 0.0,
                  repeat_unsure: int = 0, searches: int = 1, joint: float = 0.0,
-                 repeat_rival: int = 0) -> None:
+                 repeat_rival: int = 0, sustain: float = 0.0, sustain_checks: int = 3) -> None:
         self.joint = float(joint)
+        self.sustain, self.sustain_checks = float(sustain), max(1, int(sustain_checks))
         self.repeat_rival = int(repeat_rival)
         self.searches = max(1, int(searches))
         self.repeat = max(1, int(repeat))
@@ -208,7 +226,8 @@ class Probation:
             moved = self._transplant(model, repair, target, updates)
             share = moved["carried"] - moved["carried_control"]  # over the control regions
             carries = share >= self.transplant_margin
-            if carries:
+            sustained = not repair.has_region and self._sustained(moved)
+            if carries or sustained:
                 rec = self._skipped(repair, updates)
                 passed = False
             elif repair.has_region:
@@ -228,10 +247,11 @@ class Probation:
                                     and share >= self.joint * self.transplant_margin
                                     and rec["universal_gap"] >= self.joint * self.universal_gap)
                 passed = passed or rec["joint"]
-            rec["reaudit_skipped"] = carries
+            rec["reaudit_skipped"] = carries or sustained
+            rec["sustained"] = bool(sustained and not carries)
             rec.update(moved)
             rec["pixels"] = repair.changed()
-            rec["passed"] = bool(passed or carries)
+            rec["passed"] = bool(passed or carries or sustained)
             last = self.checks[-1].get("streak", int(self.checks[-1]["confirmed"])) if (
                 self.checks) else 0
             rec["streak"] = last + 1 if rec["passed"] else 0
@@ -249,6 +269,17 @@ class Probation:
         if rec["ended"]:
             self.forget()
         return rec
+
+    def _sustained(self, moved: dict[str, Any]) -> bool:
+        """At this check and the ``sustain_checks - 1`` checks before it, the residual moved at
+        least ``transplant`` of the other samples to the suspect and at least ``sustain`` more
+        than its control (off when ``sustain`` is 0)."""
+        n = self.sustain_checks - 1
+        if self.sustain <= 0 or len(self.checks) < n:
+            return False
+        return all(r["carried"] >= self.transplant_margin
+                   and r["carried"] - r["carried_control"] >= self.sustain
+                   for r in [*self.checks[len(self.checks) - n:], moved])
 
     @staticmethod
     def _skipped(repair: InputRepair, updates: int) -> dict[str, Any]:
